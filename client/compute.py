@@ -1,0 +1,191 @@
+"""The worker's compute thread: train the assigned blocks, apply global patches at step boundaries.
+
+With pipeline depth d, round t may start once the local model is at least at version t-1-d: d = 0 is
+fedbcd (wait for the global model of round t-1), d = 1 is ParaBlock (start at once on a model one round
+stale and fold the new global blocks in when they arrive, with the rebase correction for the blocks
+being trained). Everything else is the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..common import blocks as B
+from ..common.data import BatchStream
+from ..common.messages import Assignment
+from ..common.training import BlockTrainer
+from .metrics import WorkerMetrics
+from .state import ModelBook, Patch, Update
+
+log = logging.getLogger("fedblock.worker")
+POLL_S = 0.1
+
+
+class Stopped(Exception):
+    pass
+
+
+class ComputeLoop:
+    """Consumes `inbox` (Assignments and Patches, in arrival order), produces Updates into `outbox`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: list[B.Block],
+        trainer: BlockTrainer,
+        stream: BatchStream,
+        book: ModelBook,
+        inbox: queue.Queue,
+        outbox: queue.Queue,
+        depth: int,
+        metrics: WorkerMetrics,
+        stop: threading.Event,
+        on_handover: Callable[[], None] = lambda: None,
+    ):
+        self.model = model
+        self.blocks = {b.name: b for b in blocks}
+        self.trainer = trainer
+        self.stream = stream
+        self.book = book
+        self.inbox = inbox
+        self.outbox = outbox
+        self.depth = depth
+        self.metrics = metrics
+        self.stop = stop
+        self.on_handover = on_handover
+        self.steps_done = 0
+        self.rounds_done = 0
+        self.rounds_ahead = 0  # rounds started before the global model they build on had arrived
+        # torch's intra-op thread count is per OS thread (OpenMP): carry the creator's setting over.
+        self.threads = torch.get_num_threads()
+        self.error: BaseException | None = None
+        self._assignments: deque[Assignment] = deque()  # arrived while training
+        self._training: dict[str, dict] = {}  # block -> live params, during a round
+        self._start: dict[str, dict] = {}  # block -> start values s_b, during a round
+
+    def run(self) -> None:
+        torch.set_num_threads(self.threads)
+        try:
+            while not self.stop.is_set():
+                self._train(self._next_assignment())
+        except Stopped:
+            pass
+        except BaseException as e:  # surface to the worker, which stops everything
+            self.error = e
+            log.exception("compute thread failed")
+            self.stop.set()
+
+    # ---- one round ---------------------------------------------------------------------------
+
+    def _train(self, a: Assignment) -> None:
+        need = a.round - 1 - self.depth
+        while self.book.version < need:  # fedbcd waits here for the global model of round t-1
+            self._take(idle=True)
+        self._drain()
+        if self.book.version >= a.round:
+            log.info("round %d closed before it started here; skipped", a.round)
+            return
+        if self.book.version < a.round - 1:
+            self.rounds_ahead += 1
+            self.metrics.rounds_ahead.inc()
+        self.trainer.set_blocks(a.blocks)
+        self._training = {b: B.block_params(self.model, self.blocks[b]) for b in a.blocks}
+        self._start = {b: B.snapshot(p) for b, p in self._training.items()}
+        base_version = self.book.version
+        tokens, loss_sum = 0, 0.0
+        t0 = time.perf_counter()
+        for _ in range(a.local_steps):
+            if self.stop.is_set():
+                raise Stopped
+            if self._drain():
+                base_version = self.book.version
+            result = self.trainer.step(self.stream.next(), a.learning_rate)
+            tokens += result.tokens
+            loss_sum += result.loss * result.tokens
+            self.steps_done += 1
+            self.metrics.local_steps.inc()
+            self.metrics.train_loss.set(result.loss)
+        if self._drain():
+            base_version = self.book.version
+        deltas = {b: B.take_delta_(self._training[b], self._start[b]) for b in a.blocks}
+        self.metrics.compute_seconds.inc(time.perf_counter() - t0)
+        self._training, self._start = {}, {}
+        loss = loss_sum / tokens if tokens else float("nan")
+        log.info(
+            "round %d: trained %s for %d steps, loss %.4f, on model version %d",
+            a.round, "+".join(a.blocks) if len(a.blocks) < 4 else f"{len(a.blocks)} blocks", a.local_steps, loss, base_version,
+        )
+        self.book.mark_dirty(a.blocks, a.round)
+        self._hand_over(Update(a.round, base_version, deltas, tokens, loss))
+        self.rounds_done += 1
+        self.metrics.rounds.inc()
+        self.on_handover()
+
+    # ---- the inbox ---------------------------------------------------------------------------
+
+    def _next_assignment(self) -> Assignment:
+        while not self._assignments:
+            self._take(idle=True)
+        return self._assignments.popleft()
+
+    def _take(self, idle: bool) -> bool:
+        """Handle one inbox item, waiting for it if `idle` (the wait counts as compute idle time).
+        Returns False when nothing was there."""
+        t0 = time.perf_counter()
+        try:
+            while True:
+                if self.stop.is_set():
+                    raise Stopped
+                try:
+                    item = self.inbox.get(timeout=POLL_S) if idle else self.inbox.get_nowait()
+                    break
+                except queue.Empty:
+                    if not idle:
+                        return False
+        finally:
+            if idle:
+                self.metrics.compute_idle_seconds.inc(time.perf_counter() - t0)
+        if isinstance(item, Patch):
+            self._apply(item)
+        else:
+            self._assignments.append(item)
+        return True
+
+    def _drain(self) -> bool:
+        """Take everything that has arrived (we are at a step boundary). True if a patch was applied."""
+        version = self.book.version
+        while self._take(idle=False):
+            pass
+        return self.book.version != version
+
+    def _apply(self, patch: Patch) -> None:
+        for name, tensors in patch.blocks.items():
+            live = self._training.get(name)
+            if live is not None:  # the block being trained: keep our progress, rebased on the new global
+                B.rebase_(live, self._start[name], tensors)
+            else:
+                B.assign_(B.block_params(self.model, self.blocks[name]), tensors)
+        self.book.applied(patch)
+        self.metrics.model_version.set(self.book.version)
+
+    def _hand_over(self, update: Update) -> None:
+        t0 = time.perf_counter()
+        try:
+            while True:
+                if self.stop.is_set():
+                    raise Stopped
+                try:
+                    self.outbox.put(update, timeout=POLL_S)
+                    return
+                except queue.Full:
+                    pass
+        finally:
+            self.metrics.compute_idle_seconds.inc(time.perf_counter() - t0)

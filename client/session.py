@@ -1,0 +1,215 @@
+"""The worker's side of the gRPC protocol: protobuf in, typed messages out, nothing else.
+
+Uploads resume: after a transient failure the session asks UploadStatus which chunks the coordinator
+holds and streams only the others. Downloads verify every block's hash before it is decoded. Wire
+bytes (serialized message + 5-byte gRPC frame header) are counted as they cross.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from ..common import wire
+from ..common.codecs import CodecPipeline
+from ..common.messages import Event, Manifest, RunInfo, event_from_pb
+from ..common.pb import coordinator_pb2 as pb
+from ..common.pb import coordinator_pb2_grpc as pb_grpc
+from ..common.rpc import channel_options
+
+log = logging.getLogger("fedblock.worker")
+
+TRANSIENT = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.INTERNAL,
+}
+
+Counter = Callable[[str, int], None]
+
+
+def _size(message) -> int:
+    return message.ByteSize() + wire.GRPC_FRAME_OVERHEAD
+
+
+def backoff_delays(base: float = 0.2, cap: float = 10.0) -> Iterator[float]:
+    """Exponential back-off with full jitter: 0..base, 0..2·base, ... capped at `cap`."""
+    delay = base
+    while True:
+        yield random.uniform(0, delay)
+        delay = min(cap, delay * 2)
+
+
+@dataclass(frozen=True)
+class DownloadedBlock:
+    block: str
+    version: int
+    tensors: dict
+
+
+class Session:
+    """One worker's connection to the coordinator."""
+
+    def __init__(self, address: str, name: str, sent: Counter | None = None, received: Counter | None = None):
+        self.address = address
+        self.name = name
+        self.channel = grpc.insecure_channel(address, options=channel_options())
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
+        self._sent = sent or (lambda kind, n: None)
+        self._received = received or (lambda kind, n: None)
+        self._metadata: tuple[tuple[str, str], ...] = ()
+        self._events_call = None
+        self.info: RunInfo | None = None
+
+    # ---- control ------------------------------------------------------------------------------
+
+    def join(self, num_examples: int, device: str, timeout: float) -> RunInfo:
+        """Join the run, retrying with back-off while the coordinator is unreachable (up to `timeout` s)."""
+        from importlib.metadata import version
+
+        request = pb.JoinRequest(name=self.name, version=version("fedblock"), device=device, num_examples=num_examples)
+        deadline = time.monotonic() + timeout
+        delays = backoff_delays()
+        while True:
+            try:
+                reply = self.stub.Join(request, timeout=30)
+                break
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() >= deadline:
+                    raise
+                time.sleep(min(next(delays), max(0.0, deadline - time.monotonic())))
+        self._sent("control", _size(request))
+        self._received("control", _size(reply))
+        self.info = RunInfo.from_pb(reply)
+        self._metadata = (("fedblock-worker", self.name), ("fedblock-session", self.info.session))
+        return self.info
+
+    def events(self) -> Iterator[Event]:
+        """The coordinator's event stream for this worker (blocks between events)."""
+        self._events_call = self.stub.Events(pb.EventsRequest(), metadata=self._metadata)
+        for message in self._events_call:
+            self._received("control", _size(message))
+            yield event_from_pb(message)
+
+    def cancel_events(self) -> None:
+        if self._events_call is not None:
+            self._events_call.cancel()
+
+    def heartbeat(self, held_version: int, steps: int) -> int:
+        request = pb.HeartbeatRequest(held_version=max(held_version, 0), local_steps_done=steps)
+        reply = self.stub.Heartbeat(request, metadata=self._metadata, timeout=30)
+        self._sent("control", _size(request))
+        self._received("control", _size(reply))
+        return reply.model_version
+
+    def leave(self, reason: str = "done") -> None:
+        try:
+            self.stub.Leave(pb.LeaveRequest(reason=reason), metadata=self._metadata, timeout=5)
+        except grpc.RpcError:
+            pass  # leaving is a courtesy; the heartbeat timeout covers a coordinator that is gone
+
+    def close(self) -> None:
+        self.cancel_events()
+        self.channel.close()
+
+    # ---- transfers -----------------------------------------------------------------------------
+
+    def fetch_model_files(self, dest: Path) -> None:
+        """Fetch config and tokenizer files into `dest`, checking sizes and hashes against the join reply."""
+        assert self.info is not None
+        dest.mkdir(parents=True, exist_ok=True)
+        parts: dict[str, bytearray] = {}
+        for message in self.stub.FetchModelFiles(pb.ModelFilesRequest(), metadata=self._metadata):
+            self._received("control", _size(message))
+            buf = parts.setdefault(message.name, bytearray())
+            if message.offset != len(buf):
+                raise wire.IntegrityError(f"model file {message.name}: chunk at {message.offset}, expected {len(buf)}")
+            buf += message.data
+        for f in self.info.model_files:
+            data = parts.get(f.name)
+            if data is None or len(data) != f.size or wire.sha256(data) != f.sha256:
+                raise wire.IntegrityError(f"model file {f.name} arrived incomplete or corrupted")
+            if "/" in f.name or f.name.startswith("."):
+                raise wire.IntegrityError(f"refusing model file name {f.name!r}")
+            (dest / f.name).write_bytes(data)
+
+    def upload(self, manifest: Manifest, blob: bytes, max_attempts: int = 8) -> str:
+        """Send one block delta; resumes after transient failures. Returns "accepted" or "late"."""
+        skip: frozenset[int] = frozenset()
+        delays = backoff_delays()
+        for attempt in range(max_attempts):
+            try:
+                reply = self.stub.Upload(self._upload_messages(manifest, blob, skip), metadata=self._metadata)
+                return reply.status
+            except grpc.RpcError as e:
+                if e.code() not in TRANSIENT or attempt == max_attempts - 1:
+                    raise
+                log.warning("upload of %s round %d interrupted (%s); resuming", manifest.block, manifest.round, e.code().name)
+                time.sleep(next(delays))
+                skip = self._held_chunks(manifest)
+        raise AssertionError("unreachable")
+
+    def _upload_messages(self, manifest: Manifest, blob: bytes, skip: frozenset[int]) -> Iterator[pb.UploadMessage]:
+        header = pb.UploadMessage(header=pb.UploadHeader(manifest=manifest.to_pb()))
+        self._sent("update", _size(header))
+        yield header
+        for index, view in wire.iter_chunks(blob, manifest.chunk_size, skip):
+            message = pb.UploadMessage(chunk=pb.Chunk(index=index, data=bytes(view)))
+            self._sent("update", _size(message))
+            yield message
+
+    def _held_chunks(self, manifest: Manifest) -> frozenset[int]:
+        try:
+            reply = self.stub.UploadStatus(
+                pb.UploadStatusRequest(round=manifest.round, block=manifest.block, blob_sha256=manifest.blob_sha256),
+                metadata=self._metadata,
+                timeout=30,
+            )
+            return frozenset(reply.held_chunks)
+        except grpc.RpcError:
+            return frozenset()
+
+    def download(self, held: Mapping[str, int]) -> tuple[int, dict[str, int], Iterator[DownloadedBlock]]:
+        """Delta sync: (model version, block versions, iterator over the changed blocks, decoded)."""
+        assert self.info is not None
+        specs = {b.name: b for b in self.info.blocks}
+        stream = self.stub.Download(pb.DownloadRequest(held_versions=dict(held)), metadata=self._metadata)
+        first = next(stream)
+        self._received("control", _size(first))
+        if first.WhichOneof("kind") != "header":
+            raise wire.IntegrityError("download did not start with its header")
+        header = first.header
+
+        def blocks() -> Iterator[DownloadedBlock]:
+            assembly: wire.Assembly | None = None
+            for message in stream:
+                self._received("model", _size(message))
+                kind = message.WhichOneof("kind")
+                if kind == "manifest":
+                    manifest = Manifest.from_pb(message.manifest)
+                    spec = specs.get(manifest.block)
+                    if spec is None:
+                        raise wire.IntegrityError(f"download of unknown block {manifest.block!r}")
+                    wire.check_specs(manifest.tensors, spec.tensors)
+                    assembly = wire.Assembly(manifest)
+                elif kind == "chunk" and assembly is not None:
+                    assembly.add(message.chunk.index, message.chunk.data)
+                    if assembly.complete:
+                        m = assembly.manifest
+                        tensors = CodecPipeline(m.codec).decode(assembly.finish(), specs[m.block].tensors)
+                        assembly.close()
+                        assembly = None
+                        yield DownloadedBlock(m.block, m.base_version, tensors)
+                else:
+                    raise wire.IntegrityError(f"unexpected {kind} in a download")
+
+        return header.model_version, dict(header.block_versions), blocks()

@@ -1,0 +1,165 @@
+"""A fedblock worker: joins a run, fetches the model, then trains on one thread and talks on others."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import signal
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+
+from ..common import blocks as B
+from ..common.config import WorkerConfig
+from ..common.data import BatchStream, load_examples, tokenize
+from ..common.metrics import serve as serve_metrics
+from ..common.models import build_model_from_files, load_tokenizer
+from ..common.training import BlockTrainer, OptimConfig
+from .comm import Comm
+from .compute import ComputeLoop
+from .metrics import WorkerMetrics
+from .session import Session
+from .state import ModelBook, Patch
+
+log = logging.getLogger("fedblock.worker")
+INBOX_SIZE = 16  # assignments and patches for the compute thread; a handful per round at most
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here")
+    return device
+
+
+@dataclass
+class Outcome:
+    finished: bool  # the coordinator ended the run
+    rounds: int
+    steps: int
+    rounds_ahead: int = 0  # rounds that overlapped the previous round's communication
+    error: BaseException | None = None
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, metrics: WorkerMetrics | None = None):
+        self.config = config
+        self.metrics = metrics or WorkerMetrics()
+        self.stop = threading.Event()
+        self.training = False  # True once the compute and communication threads run
+        # Fail on a bad data path or format before touching the network.
+        self.examples = load_examples(config.data)
+        self.device = pick_device(config.device)
+
+    def run(self) -> Outcome:
+        c = self.config
+        if c.threads:
+            torch.set_num_threads(c.threads)
+        m = self.metrics
+        session = Session(
+            c.coordinator, c.name,
+            sent=lambda kind, n: m.bytes_sent.labels(kind).inc(n),
+            received=lambda kind, n: m.bytes_received.labels(kind).inc(n),
+        )
+        work_dir = c.work_dir or Path(tempfile.mkdtemp(prefix=f"fedblock-{c.name}-"))
+        try:
+            try:
+                info = session.join(len(self.examples), str(self.device), c.connect_timeout)
+            except grpc.RpcError as e:
+                raise ConnectionError(f"cannot join the run at {c.coordinator}: {e.code().name}: {e.details()}") from None
+            log.info("%s joined run %s (%s, depth %d, %d blocks, model version %d)",
+                     c.name, info.run_id, info.algorithm, info.pipeline_depth, len(info.blocks), info.model_version)
+            model_dir = Path(work_dir) / "model"
+            session.fetch_model_files(model_dir)
+            dtype = torch.bfloat16 if c.dtype == "bfloat16" else torch.float32
+            model = build_model_from_files(model_dir, dtype=dtype, device=self.device)
+            blocks = B.partition(model, info.layers_per_block)
+            self._check_partition(model, blocks, info)
+            book = ModelBook()
+            self._initial_sync(session, model, blocks, book)
+            tokenizer = load_tokenizer(model_dir)
+            data = tokenize(self.examples, tokenizer, c.max_seq_len)
+            log.info("%s: %d training examples, model version %d", c.name, len(data), book.version)
+            stream = BatchStream(data, c.batch_size, c.seed, tokenizer.pad_token_id)
+            trainer = BlockTrainer(model, blocks, OptimConfig(grad_clip=c.grad_clip))
+            return self._loop(session, model, blocks, trainer, stream, book, info.pipeline_depth)
+        finally:
+            session.close()
+            if c.work_dir is None:
+                shutil.rmtree(work_dir, ignore_errors=True)
+
+    def _check_partition(self, model, blocks: list[B.Block], info) -> None:
+        params = dict(model.named_parameters())
+        local = {b.name: {n: tuple(params[n].shape) for n in b.params} for b in blocks}
+        remote = {b.name: {t.name: tuple(t.shape) for t in b.tensors} for b in info.blocks}
+        if local != remote:
+            raise RuntimeError("the model built from the coordinator's files does not match its block layout")
+
+    def _initial_sync(self, session: Session, model, blocks, book: ModelBook) -> None:
+        """Download every block (the first delta sync holds nothing)."""
+        version, block_versions, stream = session.download({})
+        by_name = {b.name: b for b in blocks}
+        got = {}
+        for block in stream:
+            B.assign_(B.block_params(model, by_name[block.block]), block.tensors)
+            got[block.block] = {}
+        if set(got) != set(by_name):
+            raise RuntimeError(f"initial download is missing blocks {sorted(set(by_name) - set(got))[:5]}")
+        book.applied(Patch(version, block_versions, got))
+
+    def _loop(self, session, model, blocks, trainer, stream, book, depth) -> Outcome:
+        inbox: queue.Queue = queue.Queue(INBOX_SIZE)
+        outbox: queue.Queue = queue.Queue(1)
+        compute = ComputeLoop(model, blocks, trainer, stream, book, inbox, outbox, depth, self.metrics, self.stop)
+        comm = Comm(session, book, inbox, outbox, self.metrics, self.stop, steps_done=lambda: compute.steps_done)
+        compute.on_handover = comm.notify_handover
+        threads = [
+            threading.Thread(target=compute.run, name="compute", daemon=True),
+            threading.Thread(target=comm.read_events, name="events", daemon=True),
+            threading.Thread(target=comm.transfer, name="transfer", daemon=True),
+            threading.Thread(target=comm.heartbeats, name="heartbeat", daemon=True),
+        ]
+        for t in threads:
+            t.start()
+        self.training = True
+        try:
+            while not self.stop.wait(0.5):
+                pass
+        finally:
+            self.stop.set()
+            session.cancel_events()
+            for t in threads:
+                t.join(timeout=30)
+        error = compute.error or comm.error
+        if comm.run_end is None or error is not None:
+            session.leave("error" if error else "stopped")
+        return Outcome(comm.run_end is not None, compute.rounds_done, compute.steps_done, compute.rounds_ahead, error)
+
+
+def run(config: WorkerConfig) -> Outcome:
+    """`fedblock worker`: SIGINT/SIGTERM stop it cleanly (at once while it is still starting up)."""
+    worker = Worker(config)
+    if config.metrics_port:
+        server, _ = serve_metrics(worker.metrics.registry, config.metrics_port)
+
+    def on_signal(*_):
+        if worker.training:
+            worker.stop.set()  # the threads finish their step or transfer and leave
+        else:
+            raise KeyboardInterrupt  # joining, downloading or tokenizing: nothing to finish
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+    try:
+        return worker.run()
+    finally:
+        if config.metrics_port:
+            server.shutdown()

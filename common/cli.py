@@ -1,0 +1,170 @@
+"""The `fedblock` command: coordinator, worker, simulate, export, eval, status.
+
+Options come from the config dataclasses (common/config.py), so each is also a YAML key and a
+FEDBLOCK_* variable. Any invalid start-up input ends in one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from .config import (
+    ConfigError,
+    CoordinatorConfig,
+    EvalConfig,
+    ExportConfig,
+    SimulateConfig,
+    StatusConfig,
+    WorkerConfig,
+    build,
+    flag_name,
+    load_yaml,
+)
+
+# Options `simulate` decides itself, per process.
+SIMULATE_SETS_COORDINATOR = frozenset({"listen", "eval_data", "min_workers", "seed"})
+SIMULATE_SETS_WORKER = frozenset({"coordinator", "name", "data", "seed", "metrics_port", "work_dir", "connect_timeout"})
+
+COMMANDS = {
+    "coordinator": ("run the coordinator daemon", (CoordinatorConfig,)),
+    "worker": ("run a worker that trains on local data", (WorkerConfig,)),
+    "simulate": ("a coordinator and N workers on localhost, real gRPC", (SimulateConfig, CoordinatorConfig, WorkerConfig)),
+    "export": ("write a state dir's global model as a Hugging Face folder", (ExportConfig,)),
+    "eval": ("evaluate a model on a data set", (EvalConfig,)),
+    "status": ("ask a running coordinator how the run goes", (StatusConfig,)),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse would print the usage first)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _fields(command: str) -> list[dataclasses.Field]:
+    seen, out = set(), []
+    for i, cls in enumerate(COMMANDS[command][1]):
+        for f in dataclasses.fields(cls):
+            if command == "simulate" and i == 1 and f.name in SIMULATE_SETS_COORDINATOR:
+                continue
+            if command == "simulate" and i == 2 and f.name in SIMULATE_SETS_WORKER:
+                continue
+            if f.name not in seen:
+                seen.add(f.name)
+                out.append(f)
+    return out
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fedblock", description="Federated block fine-tuning of LLMs.", allow_abbrev=False)
+    parser.add_argument("--log-level", default=os.environ.get("FEDBLOCK_LOG_LEVEL", "INFO"),
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for command, (help_text, _) in COMMANDS.items():
+        p = sub.add_parser(command, help=help_text, description=help_text, allow_abbrev=False)
+        p.add_argument("--config", help="YAML file with option values (flags and FEDBLOCK_* variables win)")
+        for f in _fields(command):
+            help_ = f.metadata.get("help", "")
+            if f.default is not dataclasses.MISSING and f.default is not None:
+                help_ += f" (default: {f.default})"
+            p.add_argument(flag_name(f), dest=f.name, default=None, help=help_, metavar=f.name.upper(),
+                           choices=f.metadata.get("choices"))
+    return parser
+
+
+def parse_configs(command: str, args: argparse.Namespace, env=None):
+    """The config objects of `command` from parsed flags, env and --config."""
+    flags = vars(args)
+    file_values = load_yaml(args.config) if args.config else {}
+    classes = COMMANDS[command][1]
+    configs = []
+    for cls in classes:
+        names = {f.name for f in dataclasses.fields(cls)}
+        own = {k: v for k, v in file_values.items() if k in names}
+        if command == "simulate" and cls is not SimulateConfig:
+            continue  # simulate builds these itself from the same values
+        configs.append(build(cls, {k: v for k, v in flags.items() if k in names}, env, own))
+    unknown = set(file_values) - {f.name for f in _fields(command)}
+    if unknown:
+        raise ConfigError(f"--config: unknown option {sorted(unknown)[0].replace('_', '-')!r}")
+    return configs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded from a model hub
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    prog = f"fedblock {args.command}"
+    try:
+        return _dispatch(args)
+    except _user_errors() as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except ConnectionError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean the user's input is wrong: reported as one line, exit status 2."""
+    from ..server.store import StateError
+    from .data import DataError
+    from .models import ModelError
+
+    return (ConfigError, DataError, ModelError, StateError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+            PermissionError)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    command = args.command
+    if command == "coordinator":
+        (config,) = parse_configs(command, args)
+        from ..server import daemon
+
+        summary = daemon.run(config)
+        return 0 if summary["rounds_completed"] >= config.rounds else 1
+    if command == "worker":
+        (config,) = parse_configs(command, args)
+        from ..client import worker
+
+        outcome = worker.run(config)
+        if outcome.error is not None:
+            logging.getLogger("fedblock.worker").error("worker failed: %s", outcome.error)
+            return 1
+        return 0 if outcome.finished else 1
+    if command == "simulate":
+        from .simulate import simulate
+
+        (sim,) = parse_configs(command, args)
+        return simulate(sim, args)
+    if command == "export":
+        (config,) = parse_configs(command, args)
+        from .tools import export
+
+        print(export(config))
+        return 0
+    if command == "eval":
+        (config,) = parse_configs(command, args)
+        from .tools import evaluate
+
+        evaluate(config)
+        return 0
+    if command == "status":
+        (config,) = parse_configs(command, args)
+        from .tools import status
+
+        return status(config)
+    raise AssertionError(command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""Codec pipelines for block deltas: tensors -> wire bytes -> tensors.
+
+A pipeline is a comma-separated list of stages applied left to right, e.g. `none`, `bf16`,
+`topk:0.01,bf16,zstd`, `int8,shuffle,zstd:3`:
+
+    tensor stages   bf16 | fp16        cast floating tensors (lossy)
+                    int8               symmetric per-row quantisation, fp32 scale per row (lossy)
+                    topk:F             keep the fraction F of entries with the largest magnitude, with
+                                       error feedback: what was not sent is added to the next delta
+                                       of the same block (the residual lives in the encoder, on the worker)
+                    shuffle            byte planes of each tensor (helps zstd on floats; lossless)
+    serialisation   safetensors, always (self-describing, never pickle)
+    byte stage      zstd[:LEVEL]       must be last (lossless)
+
+The wire size is exactly `len(blob)`. `decode` checks that the result has exactly the expected tensor
+names and shapes, and raises `CodecError` for anything malformed; it returns float32 tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import safetensors.torch
+import torch
+import zstandard
+from torch import Tensor
+
+from .messages import TensorSpec
+
+Tensors = dict[str, Tensor]
+
+_CAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_MAX_ZSTD_OUTPUT = 1 << 36  # decompression bound; the real bound is the expected raw size
+
+
+class CodecError(ValueError):
+    """A codec spec or an encoded blob is invalid."""
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise CodecError(f"unknown dtype {name!r}")
+    return dtype
+
+
+@dataclass
+class _Stage:
+    name: str
+    arg: float | int | None = None
+    # topk error feedback: (block, tensor) -> residual not yet sent
+    residual: dict[tuple[str, str], Tensor] = field(default_factory=dict)
+
+    @property
+    def lossy(self) -> bool:
+        return self.name in ("bf16", "fp16", "int8", "topk")
+
+
+def _parse_stage(text: str) -> _Stage:
+    name, _, arg = text.strip().partition(":")
+    if name in _CAST or name in ("int8", "shuffle"):
+        if arg:
+            raise CodecError(f"codec stage {name!r} takes no argument")
+        return _Stage(name)
+    if name == "topk":
+        try:
+            fraction = float(arg)
+        except ValueError:
+            raise CodecError(f"topk needs a fraction, e.g. topk:0.01 (got {text!r})") from None
+        if not 0.0 < fraction <= 1.0:
+            raise CodecError(f"topk fraction must be in (0, 1], got {fraction}")
+        return _Stage(name, fraction)
+    if name == "zstd":
+        level = 3
+        if arg:
+            try:
+                level = int(arg)
+            except ValueError:
+                raise CodecError(f"zstd level must be an integer (got {text!r})") from None
+        if not 1 <= level <= 22:
+            raise CodecError(f"zstd level must be 1..22, got {level}")
+        return _Stage(name, level)
+    raise CodecError(f"unknown codec stage {name!r} (known: none, bf16, fp16, int8, topk:F, shuffle, zstd[:L])")
+
+
+class CodecPipeline:
+    """A parsed codec pipeline. Encoders keep per-block state (top-k residuals); use one per worker."""
+
+    def __init__(self, spec: str):
+        stages = [] if spec.strip() in ("", "none") else [_parse_stage(s) for s in spec.split(",")]
+        for i, stage in enumerate(stages):
+            if stage.name == "zstd" and i != len(stages) - 1:
+                raise CodecError("zstd must be the last codec stage")
+        self.stages = stages
+        self.spec = ",".join(s.name if s.arg is None else f"{s.name}:{s.arg}" for s in stages) or "none"
+
+    @property
+    def lossless(self) -> bool:
+        return not any(s.lossy for s in self.stages)
+
+    # ---- encode ------------------------------------------------------------------------------
+
+    def encode(self, block: str, tensors: Mapping[str, Tensor]) -> bytes:
+        """Encode one block's tensors (any float dtype) to wire bytes."""
+        out: Tensors = {n: t.detach().float().contiguous() for n, t in tensors.items()}
+        meta: dict[str, str] = {}
+        compress: _Stage | None = None
+        for stage in self.stages:
+            if stage.name in _CAST:
+                out = {n: t.to(_CAST[stage.name]) if t.is_floating_point() else t for n, t in out.items()}
+            elif stage.name == "int8":
+                out = _int8_encode(out)
+            elif stage.name == "topk":
+                out = _topk_encode(out, block, stage)
+            elif stage.name == "shuffle":
+                out = _shuffle_encode(out, meta)
+            elif stage.name == "zstd":
+                compress = stage
+        blob = safetensors.torch.save({n: t.contiguous() for n, t in out.items()}, metadata=meta or None)
+        if compress is not None:
+            blob = zstandard.ZstdCompressor(level=int(compress.arg)).compress(blob)
+        return blob
+
+    # ---- decode ------------------------------------------------------------------------------
+
+    def decode(self, blob: bytes | bytearray | memoryview, expected: Sequence[TensorSpec]) -> Tensors:
+        """Decode wire bytes into float32 tensors with exactly the `expected` names and shapes."""
+        expected_by_name = {s.name: s for s in expected}
+        raw_bound = sum(4 * math.prod(s.shape) for s in expected) + (1 << 20) * max(1, len(expected))
+        data = bytes(blob) if not isinstance(blob, bytes) else blob
+        if self.stages and self.stages[-1].name == "zstd":
+            try:
+                data = zstandard.ZstdDecompressor().decompress(data, max_output_size=min(raw_bound * 2, _MAX_ZSTD_OUTPUT))
+            except zstandard.ZstdError as e:
+                raise CodecError(f"zstd: {e}") from None
+        try:
+            tensors = safetensors.torch.load(data)
+            meta = _safetensors_metadata(data)
+        except Exception as e:  # safetensors raises its own error types for malformed headers
+            raise CodecError(f"malformed safetensors blob: {e}") from None
+        for stage in reversed(self.stages):
+            if stage.name == "shuffle":
+                tensors = _shuffle_decode(tensors, meta)
+            elif stage.name == "topk":
+                tensors = _topk_decode(tensors, expected_by_name)
+            elif stage.name == "int8":
+                tensors = _int8_decode(tensors)
+        if set(tensors) != set(expected_by_name):
+            missing = sorted(set(expected_by_name) - set(tensors))
+            extra = sorted(set(tensors) - set(expected_by_name))
+            raise CodecError(f"tensor set mismatch: missing {missing[:3]}, unexpected {extra[:3]}")
+        result = {}
+        for name, t in tensors.items():
+            spec = expected_by_name[name]
+            if tuple(t.shape) != tuple(spec.shape):
+                raise CodecError(f"{name}: shape {tuple(t.shape)} != expected {tuple(spec.shape)}")
+            if not t.is_floating_point():
+                raise CodecError(f"{name}: dtype {_dtype_name(t.dtype)} is not floating point")
+            result[name] = t.float()
+        return result
+
+
+# ---- stages --------------------------------------------------------------------------------------
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t.reshape(1, -1) if t.dim() < 2 else t.reshape(t.shape[0], -1)
+
+
+def _int8_encode(tensors: Tensors) -> Tensors:
+    out: Tensors = {}
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            out[name] = t
+            continue
+        rows = _rows(t.float())
+        scale = rows.abs().amax(dim=1).clamp_min(1e-30) / 127.0
+        q = torch.round(rows / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        out[name + "::q"] = q.reshape(t.shape)
+        out[name + "::scale"] = scale
+    return out
+
+
+def _int8_decode(tensors: Tensors) -> Tensors:
+    out: Tensors = {}
+    for name, t in tensors.items():
+        if name.endswith("::scale"):
+            continue
+        if not name.endswith("::q"):
+            out[name] = t
+            continue
+        base = name[: -len("::q")]
+        scale = tensors.get(base + "::scale")
+        if scale is None or t.dtype != torch.int8:
+            raise CodecError(f"int8: {base} lacks its scale or is not int8")
+        rows = _rows(t)
+        if scale.shape != (rows.shape[0],):
+            raise CodecError(f"int8: {base} scale shape {tuple(scale.shape)} does not match {rows.shape[0]} rows")
+        out[base] = (rows.float() * scale.float()[:, None]).reshape(t.shape)
+    return out
+
+
+def _topk_encode(tensors: Tensors, block: str, stage: _Stage) -> Tensors:
+    out: Tensors = {}
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            out[name] = t
+            continue
+        flat = t.reshape(-1).float()
+        key = (block, name)
+        if key in stage.residual:
+            flat = flat + stage.residual[key]
+        k = max(1, math.ceil(float(stage.arg) * flat.numel()))
+        idx = torch.topk(flat.abs(), k, sorted=False).indices
+        values = flat[idx]
+        residual = flat.clone()
+        residual[idx] = 0.0
+        stage.residual[key] = residual
+        out[name + "::idx"] = idx.to(torch.int32 if flat.numel() < 2**31 else torch.int64)
+        out[name + "::val"] = values
+    return out
+
+
+def _topk_decode(tensors: Tensors, expected: Mapping[str, TensorSpec]) -> Tensors:
+    out: Tensors = {}
+    for name, t in tensors.items():
+        if name.endswith("::val"):
+            continue
+        if not name.endswith("::idx"):
+            out[name] = t
+            continue
+        base = name[: -len("::idx")]
+        values = tensors.get(base + "::val")
+        spec = expected.get(base)
+        if values is None or spec is None:
+            raise CodecError(f"topk: unexpected or incomplete tensor {base!r}")
+        numel = math.prod(spec.shape)
+        if t.dim() != 1 or values.shape != t.shape or t.is_floating_point():
+            raise CodecError(f"topk: {base} index/value tensors are malformed")
+        idx = t.long()
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
+            raise CodecError(f"topk: {base} index out of range")
+        dense = torch.zeros(numel, dtype=torch.float32)
+        dense[idx] = values.float()
+        out[base] = dense.reshape(spec.shape)
+    return out
+
+
+def _shuffle_encode(tensors: Tensors, meta: dict[str, str]) -> Tensors:
+    out: Tensors = {}
+    for name, t in tensors.items():
+        size = t.element_size()
+        planes = t.contiguous().reshape(-1).view(torch.uint8).reshape(-1, size).t().contiguous()
+        out[name + "::shuf"] = planes
+        meta[name] = json.dumps({"dtype": _dtype_name(t.dtype), "shape": list(t.shape)})
+    return out
+
+
+def _shuffle_decode(tensors: Tensors, meta: Mapping[str, str]) -> Tensors:
+    out: Tensors = {}
+    for name, planes in tensors.items():
+        if not name.endswith("::shuf"):
+            raise CodecError(f"shuffle: unexpected tensor {name!r}")
+        base = name[: -len("::shuf")]
+        try:
+            info = json.loads(meta[base])
+            dtype = _dtype_from_name(info["dtype"])
+            shape = tuple(int(d) for d in info["shape"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise CodecError(f"shuffle: missing or bad metadata for {base!r}: {e}") from None
+        size = torch.empty((), dtype=dtype).element_size()
+        if planes.dtype != torch.uint8 or planes.dim() != 2 or planes.shape[0] != size or planes.shape[1] != math.prod(shape):
+            raise CodecError(f"shuffle: {base} byte planes do not match {info}")
+        out[base] = planes.t().contiguous().reshape(-1).view(dtype).reshape(shape)
+    return out
+
+
+def _safetensors_metadata(blob: bytes) -> dict[str, str]:
+    header_len = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + header_len])
+    return dict(header.get("__metadata__") or {})

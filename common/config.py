@@ -1,0 +1,325 @@
+"""Configuration: typed dataclasses per command, read from flags, FEDBLOCK_* variables and YAML.
+
+Precedence: command-line flag > environment variable (`FEDBLOCK_ROUNDS`) > `--config` YAML file (keys as
+flag names, with - or _) > default. Each field's metadata holds its help text and, where needed, a parser
+(`parse=`), so the dataclass is the single description of an option. Invalid values raise `ConfigError`
+with a message naming the option, which the CLI prints as one line before exiting with status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ALGORITHMS = ("fedbcd", "parablock")
+BLOCK_SCHEDULES = ("round-robin", "random", "staggered")
+LR_SCHEDULES = ("constant", "cosine")
+REQUIRED: Any = dataclasses.MISSING
+
+
+class ConfigError(ValueError):
+    """An option has an invalid value; the message names the option."""
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'1MiB' -> 1048576, '20MB' -> 20000000, '4096' -> 4096."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a byte size: {text!r} (use e.g. 4096, 512KiB, 1MiB, 20MB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_rate(text: str | int) -> int:
+    """Bytes per second: '20MB/s', '100Mbit/s', '0' (unlimited)."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip()
+    bits = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmg]?)bit(?:/s|ps)?", s, flags=re.I)
+    if bits:
+        return int(float(bits.group(1)) * _UNITS[bits.group(2).lower() or "b"] / 8)
+    return parse_bytes(re.sub(r"(/s|ps)$", "", s, flags=re.I))
+
+
+def opt(help: str, default: Any = REQUIRED, *, parse: Callable[[str], Any] | None = None,
+        choices: tuple[str, ...] | None = None, flag: str | None = None) -> Any:
+    """A dataclass field that is also a command-line option."""
+    meta = {"help": help, "parse": parse, "choices": choices, "flag": flag}
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def env_name(f: dataclasses.Field) -> str:
+    return "FEDBLOCK_" + f.name.upper()
+
+
+def _base_type(tp: Any) -> Any:
+    """int | None -> int."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else str
+    return tp
+
+
+def _convert(f: dataclasses.Field, tp: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    parse = f.metadata.get("parse")
+    base = _base_type(tp)
+    try:
+        if parse is not None:
+            value = parse(value)
+        elif base is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(f"not a boolean: {value!r}")
+                value = value.lower() in ("1", "true", "yes", "on")
+            value = bool(value)
+        elif base in (int, float, str, Path):
+            if base is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"not an integer: {value}")
+            value = base(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{flag_name(f)}: {e}") from None
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{flag_name(f)}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"--config: no such file {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def build(cls: type, flags: Mapping[str, Any], env: Mapping[str, str] | None = None,
+          file_values: Mapping[str, Any] | None = None) -> Any:
+    """An instance of the config dataclass `cls` from flag values (None = not given), env and YAML."""
+    env = os.environ if env is None else env
+    file_values = file_values or {}
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(file_values) - names)
+    if unknown:
+        raise ConfigError(f"--config: unknown option {unknown[0].replace('_', '-')!r}")
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if flags.get(f.name) is not None:
+            raw = flags[f.name]
+        elif env_name(f) in env:
+            raw = env[env_name(f)]
+        elif f.name in file_values:
+            raw = file_values[f.name]
+        else:
+            if f.default is REQUIRED and f.default_factory is REQUIRED:
+                raise ConfigError(f"{flag_name(f)} is required (or set {env_name(f)})")
+            continue
+        values[f.name] = _convert(f, hints[f.name], raw)
+    config = cls(**values)
+    check = getattr(config, "check", None)
+    if check is not None:
+        check()
+    return config
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _host_port(text: str, flag: str) -> None:
+    host, sep, port = text.rpartition(":")
+    _require(bool(sep and host and port.isdigit() and 0 <= int(port) < 65536), f"{flag}: expected HOST:PORT, got {text!r}")
+
+
+# ---- the commands' options ---------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class CoordinatorConfig:
+    model: str = opt("local Hugging Face model folder or built-in name (smollm2-135m-instruct)")
+    state_dir: Path = opt("directory for checkpoints, incoming uploads, summary.json and the export")
+    listen: str = opt("address to serve gRPC on", "0.0.0.0:50051")
+    metrics_port: int = opt("Prometheus /metrics port (0: off)", 0)
+    algorithm: str = opt("federated algorithm", "parablock", choices=ALGORITHMS)
+    rounds: int = opt("number of rounds", 20)
+    clients_per_round: int = opt("workers per round (0: every connected worker)", 0)
+    min_workers: int = opt("workers that must have joined before the first round", 1)
+    min_updates: int = opt("updates a round needs to close at --round-timeout", 1)
+    round_timeout: float = opt("seconds after which a round closes with the updates it has (0: wait for all)", 0.0)
+    local_steps: int = opt("local optimiser steps per round", 10)
+    lr: float = opt("learning rate of the workers' AdamW", 1e-4)
+    lr_schedule: str = opt("learning rate over rounds", "constant", choices=LR_SCHEDULES)
+    block_schedule: str = opt("which block each worker trains per round", "round-robin", choices=BLOCK_SCHEDULES)
+    layers_per_block: int = opt("decoder layers per block", 1)
+    train_blocks: str = opt("comma-separated glob patterns of blocks to train, e.g. 'layers.*,head'", "*")
+    pipeline_depth: int | None = opt("rounds a worker may train ahead of the global model (default: parablock 1, fedbcd 0)", None)
+    codec: str = opt("codec pipeline for uploads, e.g. none, bf16, topk:0.01,bf16,zstd", "none")
+    chunk_size: int = opt("transfer chunk size", 1 << 20, parse=parse_bytes)
+    max_update_bytes: int = opt("largest accepted upload (wire bytes)", 16 << 30, parse=parse_bytes)
+    seed: int = opt("seed for client selection and schedules", 0)
+    eval_data: str | None = opt("held-out JSONL (or builtin:NAME) evaluated before, every --eval-every rounds and after", None)
+    eval_every: int = opt("evaluate every N rounds (0: only before and after)", 0)
+    eval_max_examples: int = opt("held-out examples used per evaluation", 128)
+    eval_batch_size: int = opt("batch size of evaluations", 8)
+    max_seq_len: int = opt("maximum tokens per example in evaluations", 256)
+    export_dir: Path | None = opt("where the final model goes (default: STATE_DIR/export)", None)
+    heartbeat_interval: float = opt("seconds between worker heartbeats", 10.0)
+    heartbeat_timeout: float = opt("seconds of silence after which a worker is dropped from its rounds", 120.0)
+    keep_checkpoints: int = opt("checkpoints kept in --state-dir", 3)
+    threads: int = opt("torch CPU threads (0: torch's default)", 0)
+    linger: float = opt("seconds to keep serving status and metrics after the run ends", 0.0)
+
+    def check(self) -> None:
+        _host_port(self.listen, "--listen")
+        _require(self.linger >= 0, "--linger must be >= 0")
+        _require(self.rounds >= 1, f"--rounds must be >= 1, got {self.rounds}")
+        _require(self.clients_per_round >= 0, "--clients-per-round must be >= 0")
+        _require(self.min_workers >= 1, "--min-workers must be >= 1")
+        _require(self.min_updates >= 1, "--min-updates must be >= 1")
+        _require(self.clients_per_round == 0 or self.min_updates <= self.clients_per_round,
+                 f"--min-updates ({self.min_updates}) exceeds --clients-per-round ({self.clients_per_round})")
+        _require(self.round_timeout >= 0, "--round-timeout must be >= 0")
+        _require(self.local_steps >= 1, "--local-steps must be >= 1")
+        _require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        _require(self.layers_per_block >= 1, "--layers-per-block must be >= 1")
+        _require(self.pipeline_depth is None or self.pipeline_depth in (0, 1), "--pipeline-depth must be 0 or 1")
+        _require(1024 <= self.chunk_size <= 64 << 20, "--chunk-size must be between 1KiB and 64MiB")
+        _require(self.eval_every >= 0 and self.eval_max_examples >= 1 and self.eval_batch_size >= 1,
+                 "--eval-every must be >= 0, --eval-max-examples and --eval-batch-size >= 1")
+        _require(self.max_seq_len >= 8, "--max-seq-len must be >= 8")
+        _require(self.heartbeat_interval > 0, "--heartbeat-interval must be > 0")
+        _require(self.heartbeat_timeout > self.heartbeat_interval,
+                 "--heartbeat-timeout must be longer than --heartbeat-interval")
+        _require(self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1")
+        _require(self.threads >= 0, "--threads must be >= 0")
+        _require(0 <= self.metrics_port < 65536, "--metrics-port must be 0..65535")
+        from .codecs import CodecError, CodecPipeline
+
+        try:
+            CodecPipeline(self.codec)
+        except CodecError as e:
+            raise ConfigError(f"--codec: {e}") from None
+
+    @property
+    def depth(self) -> int:
+        """The effective pipeline depth: how far ahead of the global model a worker may train."""
+        if self.pipeline_depth is not None:
+            return self.pipeline_depth
+        return 1 if self.algorithm == "parablock" else 0
+
+
+@dataclass(kw_only=True)
+class WorkerConfig:
+    coordinator: str = opt("coordinator address HOST:PORT")
+    name: str = opt("this worker's name (unique in the run)")
+    data: str = opt("local training data: JSONL (Alpaca, GSM8K or chat form) or builtin:NAME")
+    metrics_port: int = opt("Prometheus /metrics port (0: off)", 0)
+    batch_size: int = opt("training batch size", 8)
+    max_seq_len: int = opt("maximum tokens per training example", 256)
+    device: str = opt("auto, cpu, cuda or cuda:N", "auto")
+    dtype: str = opt("training dtype", "float32", choices=("float32", "bfloat16"))
+    threads: int = opt("torch CPU threads (0: torch's default)", 0)
+    seed: int = opt("seed of the local data order", 0)
+    work_dir: Path | None = opt("where the model's config and tokenizer are kept (default: a temporary dir)", None)
+    connect_timeout: float = opt("seconds to keep trying to reach the coordinator at start", 300.0)
+    grad_clip: float = opt("max gradient norm of the trained block (0: off)", 1.0)
+
+    def check(self) -> None:
+        _host_port(self.coordinator, "--coordinator")
+        _require(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.name)),
+                 f"--name must be 1-64 letters, digits, '.', '_' or '-', got {self.name!r}")
+        _require(self.batch_size >= 1, "--batch-size must be >= 1")
+        _require(self.max_seq_len >= 8, "--max-seq-len must be >= 8")
+        _require(bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device)), f"--device: unknown device {self.device!r}")
+        _require(self.threads >= 0, "--threads must be >= 0")
+        _require(self.connect_timeout >= 0, "--connect-timeout must be >= 0")
+        _require(0 <= self.metrics_port < 65536, "--metrics-port must be 0..65535")
+
+
+@dataclass(kw_only=True)
+class SimulateConfig:
+    """`fedblock simulate`: its own options; it also takes every coordinator and worker option."""
+
+    workers: int = opt("worker processes to start", 2)
+    data: str = opt("one data set (JSONL or builtin:NAME), split across the workers")
+    split: str = opt("how to split the data: iid or dirichlet:ALPHA", "iid")
+    eval_fraction: float = opt("fraction of the data held out for evaluation", 0.1)
+    seed: int = opt("seed for the split, the schedules and the data order", 0)
+    port: int = opt("gRPC port on localhost (0: pick a free one)", 0)
+
+    def check(self) -> None:
+        _require(1 <= self.workers <= 64, f"--workers must be 1..64, got {self.workers}")
+        _require(0.0 < self.eval_fraction < 1.0, "--eval-fraction must be in (0, 1)")
+        _require(self.split == "iid" or bool(re.fullmatch(r"dirichlet:\d*\.?\d+", self.split)),
+                 f"--split must be iid or dirichlet:ALPHA, got {self.split!r}")
+        _require(0 <= self.port < 65536, "--port must be 0..65535")
+
+
+@dataclass(kw_only=True)
+class ExportConfig:
+    state_dir: Path = opt("a coordinator's --state-dir")
+    out: Path = opt("output folder (a Hugging Face model folder)")
+    round: int | None = opt("export the checkpoint of this round (default: the latest)", None)
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    model: str = opt("Hugging Face model folder (e.g. an export) or built-in name")
+    data: str = opt("JSONL (Alpaca, GSM8K or chat form) or builtin:NAME")
+    max_examples: int = opt("examples to evaluate (0: all)", 256)
+    batch_size: int = opt("evaluation batch size", 8)
+    max_seq_len: int = opt("maximum tokens per example", 256)
+    accuracy_examples: int = opt("examples with answers to score by greedy generation (0: none)", 20)
+    max_new_tokens: int = opt("generation budget per answer", 256)
+    threads: int = opt("torch CPU threads (0: torch's default)", 0)
+
+    def check(self) -> None:
+        _require(self.max_examples >= 0 and self.accuracy_examples >= 0, "example counts must be >= 0")
+        _require(self.batch_size >= 1 and self.max_seq_len >= 8 and self.max_new_tokens >= 1,
+                 "--batch-size, --max-new-tokens must be >= 1 and --max-seq-len >= 8")
+
+
+@dataclass(kw_only=True)
+class StatusConfig:
+    coordinator: str = opt("coordinator address HOST:PORT")
+
+    def check(self) -> None:
+        _host_port(self.coordinator, "--coordinator")
+
+
+def to_argv(config: Any, skip: frozenset[str] = frozenset()) -> list[str]:
+    """Flags that rebuild `config` exactly (for child processes; flags beat inherited env variables)."""
+    argv: list[str] = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name in skip or value is None:
+            continue
+        argv += [flag_name(f), str(value)]
+    return argv

@@ -1,0 +1,573 @@
+"""Training data: loading, tokenizing with prompt masking, batching and splitting across workers.
+
+Every data set becomes a list of `Example`s (a chat: (role, content) pairs ending with an assistant
+reply). `tokenize` turns them into token ids with labels that train only what the assistant says,
+`BatchStream` serves deterministic batches from them, and `split_holdout` / `split_clients` cut a data
+set into an evaluation part and per-worker parts (IID or Dirichlet label skew).
+
+Sources accepted by `load_examples`:
+
+* a JSONL file, one record per line, its form detected per record:
+  chat `{"messages": [{"role", "content"}, ...]}`, Alpaca `{"instruction", "input", "output"}`,
+  GSM8K `{"question", "answer"}` (the final answer after `####` becomes `Example.answer`) and
+  `{"prompt", "completion"}`; any form may carry a `"category"`, and non-GSM8K forms an `"answer"`.
+* `builtin:chatterbot`: the English part of the `chatterbot-corpus` package (2,025 usable Q/A pairs in
+  21 topics; the topic is the category). Each corpus entry is a list of statements; we use its first two
+  as one user question and one assistant reply. The longer lists are mostly alternative replies to the
+  same question (computers.yml, emotion.yml), not dialogues, so reading them as alternating turns would
+  give the assistant's words to the user.
+* `builtin:champ`: the 270 CHAMP competition math problems (`champ-dataset`); the reply is the
+  step-by-step solution followed by `#### ANSWER` (the GSM8K convention, see `extract_answer`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+IGNORE_INDEX = -100  # label value that the loss skips (torch cross_entropy's default ignore_index)
+ANSWER_MARKER = "####"
+BUILTINS = {
+    "builtin:chatterbot": ("chatterbot_corpus", "chatterbot-corpus"),
+    "builtin:champ": ("champ_dataset", "champ-dataset"),
+}
+
+
+class DataError(ValueError):
+    """Bad training data or data settings; the message is one line that names the file/line and the fault."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training conversation.
+
+    `messages` are (role, content) pairs, roles from `ROLES`, with at least one system or user turn
+    and a non-empty assistant reply last. `answer` is the final answer used for exact-match scoring,
+    `category` the label that the Dirichlet split skews on. Lists are accepted and stored as tuples.
+    """
+
+    messages: tuple[tuple[str, str], ...]
+    answer: str | None = None
+    category: str | None = None
+
+    def __post_init__(self) -> None:
+        messages = tuple(tuple(m) for m in self.messages)
+        object.__setattr__(self, "messages", messages)
+        if not messages:
+            raise DataError("no messages")
+        for i, m in enumerate(messages):
+            if len(m) != 2 or not isinstance(m[0], str) or not isinstance(m[1], str):
+                raise DataError(f"message {i} is not a (role, content) pair of strings")
+            if m[0] not in ROLES:
+                raise DataError(f"message {i} has role {m[0]!r}; expected one of {', '.join(ROLES)}")
+        if messages[-1][0] != "assistant":
+            raise DataError("the last message must be an assistant reply")
+        if not messages[-1][1].strip():
+            raise DataError("empty response (the last assistant message has no text)")
+        if all(role == "assistant" for role, _ in messages):
+            raise DataError("no prompt: expected a user or system message before the assistant reply")
+        if self.answer is not None and not isinstance(self.answer, str):
+            raise DataError("answer must be a string")
+        if self.category is not None and not isinstance(self.category, str):
+            raise DataError("category must be a string")
+
+    @property
+    def response(self) -> str:
+        """The final assistant reply."""
+        return self.messages[-1][1]
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer in GSM8K style: what follows the last `####` on its line, stripped; None if absent."""
+    pos = text.rfind(ANSWER_MARKER)
+    if pos < 0:
+        return None
+    answer = text[pos + len(ANSWER_MARKER) :].split("\n", 1)[0].strip()
+    return answer or None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_examples(source: str | Path) -> list[Example]:
+    """Load a data set: a JSONL file path or a built-in name (`builtin:chatterbot`, `builtin:champ`).
+
+    Raises DataError for a missing file, a bad record (message "FILE:LINE: what is wrong"), an empty
+    result, an unknown built-in name or a built-in whose package is not installed.
+    """
+    source = str(source)
+    if source.startswith("builtin:"):
+        if source not in BUILTINS:
+            raise DataError(f"unknown data set {source!r}; built-in sets are {', '.join(BUILTINS)}")
+        module, package = BUILTINS[source]
+        spec = importlib.util.find_spec(module)  # finds the folder without importing the package
+        if spec is None or not spec.submodule_search_locations:
+            raise DataError(f"{source} needs the package {package} (pip install {package})")
+        folder = Path(list(spec.submodule_search_locations)[0])
+        examples = _load_chatterbot(folder) if source == "builtin:chatterbot" else _load_champ(folder)
+    else:
+        examples = _load_jsonl(Path(source))
+    if not examples:
+        raise DataError(f"{source}: no examples")
+    return examples
+
+
+def _load_jsonl(path: Path) -> list[Example]:
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    examples = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: bad JSON: {e}") from None
+                try:
+                    examples.append(_parse_record(record))
+                except DataError as e:
+                    raise DataError(f"{path}:{lineno}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    return examples
+
+
+def _parse_record(record: object) -> Example:
+    """One JSONL record in any accepted form -> Example (DataError without location on a bad record)."""
+    if not isinstance(record, dict):
+        raise DataError(f"expected a JSON object, got {type(record).__name__}")
+    answer = None
+    gsm8k = False
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError("'messages' must be a non-empty list")
+        pairs = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise DataError(f"messages[{i}] must be an object with string 'role' and 'content'")
+            pairs.append((m["role"], m["content"]))
+        if pairs[-1][0] != "assistant":
+            raise DataError("chat does not end with an assistant message")
+    elif "instruction" in record and "output" in record:
+        instruction, output = _strings(record, "instruction", "output")
+        extra = record.get("input") or ""
+        if not isinstance(extra, str):
+            raise DataError("field 'input' must be a string")
+        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        pairs = [("user", prompt), ("assistant", output)]
+    elif "question" in record and "answer" in record:
+        question, solution = _strings(record, "question", "answer")
+        pairs = [("user", question), ("assistant", solution)]
+        answer = extract_answer(solution)
+        gsm8k = True
+    elif "prompt" in record and "completion" in record:
+        prompt, completion = _strings(record, "prompt", "completion")
+        pairs = [("user", prompt), ("assistant", completion)]
+    else:
+        raise DataError(
+            f"unknown record form (keys: {', '.join(sorted(record)) or 'none'}); expected chat {{messages}}, "
+            "Alpaca {instruction, input, output}, GSM8K {question, answer} or {prompt, completion}"
+        )
+    if not gsm8k and record.get("answer") is not None:
+        answer = record["answer"]
+        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+            answer = str(answer)
+        if not isinstance(answer, str):
+            raise DataError("field 'answer' must be a string or a number")
+    category = record.get("category")
+    if category is not None and not isinstance(category, str):
+        raise DataError("field 'category' must be a string")
+    return Example(tuple(pairs), answer=answer, category=category)
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _strings(record: dict, *keys: str) -> list[str]:
+    values = [record[k] for k in keys]
+    for k, v in zip(keys, values, strict=True):
+        if not isinstance(v, str):
+            raise DataError(f"field {k!r} must be a string")
+    return values
+
+
+def _load_chatterbot(folder: Path) -> list[Example]:
+    files = sorted((folder / "data" / "english").glob("*.yml"))
+    if not files:
+        raise DataError(f"builtin:chatterbot: no topic files under {folder / 'data' / 'english'}")
+    examples = []
+    for file in files:
+        try:
+            doc = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise DataError(f"{file}: cannot read ({_one_line(e)})") from None
+        conversations = doc.get("conversations") if isinstance(doc, dict) else None
+        for conv in conversations or []:
+            # Malformed entries exist (trivia.yml holds one plain string); skip them.
+            if not isinstance(conv, list) or len(conv) < 2:
+                continue
+            question, reply = conv[0], conv[1]
+            if not isinstance(question, str) or not isinstance(reply, str) or not question.strip() or not reply.strip():
+                continue
+            messages = (("user", question.strip()), ("assistant", reply.strip()))
+            examples.append(Example(messages, category=file.stem))
+    return examples
+
+
+def _load_champ(folder: Path) -> list[Example]:
+    file = folder / "dataset_files" / "v0.json"
+    try:
+        with open(file, encoding="utf-8") as f:
+            problems = json.load(f)["problems"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{file}: cannot read the CHAMP problems ({_one_line(e)})") from None
+    if isinstance(problems, dict):  # v0.json keys them by identifier, in file order
+        problems = list(problems.values())
+    examples = []
+    for problem in problems:
+        try:
+            steps = [step["_text"].strip() for step in problem["solution"]["steps"]]
+            answer = problem["_answer"].strip()
+            reply = "\n".join([*steps, f"{ANSWER_MARKER} {answer}"])
+            messages = (("user", problem["_text"].strip()), ("assistant", reply))
+            examples.append(Example(messages, answer=answer, category=problem["category"]))
+        except (KeyError, TypeError, AttributeError, DataError):
+            continue
+    return examples
+
+
+def write_jsonl(examples: Sequence[Example], path: str | Path) -> None:
+    """Write examples in chat form; `load_examples(path)` gives them back equal."""
+    with open(path, "w", encoding="utf-8") as f:
+        for ex in examples:
+            record: dict = {"messages": [{"role": r, "content": c} for r, c in ex.messages]}
+            if ex.answer is not None:
+                record["answer"] = ex.answer
+            if ex.category is not None:
+                record["category"] = ex.category
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizing
+
+
+@dataclass
+class TokenizedExample:
+    """Token ids and labels of equal length; labels are IGNORE_INDEX wherever the assistant did not speak."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def tokenize(examples: Sequence[Example], tokenizer, max_seq_len: int) -> list[TokenizedExample]:
+    """Tokenize examples so that only the assistant's replies are trained.
+
+    With a chat template every assistant turn is trained, together with the end-of-turn token that
+    closes it; the template's scaffolding (role headers, the newline after the end token), system and
+    user turns are masked. The reply spans come from rendering prefixes of the conversation
+    (messages[:i] with the generation prompt against messages[:i+1]); when the template does not render
+    prefixes as prefixes of the whole chat, only the last reply is trained. Without a chat template the
+    text is `[bos]{system}\\n\\n### Instruction:\\n{user}\\n\\n### Response:\\n{reply}{eos}` (the
+    Alpaca layout; repeated per turn) and the replies plus eos are trained.
+
+    Sequences are cut to `max_seq_len` tokens (the beginning is kept); an example left with no
+    trained token that the shifted causal-LM loss can use is dropped.
+    """
+    if max_seq_len < 2:
+        raise DataError(f"max_seq_len must be at least 2, got {max_seq_len}")
+    rendered = [_render(ex, tokenizer, k) for k, ex in enumerate(examples)]
+    out = []
+    for (_, spans), ids, offsets in zip(rendered, *_encode(rendered, tokenizer), strict=True):
+        # A token is trained if its characters touch a trained span (an empty offset counts as one char).
+        labels = [t if _overlaps(a, max(b, a + 1), spans) else IGNORE_INDEX for t, (a, b) in zip(ids, offsets, strict=True)]
+        ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+        if any(label != IGNORE_INDEX for label in labels[1:]):
+            out.append(TokenizedExample(ids, labels))
+    if len(out) < len(examples):
+        dropped = len(examples) - len(out)
+        log.info("tokenize: dropped %d of %d examples (no trained token within %d tokens)", dropped, len(examples), max_seq_len)
+    return out
+
+
+def encode_prompt(example: Example, tokenizer) -> list[int]:
+    """Token ids of everything before the final assistant reply, as `tokenize` renders it: the input
+    from which a model generates its answer (for accuracy evaluation)."""
+    text, spans = _render(example, tokenizer, 0)
+    return list(tokenizer.encode(text[: spans[-1][0]], add_special_tokens=False))
+
+
+def _render(example: Example, tokenizer, index: int) -> tuple[str, list[tuple[int, int]]]:
+    """The example as one text plus the character spans (start, end) to train on, in order."""
+    if getattr(tokenizer, "chat_template", None):
+        return _render_chat(example, tokenizer, index)
+    if tokenizer.eos_token is None:
+        raise DataError("the tokenizer has neither a chat template nor an eos token")
+    text = tokenizer.bos_token or ""
+    spans = []
+    for role, content in example.messages:
+        if role == "system":
+            text += f"{content}\n\n"
+        elif role == "user":
+            text += f"### Instruction:\n{content}\n\n"
+        else:
+            text += "### Response:\n"
+            spans.append((len(text), len(text) + len(content) + len(tokenizer.eos_token)))
+            text += content + tokenizer.eos_token
+    return text, spans
+
+
+def _render_chat(example: Example, tokenizer, index: int) -> tuple[str, list[tuple[int, int]]]:
+    messages = [{"role": role, "content": content} for role, content in example.messages]
+
+    def render(msgs: list[dict], generation_prompt: bool) -> str:
+        # tokenize=False: transformers 5 otherwise returns a BatchEncoding, not ids or text. Templates
+        # raise whatever their authors chose (e.g. "roles must alternate"), hence the broad except.
+        try:
+            text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as e:
+            raise DataError(f"example {index}: the chat template failed: {_one_line(e)}") from None
+        if not isinstance(text, str):
+            raise DataError(f"example {index}: apply_chat_template(tokenize=False) returned {type(text).__name__}")
+        return text
+
+    specials = _special_tokens(tokenizer)
+    full = render(messages, False)
+    spans = []
+    for i, (role, content) in enumerate(example.messages):
+        if role != "assistant" or i == 0:
+            continue
+        prompt = render(messages[:i], True)
+        upto = render(messages[: i + 1], False)
+        after_last = len(prompt) >= (spans[-1][1] if spans else 0)
+        if not (full.startswith(upto) and upto.startswith(prompt) and after_last):
+            break
+        spans.append(_reply_span(full, len(prompt), len(upto), content, specials))
+    else:
+        return full, spans
+    # The template renders earlier turns differently once the chat goes on (some drop reasoning text from
+    # old replies): train only the last reply, which is still a suffix of the rendered prompt.
+    prompt = render(messages[:-1], True)
+    if not full.startswith(prompt):
+        raise DataError(
+            f"example {index}: the chat template does not render the prompt as a prefix of the conversation, "
+            "so the prompt cannot be masked"
+        )
+    return full, [_reply_span(full, len(prompt), len(full), example.response, specials)]
+
+
+def _reply_span(text: str, start: int, end: int, content: str, specials: list[str]) -> tuple[int, int]:
+    """The trained part of the rendered reply text[start:end]: up to the reply's content and the first
+    special token after it (the end-of-turn token); what the template adds after that is masked."""
+    content_end = start
+    if content:
+        pos = text.rfind(content, start, end)
+        if pos < 0:  # the template rewrote the content (e.g. stripped it): train the whole rendered turn
+            return start, end
+        content_end = pos + len(content)
+    hits = [(text.find(s, content_end, end), s) for s in specials]
+    hits = [(p, s) for p, s in hits if p >= 0]
+    if not hits:
+        return start, end
+    p, s = min(hits)
+    return start, p + len(s)
+
+
+def _special_tokens(tokenizer) -> list[str]:
+    tokens = set(tokenizer.all_special_tokens)
+    tokens |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    return sorted(t for t in tokens if t)
+
+
+def _encode(rendered: list[tuple[str, list[tuple[int, int]]]], tokenizer) -> tuple[list, list]:
+    """Token ids of each text (no special tokens added) and each token's character span (start, end)."""
+    if not rendered:
+        return [], []
+    texts = [text for text, _ in rendered]
+    if getattr(tokenizer, "is_fast", False):
+        # One pass over the whole text, so that tokens at the prompt/reply border are the ones the model
+        # sees at inference (encoding pieces separately adds a word-start marker to SentencePiece pieces).
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = [[tuple(o) for o in offs] for offs in enc["offset_mapping"]]
+        return [list(ids) for ids in enc["input_ids"]], offsets
+    # Tokenizers without offsets: encode the trained and untrained pieces one by one, each token
+    # carrying its piece's span.
+    all_ids, all_offsets = [], []
+    for text, spans in rendered:
+        cuts = sorted({0, len(text), *(x for span in spans for x in span)})
+        ids, offsets = [], []
+        for a, b in itertools.pairwise(cuts):
+            piece = tokenizer.encode(text[a:b], add_special_tokens=False)
+            ids += piece
+            offsets += [(a, b)] * len(piece)
+        all_ids.append(ids)
+        all_offsets.append(offsets)
+    return all_ids, all_offsets
+
+
+def _overlaps(a: int, b: int, spans: list[tuple[int, int]]) -> bool:
+    return any(a < e and s < b for s, e in spans)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batching
+
+
+def collate(batch: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence: input_ids, attention_mask and labels (IGNORE_INDEX on pads), all long."""
+    if not batch:
+        raise DataError("cannot collate an empty batch")
+    width = max(len(ex.input_ids) for ex in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    for row, ex in enumerate(batch):
+        n = len(ex.input_ids)
+        input_ids[row, :n] = torch.tensor(ex.input_ids, dtype=torch.long)
+        attention_mask[row, :n] = 1
+        labels[row, :n] = torch.tensor(ex.labels, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class BatchStream:
+    """Deterministic infinite stream of training batches: reshuffles each epoch with a torch.Generator
+    seeded by `seed`.
+
+    Every batch holds exactly `batch_size` examples: what is left at the end of an epoch is served
+    first, followed by the next epoch's order. The same data, batch size and seed give the same batches
+    step for step.
+    """
+
+    def __init__(self, data: Sequence[TokenizedExample], batch_size: int, seed: int, pad_id: int):
+        if not data:
+            raise DataError("no training examples (after tokenizing and truncating)")
+        if batch_size < 1:
+            raise DataError(f"batch_size must be at least 1, got {batch_size}")
+        self.data = list(data)
+        self.batch_size = batch_size
+        self.pad_id = pad_id
+        self.epoch = 0  # number of shuffled passes started
+        self._generator = torch.Generator().manual_seed(seed)
+        self._order: list[int] = []
+
+    def next(self) -> dict[str, torch.Tensor]:
+        while len(self._order) < self.batch_size:
+            self._order += torch.randperm(len(self.data), generator=self._generator).tolist()
+            self.epoch += 1
+        picked, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
+        return collate([self.data[i] for i in picked], self.pad_id)
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        return self.next()
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Number of label positions that contribute to the causal-LM loss (labels shift by one, so the
+    first position never does)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Splitting
+
+
+def split_holdout(examples: Sequence[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, heldout): a seeded random `round(fraction * n)` examples are held out, at least one when
+    fraction > 0 and n >= 2, and never all of them. Both parts keep the input order."""
+    if not 0 <= fraction < 1:
+        raise DataError(f"holdout fraction must be in [0, 1), got {fraction}")
+    n = len(examples)
+    k = round(fraction * n)
+    if fraction > 0 and n >= 2:
+        k = max(k, 1)
+    k = min(k, max(n - 1, 0))
+    held = set(np.random.default_rng(seed).permutation(n)[:k].tolist())
+    train = [ex for i, ex in enumerate(examples) if i not in held]
+    heldout = [ex for i, ex in enumerate(examples) if i in held]
+    return train, heldout
+
+
+def split_clients(examples: Sequence[Example], n: int, mode: str, seed: int) -> list[list[Example]]:
+    """Split examples over `n` clients; every client gets at least one, and together they hold exactly
+    the input. Each client's examples keep the input order.
+
+    mode `iid`: a seeded shuffle dealt round-robin (sizes differ by at most one).
+    mode `dirichlet:ALPHA`: for each category, client shares drawn from Dirichlet(ALPHA) (small ALPHA:
+    each category lands on few clients). Examples without a category are grouped by the decile of
+    their reply length (in characters) among themselves, so the split still skews on something
+    observable. A client left empty gets one example from the largest client.
+    """
+    alpha = _parse_split_mode(mode)
+    if n < 1:
+        raise DataError(f"number of clients must be at least 1, got {n}")
+    if len(examples) < n:
+        raise DataError(f"cannot split {len(examples)} examples over {n} clients (each needs at least one)")
+    rng = np.random.default_rng(seed)
+    if alpha is None:
+        order = rng.permutation(len(examples))
+        parts = [order[c::n].tolist() for c in range(n)]
+    else:
+        parts = [[] for _ in range(n)]
+        for members in _groups(examples).values():
+            members = np.array(members)
+            rng.shuffle(members)
+            shares = rng.dirichlet(np.full(n, alpha))
+            cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
+            for c, part in enumerate(np.split(members, cuts)):
+                parts[c] += part.tolist()
+        for c in range(n):
+            if not parts[c]:
+                largest = max(range(n), key=lambda j: len(parts[j]))
+                parts[c].append(parts[largest].pop())
+    return [[examples[i] for i in sorted(part)] for part in parts]
+
+
+def _parse_split_mode(mode: str) -> float | None:
+    """None for `iid`, ALPHA for `dirichlet:ALPHA`."""
+    if mode == "iid":
+        return None
+    prefix = "dirichlet:"
+    if mode.startswith(prefix):
+        try:
+            alpha = float(mode[len(prefix) :])
+        except ValueError:
+            alpha = math.nan
+        if math.isfinite(alpha) and alpha > 0:
+            return alpha
+    raise DataError(f"bad split mode {mode!r}; expected 'iid' or 'dirichlet:ALPHA' with ALPHA > 0 (e.g. dirichlet:0.5)")
+
+
+def _groups(examples: Sequence[Example]) -> dict[tuple, list[int]]:
+    """Example indices by category, in order of first appearance; uncategorized ones by reply-length decile."""
+    groups: dict[tuple, list[int]] = {}
+    uncategorized = []
+    for i, ex in enumerate(examples):
+        if ex.category is None:
+            uncategorized.append(i)
+        else:
+            groups.setdefault(("category", ex.category), []).append(i)
+    by_length = sorted(uncategorized, key=lambda i: (len(examples[i].response), i))
+    for rank, i in enumerate(by_length):
+        groups.setdefault(("length-decile", rank * 10 // len(by_length)), []).append(i)
+    return groups

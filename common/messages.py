@@ -1,0 +1,222 @@
+"""Typed messages that flow through the program, and their protobuf form at the edge.
+
+Inside fedblock everything is one of these frozen dataclasses; only the gRPC layers (client/session.py
+and server/service.py) call `to_pb` / `from_pb`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from .pb import coordinator_pb2 as pb
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, name: str, tensor: torch.Tensor) -> TensorSpec:
+        return cls(name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
+
+    def to_pb(self) -> pb.TensorSpec:
+        return pb.TensorSpec(name=self.name, dtype=self.dtype, shape=list(self.shape))
+
+    @classmethod
+    def from_pb(cls, m: pb.TensorSpec) -> TensorSpec:
+        return cls(m.name, m.dtype, tuple(int(d) for d in m.shape))
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    name: str
+    tensors: tuple[TensorSpec, ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(t.shape) for t in self.tensors)
+
+    def to_pb(self) -> pb.BlockSpec:
+        return pb.BlockSpec(name=self.name, tensors=[t.to_pb() for t in self.tensors])
+
+    @classmethod
+    def from_pb(cls, m: pb.BlockSpec) -> BlockSpec:
+        return cls(m.name, tuple(TensorSpec.from_pb(t) for t in m.tensors))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Describes one tensor transfer (one block), sent before its chunks."""
+
+    round: int
+    block: str
+    base_version: int
+    tensors: tuple[TensorSpec, ...]  # the block's tensors as the receiver will get them back
+    codec: str
+    raw_bytes: int
+    wire_bytes: int
+    blob_sha256: bytes
+    chunk_size: int
+    num_chunks: int
+    num_tokens: int = 0
+    train_loss: float = math.nan
+
+    def to_pb(self) -> pb.Manifest:
+        return pb.Manifest(
+            round=self.round,
+            block=self.block,
+            base_version=self.base_version,
+            tensors=[t.to_pb() for t in self.tensors],
+            codec=self.codec,
+            raw_bytes=self.raw_bytes,
+            wire_bytes=self.wire_bytes,
+            blob_sha256=self.blob_sha256,
+            chunk_size=self.chunk_size,
+            num_chunks=self.num_chunks,
+            num_tokens=self.num_tokens,
+            train_loss=self.train_loss,
+        )
+
+    @classmethod
+    def from_pb(cls, m: pb.Manifest) -> Manifest:
+        return cls(
+            round=m.round,
+            block=m.block,
+            base_version=m.base_version,
+            tensors=tuple(TensorSpec.from_pb(t) for t in m.tensors),
+            codec=m.codec,
+            raw_bytes=m.raw_bytes,
+            wire_bytes=m.wire_bytes,
+            blob_sha256=bytes(m.blob_sha256),
+            chunk_size=m.chunk_size,
+            num_chunks=m.num_chunks,
+            num_tokens=m.num_tokens,
+            train_loss=m.train_loss,
+        )
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Round `round`: train `blocks` for `local_steps` steps at `learning_rate` on model `base_version`."""
+
+    round: int
+    blocks: tuple[str, ...]
+    local_steps: int
+    learning_rate: float
+    base_version: int
+
+    def to_pb(self) -> pb.Event:
+        return pb.Event(
+            assignment=pb.Assignment(
+                round=self.round,
+                blocks=list(self.blocks),
+                local_steps=self.local_steps,
+                learning_rate=self.learning_rate,
+                base_version=self.base_version,
+            )
+        )
+
+
+@dataclass(frozen=True)
+class ModelNotice:
+    """The global model reached `version` (rounds completed); `block_versions` says what changed when."""
+
+    version: int
+    block_versions: Mapping[str, int] = field(default_factory=dict)
+
+    def to_pb(self) -> pb.Event:
+        return pb.Event(model=pb.ModelNotice(version=self.version, block_versions=dict(self.block_versions)))
+
+
+@dataclass(frozen=True)
+class RunEnd:
+    reason: str
+    final_version: int
+
+    def to_pb(self) -> pb.Event:
+        return pb.Event(end=pb.RunEnd(reason=self.reason, final_version=self.final_version))
+
+
+Event = Assignment | ModelNotice | RunEnd
+
+
+def event_from_pb(m: pb.Event) -> Event:
+    kind = m.WhichOneof("kind")
+    if kind == "assignment":
+        a = m.assignment
+        return Assignment(a.round, tuple(a.blocks), a.local_steps, a.learning_rate, a.base_version)
+    if kind == "model":
+        return ModelNotice(m.model.version, dict(m.model.block_versions))
+    if kind == "end":
+        return RunEnd(m.end.reason, m.end.final_version)
+    raise ValueError(f"unknown event kind {kind!r}")
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    name: str
+    size: int
+    sha256: bytes
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a worker learns at Join: the run it takes part in."""
+
+    session: str
+    run_id: str
+    algorithm: str
+    pipeline_depth: int
+    heartbeat_interval_s: float
+    codec: str
+    chunk_size: int
+    max_message_bytes: int
+    blocks: tuple[BlockSpec, ...]
+    layers_per_block: int
+    model_version: int
+    model_files: tuple[ModelFile, ...]
+    seed: int
+    rounds: int
+
+    def to_pb(self) -> pb.JoinReply:
+        return pb.JoinReply(
+            session=self.session,
+            run_id=self.run_id,
+            algorithm=self.algorithm,
+            pipeline_depth=self.pipeline_depth,
+            heartbeat_interval_s=self.heartbeat_interval_s,
+            codec=self.codec,
+            chunk_size=self.chunk_size,
+            max_message_bytes=self.max_message_bytes,
+            blocks=[b.to_pb() for b in self.blocks],
+            layers_per_block=self.layers_per_block,
+            model_version=self.model_version,
+            model_files=[pb.ModelFile(name=f.name, size=f.size, sha256=f.sha256) for f in self.model_files],
+            seed=self.seed,
+            rounds=self.rounds,
+        )
+
+    @classmethod
+    def from_pb(cls, m: pb.JoinReply) -> RunInfo:
+        return cls(
+            session=m.session,
+            run_id=m.run_id,
+            algorithm=m.algorithm,
+            pipeline_depth=m.pipeline_depth,
+            heartbeat_interval_s=m.heartbeat_interval_s,
+            codec=m.codec,
+            chunk_size=m.chunk_size,
+            max_message_bytes=m.max_message_bytes,
+            blocks=tuple(BlockSpec.from_pb(b) for b in m.blocks),
+            layers_per_block=m.layers_per_block,
+            model_version=m.model_version,
+            model_files=tuple(ModelFile(f.name, f.size, bytes(f.sha256)) for f in m.model_files),
+            seed=m.seed,
+            rounds=m.rounds,
+        )

@@ -1,0 +1,328 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TensorSpec(_message.Message):
+    __slots__ = ("name", "dtype", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class BlockSpec(_message.Message):
+    __slots__ = ("name", "tensors")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    def __init__(self, name: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
+
+class Manifest(_message.Message):
+    __slots__ = ("round", "block", "base_version", "tensors", "codec", "raw_bytes", "wire_bytes", "blob_sha256", "chunk_size", "num_chunks", "num_tokens", "train_loss")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    RAW_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WIRE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BLOB_SHA256_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    block: str
+    base_version: int
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    codec: str
+    raw_bytes: int
+    wire_bytes: int
+    blob_sha256: bytes
+    chunk_size: int
+    num_chunks: int
+    num_tokens: int
+    train_loss: float
+    def __init__(self, round: _Optional[int] = ..., block: _Optional[str] = ..., base_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., codec: _Optional[str] = ..., raw_bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., blob_sha256: _Optional[bytes] = ..., chunk_size: _Optional[int] = ..., num_chunks: _Optional[int] = ..., num_tokens: _Optional[int] = ..., train_loss: _Optional[float] = ...) -> None: ...
+
+class Chunk(_message.Message):
+    __slots__ = ("index", "data")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    data: bytes
+    def __init__(self, index: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("name", "version", "device", "num_examples")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    device: str
+    num_examples: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., device: _Optional[str] = ..., num_examples: _Optional[int] = ...) -> None: ...
+
+class JoinReply(_message.Message):
+    __slots__ = ("session", "run_id", "algorithm", "pipeline_depth", "heartbeat_interval_s", "codec", "chunk_size", "max_message_bytes", "blocks", "layers_per_block", "model_version", "model_files", "seed", "rounds")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_PER_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FILES_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    run_id: str
+    algorithm: str
+    pipeline_depth: int
+    heartbeat_interval_s: float
+    codec: str
+    chunk_size: int
+    max_message_bytes: int
+    blocks: _containers.RepeatedCompositeFieldContainer[BlockSpec]
+    layers_per_block: int
+    model_version: int
+    model_files: _containers.RepeatedCompositeFieldContainer[ModelFile]
+    seed: int
+    rounds: int
+    def __init__(self, session: _Optional[str] = ..., run_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., pipeline_depth: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., codec: _Optional[str] = ..., chunk_size: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[BlockSpec, _Mapping]]] = ..., layers_per_block: _Optional[int] = ..., model_version: _Optional[int] = ..., model_files: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ..., seed: _Optional[int] = ..., rounds: _Optional[int] = ...) -> None: ...
+
+class ModelFile(_message.Message):
+    __slots__ = ("name", "size", "sha256")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    sha256: bytes
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+
+class EventsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Assignment(_message.Message):
+    __slots__ = ("round", "blocks", "local_steps", "learning_rate", "base_version")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    blocks: _containers.RepeatedScalarFieldContainer[str]
+    local_steps: int
+    learning_rate: float
+    base_version: int
+    def __init__(self, round: _Optional[int] = ..., blocks: _Optional[_Iterable[str]] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., base_version: _Optional[int] = ...) -> None: ...
+
+class ModelNotice(_message.Message):
+    __slots__ = ("version", "block_versions")
+    class BlockVersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    block_versions: _containers.ScalarMap[str, int]
+    def __init__(self, version: _Optional[int] = ..., block_versions: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class RunEnd(_message.Message):
+    __slots__ = ("reason", "final_version")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    FINAL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    final_version: int
+    def __init__(self, reason: _Optional[str] = ..., final_version: _Optional[int] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("assignment", "model", "end")
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    assignment: Assignment
+    model: ModelNotice
+    end: RunEnd
+    def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., model: _Optional[_Union[ModelNotice, _Mapping]] = ..., end: _Optional[_Union[RunEnd, _Mapping]] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("held_version", "local_steps_done")
+    HELD_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_STEPS_DONE_FIELD_NUMBER: _ClassVar[int]
+    held_version: int
+    local_steps_done: int
+    def __init__(self, held_version: _Optional[int] = ..., local_steps_done: _Optional[int] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("model_version",)
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_version: int
+    def __init__(self, model_version: _Optional[int] = ...) -> None: ...
+
+class UploadHeader(_message.Message):
+    __slots__ = ("manifest",)
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    manifest: Manifest
+    def __init__(self, manifest: _Optional[_Union[Manifest, _Mapping]] = ...) -> None: ...
+
+class UploadMessage(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: UploadHeader
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class UploadReply(_message.Message):
+    __slots__ = ("status", "chunks_received")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    status: str
+    chunks_received: int
+    def __init__(self, status: _Optional[str] = ..., chunks_received: _Optional[int] = ...) -> None: ...
+
+class UploadStatusRequest(_message.Message):
+    __slots__ = ("round", "block", "blob_sha256")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    BLOB_SHA256_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    block: str
+    blob_sha256: bytes
+    def __init__(self, round: _Optional[int] = ..., block: _Optional[str] = ..., blob_sha256: _Optional[bytes] = ...) -> None: ...
+
+class UploadStatusReply(_message.Message):
+    __slots__ = ("held_chunks", "complete")
+    HELD_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    held_chunks: _containers.RepeatedScalarFieldContainer[int]
+    complete: bool
+    def __init__(self, held_chunks: _Optional[_Iterable[int]] = ..., complete: _Optional[bool] = ...) -> None: ...
+
+class DownloadRequest(_message.Message):
+    __slots__ = ("held_versions",)
+    class HeldVersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    HELD_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    held_versions: _containers.ScalarMap[str, int]
+    def __init__(self, held_versions: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class DownloadHeader(_message.Message):
+    __slots__ = ("model_version", "num_blocks", "block_versions")
+    class BlockVersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    model_version: int
+    num_blocks: int
+    block_versions: _containers.ScalarMap[str, int]
+    def __init__(self, model_version: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_versions: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class DownloadMessage(_message.Message):
+    __slots__ = ("header", "manifest", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: DownloadHeader
+    manifest: Manifest
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[DownloadHeader, _Mapping]] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class ModelFilesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class FileChunk(_message.Message):
+    __slots__ = ("name", "offset", "data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    offset: int
+    data: bytes
+    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class LeaveReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerStatus(_message.Message):
+    __slots__ = ("name", "connected", "last_seen_s", "updates_accepted", "current_round")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_S_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    connected: bool
+    last_seen_s: float
+    updates_accepted: int
+    current_round: int
+    def __init__(self, name: _Optional[str] = ..., connected: _Optional[bool] = ..., last_seen_s: _Optional[float] = ..., updates_accepted: _Optional[int] = ..., current_round: _Optional[int] = ...) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("run_id", "algorithm", "round", "rounds_completed", "rounds_total", "workers", "bytes_received", "bytes_sent", "last_eval_loss", "last_eval_round", "state")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    LAST_EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    LAST_EVAL_ROUND_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    algorithm: str
+    round: int
+    rounds_completed: int
+    rounds_total: int
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
+    bytes_received: int
+    bytes_sent: int
+    last_eval_loss: float
+    last_eval_round: int
+    state: str
+    def __init__(self, run_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., round: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., rounds_total: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., last_eval_loss: _Optional[float] = ..., last_eval_round: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,35 @@
+"""gRPC channel and server options shared by both ends.
+
+Message limits are set explicitly on both sides (gRPC's 4 MiB default fails on a 4 MiB chunk plus its
+header). Keepalive pings keep the long-lived event stream open through idle NATs and let both ends
+notice a dead peer.
+"""
+
+from __future__ import annotations
+
+MAX_MESSAGE_BYTES = 64 << 20  # chunks are at most 64 MiB (config limit) plus a small header
+
+_KEEPALIVE = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        *_KEEPALIVE,
+    ]
+
+
+def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 0),
+        *_KEEPALIVE,
+    ]

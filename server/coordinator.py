@@ -1,0 +1,541 @@
+"""The coordinator: owns the global model and runs rounds. Knows nothing of gRPC.
+
+The gRPC service (service.py) turns each call into one method here; the daemon (daemon.py) builds this
+object and calls `run()` on its main thread. One condition variable guards the state; tensor work
+(decoding, accumulating, aggregating, checkpointing) happens outside it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import Tensor
+
+from ..common import wire
+from ..common.codecs import CodecPipeline
+from ..common.config import CoordinatorConfig
+from ..common.messages import BlockSpec, Event, Manifest, ModelFile, ModelNotice, RunEnd, RunInfo
+from .aggregator import apply_mean, is_finite
+from .metrics import CoordinatorMetrics
+from .registry import Registry
+from .rounds import Refused, RoundPlan, RoundRules, Rounds
+from .store import Checkpoint, StateStore, export_model
+
+log = logging.getLogger("fedblock.coordinator")
+
+Tensors = dict[str, Tensor]
+MAX_CONCURRENT_DECODES = 2  # bounds the memory of finishing uploads (one blob + one delta each)
+
+
+class Rejected(Exception):
+    """An update refused for a reason that is the sender's fault; `reason` is the metric label."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class GlobalModel:
+    """One immutable version of the global model. Block tensors are never changed in place."""
+
+    version: int
+    block_versions: Mapping[str, int]
+    block_sha256: Mapping[str, str]
+    tensors: Mapping[str, Tensors]
+
+
+@dataclass
+class Totals:
+    bytes_up: int = 0  # upload wire bytes received
+    bytes_down: int = 0  # download wire bytes sent
+    updates_accepted: int = 0
+    wall_seconds_before: float = 0.0  # wall time of earlier runs of this state dir
+    eval_history: list[list[float]] = field(default_factory=list)
+
+
+class Coordinator:
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        store: StateStore,
+        run_id: str,
+        specs: list[BlockSpec],
+        initial: GlobalModel,
+        metrics: CoordinatorMetrics | None = None,
+        evaluate=None,
+        checkpoint: Checkpoint | None = None,
+    ):
+        """`evaluate(tensors_by_block) -> loss` is optional; `checkpoint` resumes a run."""
+        self.config = config
+        self.store = store
+        self.run_id = run_id
+        self.specs = {s.name: s for s in specs}
+        self.block_order = [s.name for s in specs]
+        patterns = [p.strip() for p in config.train_blocks.split(",") if p.strip()]
+        self.trainable = tuple(b for b in self.block_order if any(fnmatch.fnmatchcase(b, p) for p in patterns))
+        if not self.trainable:
+            raise ValueError(f"--train-blocks {config.train_blocks!r} matches none of {self.block_order}")
+        self.codec = CodecPipeline(config.codec)
+        self.metrics = metrics or CoordinatorMetrics()
+        self._evaluate = evaluate
+        self.registry = Registry()
+        self.global_model = initial
+        self.rounds = Rounds(
+            RoundRules(
+                rounds=config.rounds,
+                clients_per_round=config.clients_per_round,
+                min_updates=config.min_updates,
+                round_timeout=config.round_timeout,
+                depth=config.depth,
+                schedule=config.block_schedule,
+                blocks=self.trainable,
+                local_steps=config.local_steps,
+                lr=config.lr,
+                lr_schedule=config.lr_schedule,
+                seed=config.seed,
+            ),
+            version=initial.version,
+        )
+        self.totals = Totals()
+        if checkpoint is not None:
+            self.registry.restore(checkpoint.workers)
+            self.totals.bytes_up = int(checkpoint.counters.get("bytes_up", 0))
+            self.totals.bytes_down = int(checkpoint.counters.get("bytes_down", 0))
+            self.totals.updates_accepted = int(checkpoint.counters.get("updates_accepted", 0))
+            self.totals.wall_seconds_before = float(checkpoint.counters.get("wall_seconds", 0.0))
+            self.totals.eval_history = [list(e) for e in checkpoint.eval_history]
+        self._cv = threading.Condition()
+        self._uploads: dict[tuple[str, int, str, bytes], wire.Assembly] = {}
+        self._uploads_lock = threading.Lock()
+        self._decode_slots = threading.BoundedSemaphore(MAX_CONCURRENT_DECODES)
+        self._stop = threading.Event()
+        self._round_started: dict[int, float] = {}
+        self._t0 = time.monotonic()
+        self.state = "waiting"
+        self.export_path: Path | None = None
+        self.model_files = tuple(
+            ModelFile(p.name, p.stat().st_size, wire.sha256(p.read_bytes())) for p in store.model_files()
+        )
+
+    # ---- calls from workers (via the service) ------------------------------------------------------
+
+    def join(self, name: str) -> RunInfo:
+        record = self.registry.join(name)
+        with self._cv:
+            self.rounds.rejoined(name)
+            self._deliver()
+            self.metrics.workers_connected.set(len(self.registry.connected()))
+            self._cv.notify_all()
+        log.info("worker %s joined (%d connected)", name, len(self.registry.connected()))
+        c = self.config
+        return RunInfo(
+            session=record.session,
+            run_id=self.run_id,
+            algorithm=c.algorithm,
+            pipeline_depth=c.depth,
+            heartbeat_interval_s=c.heartbeat_interval,
+            codec=self.codec.spec,
+            chunk_size=c.chunk_size,
+            max_message_bytes=c.chunk_size + (1 << 16),
+            blocks=tuple(self.specs[b] for b in self.block_order),
+            layers_per_block=c.layers_per_block,
+            model_version=self.global_model.version,
+            model_files=self.model_files,
+            seed=c.seed,
+            rounds=c.rounds,
+        )
+
+    def authenticate(self, name: str, session: str) -> None:
+        self.registry.check(name, session)
+
+    def events(self, name: str, session: str, poll_s: float = 0.5) -> Iterator[Event]:
+        """The worker's event stream; ends when the worker leaves, re-joins elsewhere or the run ends."""
+        record = self.registry.check(name, session)
+        queue_ = record.events
+        # The current model version first, so a (re)joining worker knows what to sync to.
+        g = self.global_model
+        yield ModelNotice(g.version, dict(g.block_versions))
+        while True:
+            try:
+                event = queue_.get(timeout=poll_s)
+            except Exception:  # queue.Empty: check whether we should still be streaming
+                if self._stop.is_set():
+                    return
+                continue
+            if event is None:
+                return
+            yield event
+            if isinstance(event, RunEnd):
+                return
+
+    def heartbeat(self, name: str, session: str) -> int:
+        self.registry.check(name, session)
+        return self.global_model.version
+
+    def leave(self, name: str, session: str) -> None:
+        self.registry.check(name, session)
+        self._drop(name, "left")
+
+    def upload(self, name: str, session: str, manifest: Manifest, chunks: Iterable[tuple[int, bytes]]) -> str:
+        """Receive one block delta. Returns "accepted" or "late"; raises Rejected, Refused or UnknownWorker."""
+        self.registry.check(name, session)
+        self._check_manifest(manifest)
+        with self._cv:
+            try:
+                self.rounds.admit(name, manifest.round, manifest.block, manifest.base_version)
+            except Refused as e:
+                if e.reason != "late":
+                    self.metrics.updates.labels("rejected", e.reason).inc()
+                    raise
+                self._late(name, manifest.round)
+                return "late"
+            self.rounds.hand_in(name, manifest.round, self.registry.connected())
+            self._deliver()
+        assembly = self._assembly(name, manifest)
+        for index, data in chunks:
+            try:
+                assembly.add(index, data)
+            except wire.IntegrityError as e:
+                self._discard_upload(name, manifest)
+                raise self._reject("bad_chunk", str(e)) from None
+        if not assembly.complete:
+            raise self._reject("incomplete", f"stream ended with {len(assembly.missing())} chunks missing; resume it")
+        with self._decode_slots:
+            try:
+                blob = assembly.finish()
+            except wire.IntegrityError as e:
+                self._discard_upload(name, manifest)
+                raise self._reject("hash_mismatch", str(e)) from None
+            try:
+                delta = self.codec.decode(blob, self.specs[manifest.block].tensors)
+            except ValueError as e:
+                self._discard_upload(name, manifest)
+                raise self._reject("malformed", f"cannot decode the update: {e}") from None
+            finally:
+                del blob
+            self._discard_upload(name, manifest)
+            if not is_finite(delta):
+                raise self._reject("non_finite", f"update for {manifest.block} contains NaN or Inf")
+            return self._accumulate(name, manifest, delta)
+
+    def upload_status(self, name: str, session: str, round: int, block: str, sha: bytes) -> tuple[list[int], bool]:
+        self.registry.check(name, session)
+        with self._uploads_lock:
+            assembly = self._uploads.get((name, round, block, sha))
+            if assembly is None:
+                return [], False
+            return sorted(assembly.held), assembly.complete
+
+    def download(self, name: str, session: str, held: Mapping[str, int]) -> tuple[GlobalModel, list[str]]:
+        """The current global version and the blocks (in model order) newer than what the worker holds."""
+        self.registry.check(name, session)
+        g = self.global_model
+        wanted = [b for b in self.block_order if held.get(b, -1) < 0 or g.block_versions[b] > held.get(b, -1)]
+        return g, wanted
+
+    def download_manifest(self, g: GlobalModel, block: str) -> tuple[Manifest, Path]:
+        """Downloads stream the checkpoint's block files as they are: safetensors, codec "none"."""
+        path = self.store.block_path(block, g.block_versions[block])
+        size = path.stat().st_size
+        spec = self.specs[block]
+        manifest = Manifest(
+            round=g.version,
+            block=block,
+            base_version=g.block_versions[block],
+            tensors=spec.tensors,
+            codec="none",
+            raw_bytes=spec.numel * 4,
+            wire_bytes=size,
+            blob_sha256=bytes.fromhex(g.block_sha256[block]),
+            chunk_size=self.config.chunk_size,
+            num_chunks=wire.num_chunks(size, self.config.chunk_size),
+        )
+        return manifest, path
+
+    def count_sent(self, kind: str, nbytes: int) -> None:
+        self.metrics.bytes_sent.labels(kind).inc(nbytes)
+        if kind == "model":
+            with self._cv:
+                self.totals.bytes_down += nbytes
+
+    def count_received(self, kind: str, nbytes: int) -> None:
+        self.metrics.bytes_received.labels(kind).inc(nbytes)
+        if kind == "update":
+            with self._cv:
+                self.totals.bytes_up += nbytes
+
+    def status(self) -> dict:
+        with self._cv:
+            now = time.monotonic()
+            head = self.rounds.head
+            last = self.totals.eval_history[-1] if self.totals.eval_history else [0, math.nan]
+            return {
+                "run_id": self.run_id,
+                "algorithm": self.config.algorithm,
+                "round": head.round if head else 0,
+                "rounds_completed": self.global_model.version,
+                "rounds_total": self.config.rounds,
+                "workers": [
+                    {
+                        "name": w.name,
+                        "connected": w.connected,
+                        "last_seen_s": now - w.last_seen if w.last_seen else math.inf,
+                        "updates_accepted": w.updates_accepted,
+                    }
+                    for w in self.registry.all()
+                ],
+                "bytes_received": self.totals.bytes_up,
+                "bytes_sent": self.totals.bytes_down,
+                "last_eval_round": int(last[0]),
+                "last_eval_loss": float(last[1]),
+                "state": self.state,
+            }
+
+    # ---- the main loop -----------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        """Run rounds until `--rounds` are done (or `stop()`); then evaluate, export, summarise."""
+        self._t0 = time.monotonic()
+        if self._evaluate is not None and not self.totals.eval_history:
+            self._eval(0)
+        started = self.global_model.version > 0
+        while not self._stop.is_set():
+            plan = None
+            with self._cv:
+                if self.rounds.finished:
+                    break
+                self._expire_silent_workers()
+                connected = self.registry.connected()
+                if self.rounds.head is None and (started or len(connected) >= self.config.min_workers):
+                    if self.rounds.plan(self.rounds.version + 1, connected) is not None:
+                        started = True
+                        self.state = "running"
+                if started:
+                    self.rounds.top_up(connected)
+                self._deliver()
+                self._note_round_starts()
+                plan = self.rounds.closable(list(connected))
+                if plan is not None:
+                    self.rounds.close(plan, connected)
+                    self._drop_stale_uploads()
+                    self._deliver()
+                    self._note_round_starts()
+                else:
+                    self._cv.wait(timeout=0.1)
+            if plan is not None:
+                self._close_round(plan)
+        return self._finish()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._cv:
+            self._cv.notify_all()
+
+    def wait_stopped(self, timeout: float) -> bool:
+        return self._stop.wait(timeout)
+
+    # ---- internals -----------------------------------------------------------------------------------
+
+    def _check_manifest(self, m: Manifest) -> None:
+        if m.wire_bytes > self.config.max_update_bytes:
+            raise self._reject("too_large", f"{m.wire_bytes} wire bytes exceed the limit of {self.config.max_update_bytes}")
+        if m.block not in self.specs:
+            raise self._reject("unknown_block", f"no block named {m.block!r}")
+        if m.codec != self.codec.spec:
+            raise self._reject("wrong_codec", f"codec {m.codec!r}; this run uses {self.codec.spec!r}")
+        if m.num_tokens <= 0:
+            raise self._reject("no_weight", "num_tokens must be > 0")
+        try:
+            wire.check_manifest_shape(m, max_chunk_size=self.config.chunk_size, max_bytes=self.config.max_update_bytes)
+            wire.check_specs(m.tensors, self.specs[m.block].tensors)
+        except wire.IntegrityError as e:
+            raise self._reject("bad_manifest", str(e)) from None
+
+    def _reject(self, reason: str, message: str) -> Rejected:
+        self.metrics.updates.labels("rejected", reason).inc()
+        return Rejected(reason, message)
+
+    def _late(self, name: str, round: int) -> None:
+        """Under the lock: a worker handed in a closed round; it may get its next assignment."""
+        self.metrics.updates.labels("late", "round_closed").inc()
+        log.info("late update from %s for closed round %d", name, round)
+        self._deliver()
+
+    def _assembly(self, name: str, m: Manifest) -> wire.Assembly:
+        key = (name, m.round, m.block, m.blob_sha256)
+        with self._uploads_lock:
+            assembly = self._uploads.get(key)
+            if assembly is None:
+                path = self.store.incoming_dir / f"{name}.r{m.round}.{m.block}.{m.blob_sha256.hex()[:16]}.part"
+                assembly = self._uploads[key] = wire.Assembly(m, path)
+            return assembly
+
+    def _discard_upload(self, name: str, m: Manifest) -> None:
+        with self._uploads_lock:
+            assembly = self._uploads.pop((name, m.round, m.block, m.blob_sha256), None)
+        if assembly is not None:
+            assembly.close()
+
+    def _drop_stale_uploads(self) -> None:
+        """Under the lock: partial uploads of closed rounds can never be used."""
+        with self._uploads_lock:
+            stale = [k for k in self._uploads if k[1] <= self.rounds.version]
+            for key in stale:
+                self._uploads.pop(key).close()
+
+    def _accumulate(self, name: str, m: Manifest, delta: Tensors) -> str:
+        with self._cv:
+            try:
+                plan = self.rounds.begin_accumulate(name, m.round, m.block, m.base_version)
+            except Refused as e:
+                if e.reason == "late":
+                    self._late(name, m.round)
+                    return "late"
+                self.metrics.updates.labels("rejected", e.reason).inc()
+                raise
+        ok = False
+        try:
+            t = time.perf_counter()
+            plan.sums.add(m.block, delta, float(m.num_tokens))
+            self.metrics.aggregation_duration.observe(time.perf_counter() - t)
+            ok = True
+        finally:
+            with self._cv:
+                self.rounds.end_accumulate(plan, name, m.block, ok, m.num_tokens, m.train_loss if math.isfinite(m.train_loss) else 0.0)
+                if ok:
+                    self.totals.updates_accepted += 1
+                    for w in self.registry.all():
+                        if w.name == name:
+                            w.updates_accepted += 1
+                self._cv.notify_all()
+        self.metrics.updates.labels("accepted", "").inc()
+        return "accepted"
+
+    def _deliver(self) -> None:
+        """Under the lock: send every assignment that may go out now."""
+        for worker, assignment in self.rounds.deliveries():
+            self.registry.send(worker, assignment)
+
+    def _note_round_starts(self) -> None:
+        head = self.rounds.head
+        if head is not None and head.round not in self._round_started:
+            self._round_started[head.round] = time.monotonic()
+            self.metrics.round.set(head.round)
+            log.info(
+                "round %d/%d started: %s",
+                head.round,
+                self.config.rounds,
+                ", ".join(f"{w}->{'+'.join(b) if len(b) < 4 else f'{len(b)} blocks'}" for w, b in sorted(head.assignments.items())),
+            )
+
+    def _expire_silent_workers(self) -> None:
+        now = time.monotonic()
+        for w in self.registry.all():
+            if w.connected and now - w.last_seen > self.config.heartbeat_timeout:
+                log.warning("worker %s silent for %.0f s: dropped from its rounds", w.name, now - w.last_seen)
+                self._drop(w.name, "heartbeat timeout")
+
+    def _drop(self, name: str, why: str) -> None:
+        with self._cv:
+            if self.registry.disconnect(name):
+                log.info("worker %s gone (%s)", name, why)
+            self.rounds.departed(name)
+            self._deliver()
+            self.metrics.workers_connected.set(len(self.registry.connected()))
+            self._cv.notify_all()
+
+    def _close_round(self, plan: RoundPlan) -> None:
+        """Aggregate a closed round into a new global version, checkpoint it, then announce it."""
+        g = self.global_model
+        new_tensors = {b: apply_mean(g.tensors[b], plan.sums.mean(b)) for b in plan.sums.blocks}
+        versions = {**g.block_versions, **{b: plan.round for b in new_tensors}}
+        t = time.perf_counter()
+        shas = dict(g.block_sha256)
+        for b, tensors in new_tensors.items():
+            shas[b] = self.store.write_block(b, plan.round, tensors)
+        with self._cv:
+            counters = {
+                "bytes_up": self.totals.bytes_up,
+                "bytes_down": self.totals.bytes_down,
+                "updates_accepted": self.totals.updates_accepted,
+                "wall_seconds": self._wall_seconds(),
+            }
+            history = [list(e) for e in self.totals.eval_history]
+        self.store.write_checkpoint(
+            Checkpoint(plan.round, versions, shas, self.registry.indices(), counters, history)
+        )
+        self.metrics.checkpoint_duration.observe(time.perf_counter() - t)
+        new_global = GlobalModel(plan.round, versions, shas, {**g.tensors, **new_tensors})
+        with self._cv:
+            self.global_model = new_global
+            notice = ModelNotice(plan.round, dict(versions))
+            for name in self.registry.connected():
+                self.registry.send(name, notice)
+            started = self._round_started.pop(plan.round, time.monotonic())
+            self.metrics.round_duration.observe(time.monotonic() - started)
+            self.metrics.rounds_completed.inc()
+            self.metrics.model_version.set(plan.round)
+        loss = plan.loss_sum / plan.tokens if plan.tokens else math.nan
+        log.info(
+            "round %d/%d closed: %d updates from %d workers, %d tokens, train loss %.4f, blocks %s, up %.1f MB, down %.1f MB",
+            plan.round, self.config.rounds, sum(len(r) for r in plan.reported.values()), plan.workers_done,
+            plan.tokens, loss, ",".join(sorted(new_tensors)) or "-", self.totals.bytes_up / 1e6, self.totals.bytes_down / 1e6,
+        )
+        every = self.config.eval_every
+        if self._evaluate is not None and every and plan.round % every == 0 and plan.round < self.config.rounds:
+            self._eval(plan.round)
+
+    def _eval(self, round: int) -> float:
+        t = time.perf_counter()
+        loss = float(self._evaluate(self.global_model.tensors))
+        with self._cv:
+            self.totals.eval_history = [e for e in self.totals.eval_history if e[0] != round] + [[round, loss]]
+        self.metrics.eval_loss.set(loss)
+        log.info("eval after round %d: loss %.4f (%.1f s)", round, loss, time.perf_counter() - t)
+        return loss
+
+    def _wall_seconds(self) -> float:
+        return self.totals.wall_seconds_before + (time.monotonic() - self._t0)
+
+    def _finish(self) -> dict:
+        g = self.global_model
+        finished = self.rounds.finished
+        with self._cv:
+            self.state = "finished" if finished else "stopped"
+            end = RunEnd("finished" if finished else "stopped", g.version)
+            for name in self.registry.connected():
+                self.registry.send(name, end)
+        if self._evaluate is not None and finished and (not self.totals.eval_history or self.totals.eval_history[-1][0] != g.version):
+            self._eval(g.version)
+        if finished:
+            out = self.config.export_dir or (self.store.root / "export")
+            self.export_path = export_model(self.store.model_dir, g.tensors, out)
+            log.info("exported the final model to %s", self.export_path)
+        history = self.totals.eval_history
+        summary = {
+            "algorithm": self.config.algorithm,
+            "run_id": self.run_id,
+            "rounds_completed": g.version,
+            "rounds_total": self.config.rounds,
+            "workers": len(self.registry.all()),
+            "worker_names": sorted(w.name for w in self.registry.all()),
+            "updates_accepted": self.totals.updates_accepted,
+            "eval_loss_initial": history[0][1] if history and history[0][0] == 0 else None,
+            "eval_loss_final": history[-1][1] if history and history[-1][0] == g.version else None,
+            "eval_history": history,
+            "bytes_up": self.totals.bytes_up,
+            "bytes_down": self.totals.bytes_down,
+            "wall_seconds": round(self._wall_seconds(), 3),
+            "export_path": str(self.export_path) if self.export_path else None,
+        }
+        self.store.write_summary(summary)
+        return summary
+

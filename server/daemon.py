@@ -1,0 +1,120 @@
+"""Builds and runs a coordinator from its configuration: model, state dir, gRPC server, metrics."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from ..common.blocks import partition
+from ..common.config import ConfigError, CoordinatorConfig
+from ..common.messages import BlockSpec, TensorSpec
+from ..common.metrics import serve as serve_metrics
+from ..common.models import load_model, model_files, model_fingerprint, resolve_model
+from ..common.pb import coordinator_pb2_grpc as pb_grpc
+from ..common.rpc import server_options
+from .coordinator import Coordinator, GlobalModel
+from .metrics import CoordinatorMetrics
+from .service import CoordinatorService
+from .store import Checkpoint, StateStore
+
+log = logging.getLogger("fedblock.coordinator")
+GRPC_THREADS = 1024  # every connected worker holds one event stream (one thread); threads start lazily
+
+
+def build(config: CoordinatorConfig) -> Coordinator:
+    """A ready coordinator: the global model loaded from the last checkpoint, or from MODEL at version 0."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    model_path = resolve_model(config.model)
+    store = StateStore(config.state_dir, keep=config.keep_checkpoints)
+    model = load_model(model_path, dtype=torch.float32)
+    blocks = partition(model, config.layers_per_block)
+    params = dict(model.named_parameters())
+    specs = [BlockSpec(b.name, tuple(TensorSpec.of(n, params[n].float()) for n in b.params)) for b in blocks]
+    run_id = store.bind_run(
+        {
+            "model_fingerprint": model_fingerprint(model_path),
+            "algorithm": config.algorithm,
+            "blocks": [b.name for b in blocks],
+            "codec": config.codec,
+        }
+    )
+    store.install_model_files(model_files(model_path))
+    ckpt = store.latest()
+    if ckpt is not None:
+        tensors = store.load_blocks(ckpt)
+        initial = GlobalModel(ckpt.round, ckpt.block_versions, ckpt.block_sha256, tensors)
+        log.info("resuming run %s from the checkpoint of round %d", run_id, ckpt.round)
+    else:
+        tensors = {b.name: {n: params[n].detach().float() for n in b.params} for b in blocks}
+        shas = {name: store.write_block(name, 0, t) for name, t in tensors.items()}
+        versions = {b.name: 0 for b in blocks}
+        store.write_checkpoint(Checkpoint(0, versions, shas))
+        initial = GlobalModel(0, versions, shas, tensors)
+    del model, params
+    evaluate = None
+    if config.eval_data:
+        from .evaluation import Evaluator
+
+        evaluate = Evaluator(store.model_dir, config.eval_data, config.eval_max_examples, config.eval_batch_size, config.max_seq_len)
+    return Coordinator(config, store, run_id, specs, initial, CoordinatorMetrics(), evaluate, ckpt)
+
+
+def serve(coordinator: Coordinator, listen: str) -> tuple[grpc.Server, int]:
+    """Start the gRPC server; returns it and the bound port (useful with port 0)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=GRPC_THREADS, thread_name_prefix="grpc"), options=server_options())
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(coordinator), server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise ConfigError(f"--listen: cannot bind {listen}")
+    server.start()
+    return server, port
+
+
+@dataclass
+class Running:
+    coordinator: Coordinator
+    server: grpc.Server
+    port: int
+    metrics_server: object | None = None
+
+    def close(self, grace: float = 1.0) -> None:
+        self.server.stop(grace).wait()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+
+
+def start(config: CoordinatorConfig) -> Running:
+    coordinator = build(config)
+    server, port = serve(coordinator, config.listen)
+    metrics_server = None
+    if config.metrics_port:
+        metrics_server, _ = serve_metrics(coordinator.metrics.registry, config.metrics_port)
+    log.info(
+        "coordinator on port %d: %s, %d rounds, blocks %d (%d trainable), model version %d",
+        port, config.algorithm, config.rounds, len(coordinator.block_order), len(coordinator.trainable),
+        coordinator.global_model.version,
+    )
+    return Running(coordinator, server, port, metrics_server)
+
+
+def run(config: CoordinatorConfig) -> dict:
+    """`fedblock coordinator`: serve until the run is complete; SIGINT/SIGTERM stop it cleanly."""
+    running = start(config)
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: running.coordinator.stop())
+    try:
+        summary = running.coordinator.run()
+        if config.linger:
+            log.info("run over; serving status and metrics for %.0f s more", config.linger)
+            running.coordinator.wait_stopped(config.linger)
+    finally:
+        running.close(grace=2.0)
+    return summary

@@ -1,0 +1,117 @@
+"""Workers known to the coordinator: names, sessions, liveness and each one's event queue."""
+
+from __future__ import annotations
+
+import queue
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ..common.messages import Event
+
+EVENT_QUEUE_SIZE = 256  # a worker this far behind on events is treated as gone
+
+
+class UnknownWorker(LookupError):
+    """No such worker, or the session is not the worker's current one."""
+
+
+@dataclass
+class WorkerRecord:
+    name: str
+    index: int  # stable join order; the staggered schedule uses it
+    session: str = ""
+    connected: bool = False
+    last_seen: float = 0.0
+    updates_accepted: int = 0
+    events: queue.Queue = field(default_factory=lambda: queue.Queue(EVENT_QUEUE_SIZE))
+
+
+class Registry:
+    """Thread-safe map of worker name -> record. A re-join under the same name starts a new session
+    and ends the old one's event stream (the old session's calls are refused from then on)."""
+
+    def __init__(self, clock=time.monotonic):
+        self._workers: dict[str, WorkerRecord] = {}
+        self._lock = threading.Lock()
+        self._clock = clock
+
+    def join(self, name: str) -> WorkerRecord:
+        with self._lock:
+            record = self._workers.get(name)
+            if record is None:
+                record = WorkerRecord(name=name, index=len(self._workers))
+                self._workers[name] = record
+            else:
+                _close_stream(record.events)
+                record.events = queue.Queue(EVENT_QUEUE_SIZE)
+            record.session = secrets.token_hex(16)
+            record.connected = True
+            record.last_seen = self._clock()
+            return record
+
+    def restore(self, names_to_index: dict[str, int]) -> None:
+        """Known workers from a checkpoint (disconnected until they join again)."""
+        with self._lock:
+            for name, index in sorted(names_to_index.items(), key=lambda kv: kv[1]):
+                self._workers.setdefault(name, WorkerRecord(name=name, index=index))
+
+    def check(self, name: str, session: str) -> WorkerRecord:
+        """The record of a worker acting under its current session; refreshes its liveness."""
+        with self._lock:
+            record = self._workers.get(name)
+            if record is None or not record.connected or not secrets.compare_digest(record.session, session):
+                raise UnknownWorker(f"unknown worker or stale session: {name!r}")
+            record.last_seen = self._clock()
+            return record
+
+    def disconnect(self, name: str) -> bool:
+        """Mark a worker gone and end its event stream; True if it was connected."""
+        with self._lock:
+            record = self._workers.get(name)
+            if record is None or not record.connected:
+                return False
+            record.connected = False
+            _close_stream(record.events)
+            return True
+
+    def send(self, name: str, event: Event) -> bool:
+        """Queue an event for a connected worker; a worker whose queue is full is disconnected."""
+        with self._lock:
+            record = self._workers.get(name)
+            if record is None or not record.connected:
+                return False
+            try:
+                record.events.put_nowait(event)
+                return True
+            except queue.Full:
+                pass
+        self.disconnect(name)
+        return False
+
+    def connected(self) -> dict[str, int]:
+        """{name: index} of connected workers."""
+        with self._lock:
+            return {w.name: w.index for w in self._workers.values() if w.connected}
+
+    def all(self) -> list[WorkerRecord]:
+        with self._lock:
+            return list(self._workers.values())
+
+    def indices(self) -> dict[str, int]:
+        with self._lock:
+            return {w.name: w.index for w in self._workers.values()}
+
+
+def _close_stream(events: queue.Queue) -> None:
+    """Wake the stream reader with the end marker, dropping queued events if the queue is full."""
+    while True:
+        try:
+            events.put_nowait(None)
+            return
+        except queue.Full:
+            try:
+                events.get_nowait()
+            except queue.Empty:
+                pass

@@ -1,0 +1,251 @@
+"""The round state machine: planning, assignment delivery, update admission and closing. No I/O.
+
+Vocabulary:
+- `version`: rounds closed so far (the global model's version). Round t builds on version t-1.
+- A *plan* fixes round t's participants and their blocks. The head round is version+1; the round after
+  it may be planned early, as soon as a worker hands in its update for the head (its upload starts), so
+  that a ParaBlock worker gets assignment t+1 without waiting for round t to close.
+- A worker receives assignment r once it has handed in every earlier round it was given (or those
+  rounds closed without it).
+- An update is admitted if its round is open, the worker was assigned that block, it is not a duplicate
+  and its base version is at most `depth` rounds stale. The head closes when every participant has
+  reported every block, or after `round_timeout` with at least `min_updates` complete workers.
+
+All methods must be called under the owner's lock; they return what the owner should do (assignments
+to send) and never block.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from ..common.messages import Assignment
+from .aggregator import RoundSums
+from .scheduler import assign_blocks, learning_rate, select_workers
+
+
+class Refused(Exception):
+    """An update that may not enter the round. `reason` is a short metric label; `late` is not an error."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class RoundRules:
+    rounds: int
+    clients_per_round: int
+    min_updates: int
+    round_timeout: float
+    depth: int
+    schedule: str
+    blocks: tuple[str, ...]  # trainable blocks, in model order
+    local_steps: int
+    lr: float
+    lr_schedule: str
+    seed: int
+    assign_all_blocks: bool = False  # full-model algorithms: every worker gets every block
+
+
+@dataclass
+class RoundPlan:
+    round: int
+    assignments: dict[str, tuple[str, ...]]
+    lr: float
+    local_steps: int
+    deadline: float = math.inf
+    delivered: set[str] = field(default_factory=set)
+    handed_in: set[str] = field(default_factory=set)
+    reported: dict[str, set[str]] = field(default_factory=dict)
+    accumulating: set[tuple[str, str]] = field(default_factory=set)
+    sums: RoundSums = field(default_factory=RoundSums)
+    tokens: int = 0
+    loss_sum: float = 0.0
+
+    def done(self, worker: str) -> bool:
+        return self.reported.get(worker, set()) >= set(self.assignments[worker])
+
+    @property
+    def workers_done(self) -> int:
+        return sum(1 for w in self.assignments if self.done(w))
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.assignments) and all(self.done(w) for w in self.assignments)
+
+    def assignment(self, worker: str, base_version: int) -> Assignment:
+        return Assignment(self.round, self.assignments[worker], self.local_steps, self.lr, base_version)
+
+
+class Rounds:
+    def __init__(self, rules: RoundRules, version: int = 0, clock: Callable[[], float] | None = None):
+        import time
+
+        self.rules = rules
+        self.version = version
+        self.plans: dict[int, RoundPlan] = {}
+        self._clock = clock or time.monotonic
+
+    # ---- planning ---------------------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        return self.version >= self.rules.rounds
+
+    @property
+    def head(self) -> RoundPlan | None:
+        return self.plans.get(self.version + 1)
+
+    def plan(self, round: int, available: Mapping[str, int]) -> RoundPlan | None:
+        """Plan `round` over the available workers ({name: join index}); None when it cannot be planned."""
+        r = self.rules
+        if round in self.plans or round > r.rounds or round not in (self.version + 1, self.version + 2):
+            return None
+        if round == self.version + 2 and self.head is None:
+            return None
+        chosen = select_workers(round, list(available), r.clients_per_round, r.seed)
+        if not chosen:
+            return None
+        if r.assign_all_blocks:
+            assignments = {w: r.blocks for w in chosen}
+        else:
+            assignments = assign_blocks(r.schedule, round, {w: available[w] for w in chosen}, r.blocks, r.seed)
+        plan = RoundPlan(round, assignments, learning_rate(r.lr_schedule, r.lr, round, r.rounds), r.local_steps)
+        plan.reported = {w: set() for w in chosen}
+        if round == self.version + 1:
+            self._start_clock(plan)
+        self.plans[round] = plan
+        return plan
+
+    def _start_clock(self, plan: RoundPlan) -> None:
+        if self.rules.round_timeout > 0:
+            plan.deadline = self._clock() + self.rules.round_timeout
+
+    def deliveries(self) -> list[tuple[str, Assignment]]:
+        """Assignments that may go out now; marks them delivered."""
+        out = []
+        for round in sorted(self.plans):
+            plan = self.plans[round]
+            for worker in plan.assignments:
+                if worker in plan.delivered:
+                    continue
+                earlier = [p for r, p in self.plans.items() if r < round and worker in p.delivered]
+                if all(worker in p.handed_in for p in earlier):
+                    plan.delivered.add(worker)
+                    out.append((worker, plan.assignment(worker, round - 1)))
+        return out
+
+    # ---- workers coming and going ----------------------------------------------------------------
+
+    def rejoined(self, worker: str) -> None:
+        """A worker's new session must be sent again what it was given but has not handed in."""
+        for plan in self.plans.values():
+            if worker not in plan.handed_in:
+                plan.delivered.discard(worker)
+
+    def departed(self, worker: str) -> None:
+        """Drop a gone worker from every round it has not completed."""
+        for plan in self.plans.values():
+            if worker in plan.assignments and not plan.done(worker) and not any(
+                w == worker for w, _ in plan.accumulating
+            ):
+                del plan.assignments[worker]
+                plan.reported.pop(worker, None)
+                plan.delivered.discard(worker)
+                plan.handed_in.discard(worker)
+        for round in [r for r, p in self.plans.items() if not p.assignments]:
+            del self.plans[round]  # nobody left: plan it again when workers are there
+
+    def top_up(self, available: Mapping[str, int]) -> None:
+        """Add idle workers to a head round that cannot reach `min_updates` with its own participants."""
+        plan = self.head
+        if plan is None:
+            return
+        short = self.rules.min_updates - len(plan.assignments)
+        if short <= 0:
+            return
+        busy = {w for p in self.plans.values() for w in p.assignments}
+        extra = {w: i for w, i in available.items() if w not in busy}
+        if not extra:
+            return
+        chosen = sorted(extra)[:short]
+        if self.rules.assign_all_blocks:
+            more = {w: self.rules.blocks for w in chosen}
+        else:
+            more = assign_blocks(self.rules.schedule, plan.round, {w: extra[w] for w in chosen}, self.rules.blocks, self.rules.seed)
+        plan.assignments.update(more)
+        for w in more:
+            plan.reported[w] = set()
+
+    # ---- updates -----------------------------------------------------------------------------
+
+    def admit(self, worker: str, round: int, block: str, base_version: int) -> RoundPlan:
+        """Check an update's header; raises Refused."""
+        if round <= self.version:
+            raise Refused("late", f"round {round} is already closed (model version {self.version})")
+        plan = self.plans.get(round)
+        if plan is None or worker not in plan.assignments:
+            raise Refused("not_assigned", f"worker {worker!r} has no assignment in round {round}")
+        if block not in plan.assignments[worker]:
+            raise Refused("wrong_block", f"round {round} assigned {list(plan.assignments[worker])} to {worker!r}, not {block!r}")
+        if block in plan.reported[worker] or (worker, block) in plan.accumulating:
+            raise Refused("duplicate", f"{worker!r} already delivered {block!r} for round {round}")
+        if not round - 1 - self.rules.depth <= base_version <= self.version:
+            raise Refused(
+                "stale_base",
+                f"base version {base_version} outside {round - 1 - self.rules.depth}..{self.version} for round {round}",
+            )
+        return plan
+
+    def hand_in(self, worker: str, round: int, available: Mapping[str, int]) -> None:
+        """A worker started delivering round `round`: it is ready for its next assignment."""
+        plan = self.plans.get(round)
+        if plan is not None and worker in plan.assignments:
+            plan.handed_in.add(worker)
+        if round == self.version + 1:
+            self.plan(round + 1, available)
+
+    def begin_accumulate(self, worker: str, round: int, block: str, base_version: int) -> RoundPlan:
+        plan = self.admit(worker, round, block, base_version)
+        plan.accumulating.add((worker, block))
+        return plan
+
+    def end_accumulate(self, plan: RoundPlan, worker: str, block: str, ok: bool, tokens: int = 0, loss: float = 0.0) -> None:
+        plan.accumulating.discard((worker, block))
+        if ok and worker in plan.reported:
+            plan.reported[worker].add(block)
+            plan.tokens += tokens
+            plan.loss_sum += loss * tokens
+
+    # ---- closing -----------------------------------------------------------------------------
+
+    def closable(self, connected: Sequence[str]) -> RoundPlan | None:
+        """The head round if it may close now."""
+        plan = self.head
+        if plan is None or plan.accumulating:
+            return None
+        if plan.complete:
+            return plan
+        done = plan.workers_done
+        if done >= self.rules.min_updates and self._clock() >= plan.deadline:
+            return plan
+        pending = [w for w in plan.assignments if not plan.done(w) and w in connected]
+        if not pending and done >= self.rules.min_updates:
+            return plan
+        return None
+
+    def close(self, plan: RoundPlan, available: Mapping[str, int]) -> None:
+        """Mark the head closed: the version advances and the next round's clock starts."""
+        assert plan.round == self.version + 1
+        del self.plans[plan.round]
+        for w in [w for w in plan.assignments if not plan.done(w)]:
+            del plan.assignments[w]  # the ones that did not make it: late from now on
+        self.version = plan.round
+        nxt = self.plans.get(self.version + 1)
+        if nxt is not None:
+            self._start_clock(nxt)
+        else:
+            self.plan(self.version + 1, available)

@@ -1,0 +1,187 @@
+"""The gRPC face of the coordinator: protobuf in, protobuf out, nothing else.
+
+Each handler reads the caller's identity from metadata, converts messages, calls one Coordinator
+method and maps its exceptions to gRPC status codes. Wire bytes are counted here, where messages are
+serialized: a message's size plus the 5-byte gRPC frame header.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+
+import grpc
+
+from ..common.messages import Manifest
+from ..common.pb import coordinator_pb2 as pb
+from ..common.pb import coordinator_pb2_grpc as pb_grpc
+from ..common.wire import GRPC_FRAME_OVERHEAD
+from .coordinator import Coordinator, Rejected
+from .registry import UnknownWorker
+from .rounds import Refused
+
+WORKER_KEY = "fedblock-worker"
+SESSION_KEY = "fedblock-session"
+
+_REJECT_CODES = {
+    "too_large": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "hash_mismatch": grpc.StatusCode.DATA_LOSS,
+    "bad_chunk": grpc.StatusCode.DATA_LOSS,
+    "incomplete": grpc.StatusCode.ABORTED,
+    "duplicate": grpc.StatusCode.ALREADY_EXISTS,
+    "not_assigned": grpc.StatusCode.FAILED_PRECONDITION,
+    "wrong_block": grpc.StatusCode.FAILED_PRECONDITION,
+    "stale_base": grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def _size(message) -> int:
+    return message.ByteSize() + GRPC_FRAME_OVERHEAD
+
+
+def _identity(context: grpc.ServicerContext) -> tuple[str, str]:
+    md = dict(context.invocation_metadata())
+    return md.get(WORKER_KEY, ""), md.get(SESSION_KEY, "")
+
+
+def _abort(context: grpc.ServicerContext, error: Exception):
+    if isinstance(error, UnknownWorker):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
+    if isinstance(error, (Rejected, Refused)):
+        context.abort(_REJECT_CODES.get(error.reason, grpc.StatusCode.INVALID_ARGUMENT), f"{error.reason}: {error}")
+    raise error
+
+
+class CoordinatorService(pb_grpc.CoordinatorServicer):
+    def __init__(self, coordinator: Coordinator):
+        self.c = coordinator
+
+    def Join(self, request: pb.JoinRequest, context):
+        self.c.count_received("control", _size(request))
+        if not request.name:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a worker name is required")
+        reply = self.c.join(request.name).to_pb()
+        self.c.count_sent("control", _size(reply))
+        return reply
+
+    def Events(self, request, context) -> Iterator[pb.Event]:
+        name, session = _identity(context)
+        try:
+            events = self.c.events(name, session)
+            for event in events:
+                if not context.is_active():
+                    return
+                message = event.to_pb()
+                self.c.count_sent("control", _size(message))
+                yield message
+        except UnknownWorker as e:
+            _abort(context, e)
+
+    def Heartbeat(self, request: pb.HeartbeatRequest, context):
+        name, session = _identity(context)
+        self.c.count_received("control", _size(request))
+        try:
+            version = self.c.heartbeat(name, session)
+        except UnknownWorker as e:
+            _abort(context, e)
+        return pb.HeartbeatReply(model_version=version)
+
+    def Upload(self, request_iterator: Iterator[pb.UploadMessage], context):
+        name, session = _identity(context)
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("kind") != "header":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an upload must start with its header")
+        self.c.count_received("update", _size(first))
+
+        def chunks():
+            for message in request_iterator:
+                if message.WhichOneof("kind") != "chunk":
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only chunks may follow the upload header")
+                self.c.count_received("update", _size(message))
+                yield message.chunk.index, message.chunk.data
+
+        try:
+            status = self.c.upload(name, session, Manifest.from_pb(first.header.manifest), chunks())
+        except (UnknownWorker, Rejected, Refused) as e:
+            _abort(context, e)
+        return pb.UploadReply(status=status)
+
+    def UploadStatus(self, request: pb.UploadStatusRequest, context):
+        name, session = _identity(context)
+        try:
+            held, complete = self.c.upload_status(name, session, request.round, request.block, bytes(request.blob_sha256))
+        except UnknownWorker as e:
+            _abort(context, e)
+        return pb.UploadStatusReply(held_chunks=held, complete=complete)
+
+    def Download(self, request: pb.DownloadRequest, context) -> Iterator[pb.DownloadMessage]:
+        name, session = _identity(context)
+        try:
+            g, blocks = self.c.download(name, session, dict(request.held_versions))
+        except UnknownWorker as e:
+            _abort(context, e)
+        header = pb.DownloadMessage(
+            header=pb.DownloadHeader(model_version=g.version, num_blocks=len(blocks), block_versions=dict(g.block_versions))
+        )
+        self.c.count_sent("control", _size(header))
+        yield header
+        for block in blocks:
+            manifest, path = self.c.download_manifest(g, block)
+            message = pb.DownloadMessage(manifest=manifest.to_pb())
+            self.c.count_sent("model", _size(message))
+            yield message
+            with open(path, "rb") as f:
+                for index in range(manifest.num_chunks):
+                    data = os.pread(f.fileno(), manifest.chunk_size, index * manifest.chunk_size)
+                    message = pb.DownloadMessage(chunk=pb.Chunk(index=index, data=data))
+                    self.c.count_sent("model", _size(message))
+                    yield message
+                    if not context.is_active():
+                        return
+
+    def FetchModelFiles(self, request, context) -> Iterator[pb.FileChunk]:
+        name, session = _identity(context)
+        try:
+            self.c.authenticate(name, session)
+        except UnknownWorker as e:
+            _abort(context, e)
+        step = self.c.config.chunk_size
+        for path in self.c.store.model_files():
+            data = path.read_bytes()
+            for offset in range(0, max(len(data), 1), step):
+                message = pb.FileChunk(name=path.name, offset=offset, data=data[offset : offset + step])
+                self.c.count_sent("control", _size(message))
+                yield message
+
+    def Leave(self, request, context):
+        name, session = _identity(context)
+        try:
+            self.c.leave(name, session)
+        except UnknownWorker as e:
+            _abort(context, e)
+        return pb.LeaveReply()
+
+    def Status(self, request, context):
+        s = self.c.status()
+        return pb.StatusReply(
+            run_id=s["run_id"],
+            algorithm=s["algorithm"],
+            round=s["round"],
+            rounds_completed=s["rounds_completed"],
+            rounds_total=s["rounds_total"],
+            workers=[
+                pb.WorkerStatus(
+                    name=w["name"],
+                    connected=w["connected"],
+                    last_seen_s=w["last_seen_s"] if math.isfinite(w["last_seen_s"]) else -1.0,
+                    updates_accepted=w["updates_accepted"],
+                )
+                for w in s["workers"]
+            ],
+            bytes_received=s["bytes_received"],
+            bytes_sent=s["bytes_sent"],
+            last_eval_loss=s["last_eval_loss"],
+            last_eval_round=s["last_eval_round"],
+            state=s["state"],
+        )

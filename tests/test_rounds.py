@@ -1,0 +1,216 @@
+"""The round state machine and the schedules, without network or tensors."""
+
+import pytest
+from fedblock.server.rounds import Refused, RoundRules, Rounds
+from fedblock.server.scheduler import assign_blocks, learning_rate, select_workers
+
+BLOCKS = ("embed", "layers.0", "layers.1", "head")
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def rules(**kw):
+    base = dict(rounds=5, clients_per_round=0, min_updates=1, round_timeout=0.0, depth=1, schedule="round-robin",
+                blocks=BLOCKS, local_steps=4, lr=1e-3, lr_schedule="constant", seed=0)
+    return RoundRules(**{**base, **kw})
+
+
+WORKERS = {"a": 0, "b": 1, "c": 2}
+
+
+def report(r, worker, round, blocks=None, base=None):
+    plan = r.plans[round]
+    for block in blocks or plan.assignments[worker]:
+        p = r.begin_accumulate(worker, round, block, round - 1 if base is None else base)
+        r.end_accumulate(p, worker, block, ok=True, tokens=10, loss=1.0)
+
+
+# ---- schedules ---------------------------------------------------------------------------------
+
+
+def test_round_robin_gives_everyone_the_same_block_in_turn():
+    got = [assign_blocks("round-robin", t, WORKERS, BLOCKS, 0) for t in range(1, 6)]
+    assert [g["a"] for g in got] == [("embed",), ("layers.0",), ("layers.1",), ("head",), ("embed",)]
+    assert all(len(set(g.values())) == 1 for g in got)
+
+
+def test_staggered_spreads_workers_over_blocks():
+    got = assign_blocks("staggered", 1, WORKERS, BLOCKS, 0)
+    assert got == {"a": ("embed",), "b": ("layers.0",), "c": ("layers.1",)}
+    assert assign_blocks("staggered", 2, WORKERS, BLOCKS, 0)["a"] == ("layers.0",)
+
+
+def test_random_is_seeded():
+    a = [assign_blocks("random", t, WORKERS, BLOCKS, 7) for t in range(1, 30)]
+    assert a == [assign_blocks("random", t, WORKERS, BLOCKS, 7) for t in range(1, 30)]
+    assert a != [assign_blocks("random", t, WORKERS, BLOCKS, 8) for t in range(1, 30)]
+    assert {g["a"][0] for g in a} == set(BLOCKS)
+
+
+def test_worker_selection_and_learning_rate():
+    assert select_workers(3, ["c", "a", "b"], 0, 0) == ["a", "b", "c"]
+    picks = {tuple(select_workers(t, ["a", "b", "c", "d"], 2, 0)) for t in range(20)}
+    assert all(len(p) == 2 for p in picks) and len(picks) > 1
+    assert learning_rate("constant", 0.1, 7, 10) == 0.1
+    assert learning_rate("cosine", 0.1, 1, 10) == pytest.approx(0.1)
+    assert learning_rate("cosine", 0.1, 10, 10) == pytest.approx(0.01)
+
+
+# ---- planning and delivery ----------------------------------------------------------------------
+
+
+def test_first_round_goes_to_everyone_and_next_is_planned_on_hand_in():
+    r = Rounds(rules())
+    plan = r.plan(1, WORKERS)
+    assert set(plan.assignments) == set(WORKERS)
+    sent = r.deliveries()
+    assert sorted(w for w, _ in sent) == ["a", "b", "c"]
+    assert all(a.round == 1 and a.base_version == 0 and a.blocks == ("embed",) for _, a in sent)
+    assert r.deliveries() == []  # nothing twice
+    r.admit("a", 1, "embed", 0)
+    r.hand_in("a", 1, WORKERS)
+    assert 2 in r.plans  # planned early so that a ParaBlock worker gets round 2 now
+    sent = r.deliveries()
+    assert [(w, a.round) for w, a in sent] == [("a", 2)]  # b and c have not handed in round 1 yet
+    assert r.plan(3, WORKERS) is None  # never more than one round ahead of the head
+
+
+def test_round_closes_when_everyone_reported_and_version_advances():
+    r = Rounds(rules())
+    r.plan(1, WORKERS)
+    for w in WORKERS:
+        assert r.closable(list(WORKERS)) is None
+        report(r, w, 1)
+    plan = r.closable(list(WORKERS))
+    assert plan is not None and plan.tokens == 30
+    r.close(plan, WORKERS)
+    assert r.version == 1 and r.head.round == 2
+
+
+def test_admission_rules():
+    r = Rounds(rules(schedule="staggered", depth=1))
+    r.plan(1, WORKERS)
+    with pytest.raises(Refused) as e:
+        r.admit("zed", 1, "embed", 0)
+    assert e.value.reason == "not_assigned"
+    with pytest.raises(Refused) as e:
+        r.admit("a", 1, "head", 0)
+    assert e.value.reason == "wrong_block"
+    with pytest.raises(Refused) as e:
+        r.admit("a", 1, "embed", 3)  # based on a model from the future
+    assert e.value.reason == "stale_base"
+    report(r, "a", 1)
+    with pytest.raises(Refused) as e:
+        r.admit("a", 1, "embed", 0)
+    assert e.value.reason == "duplicate"
+    # Staleness: with depth 1, round t may build on version t-2 but not t-3.
+    for w in ("b", "c"):
+        report(r, w, 1)
+    r.close(r.closable(list(WORKERS)), WORKERS)
+    r.hand_in("a", 2, WORKERS)
+    report(r, "a", 2, base=0)  # 2 - 1 - 1 = 0: allowed
+    for w in ("b", "c"):
+        report(r, w, 2)
+    r.close(r.closable(list(WORKERS)), WORKERS)
+    r.plan(3, WORKERS)  # a no-op when round 3 was planned early
+    with pytest.raises(Refused) as e:
+        r.admit("a", 3, r.plans[3].assignments["a"][0], 0)  # 3 - 1 - 1 = 1 > 0
+    assert e.value.reason == "stale_base"
+    with pytest.raises(Refused) as e:
+        r.admit("a", 1, "embed", 0)
+    assert e.value.reason == "late"
+
+
+def test_fedbcd_depth_zero_accepts_only_the_current_model():
+    r = Rounds(rules(depth=0))
+    r.plan(1, WORKERS)
+    for w in WORKERS:
+        report(r, w, 1)
+    r.close(r.closable(list(WORKERS)), WORKERS)
+    with pytest.raises(Refused) as e:
+        r.admit("a", 2, "layers.0", 0)
+    assert e.value.reason == "stale_base"
+    r.admit("a", 2, "layers.0", 1)
+
+
+def test_timeout_closes_with_min_updates_and_drops_the_rest():
+    clock = Clock()
+    r = Rounds(rules(round_timeout=10.0, min_updates=2), clock=clock)
+    r.plan(1, WORKERS)
+    report(r, "a", 1)
+    clock.t = 11
+    assert r.closable(list(WORKERS)) is None  # one update < min_updates: keep waiting
+    report(r, "b", 1)
+    clock.t = 5
+    assert r.closable(list(WORKERS)) is None  # before the deadline: wait for c
+    clock.t = 11
+    plan = r.closable(list(WORKERS))
+    assert plan is not None and set(plan.assignments) - {"c"} == {"a", "b"}
+    r.close(plan, WORKERS)
+    assert "c" not in plan.assignments
+    with pytest.raises(Refused) as e:
+        r.admit("c", 1, "embed", 0)
+    assert e.value.reason == "late"
+    # c gets its next assignment although it never handed in round 1: that round is closed.
+    assert ("c", 2) in [(w, a.round) for w, a in r.deliveries()]
+
+
+def test_a_departed_worker_no_longer_holds_up_the_round():
+    r = Rounds(rules())
+    r.plan(1, WORKERS)
+    report(r, "a", 1)
+    report(r, "b", 1)
+    r.departed("c")
+    plan = r.closable(["a", "b"])
+    assert plan is not None and plan.complete
+
+
+def test_accumulation_in_flight_blocks_closing():
+    r = Rounds(rules())
+    r.plan(1, {"a": 0})
+    p = r.begin_accumulate("a", 1, "embed", 0)
+    assert r.closable(["a"]) is None
+    r.end_accumulate(p, "a", "embed", ok=True, tokens=3)
+    assert r.closable(["a"]) is p
+
+
+def test_failed_accumulation_can_be_retried():
+    r = Rounds(rules())
+    r.plan(1, {"a": 0})
+    p = r.begin_accumulate("a", 1, "embed", 0)
+    r.end_accumulate(p, "a", "embed", ok=False)
+    assert not p.done("a")
+    r.admit("a", 1, "embed", 0)
+
+
+def test_rejoin_redelivers_what_was_not_handed_in():
+    r = Rounds(rules())
+    r.plan(1, WORKERS)
+    r.deliveries()
+    r.rejoined("b")
+    assert [(w, a.round) for w, a in r.deliveries()] == [("b", 1)]
+
+
+def test_top_up_brings_in_idle_workers_when_too_few_remain():
+    r = Rounds(rules(min_updates=2, clients_per_round=2))
+    r.plan(1, {"a": 0, "b": 1})
+    r.departed("b")
+    r.top_up({"a": 0, "c": 2})
+    assert set(r.plans[1].assignments) == {"a", "c"}
+
+
+def test_no_rounds_beyond_the_total():
+    r = Rounds(rules(rounds=1))
+    r.plan(1, WORKERS)
+    r.hand_in("a", 1, WORKERS)
+    assert 2 not in r.plans
+    for w in WORKERS:
+        report(r, w, 1)
+    r.close(r.closable(list(WORKERS)), WORKERS)
+    assert r.finished and r.head is None
