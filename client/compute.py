@@ -21,6 +21,7 @@ from torch import nn
 from ..common import blocks as B
 from ..common.data import BatchStream
 from ..common.messages import Assignment
+from ..common.progress import Progress
 from ..common.training import BlockTrainer
 from .metrics import WorkerMetrics
 from .state import ModelBook, Patch, Update
@@ -62,6 +63,7 @@ class ComputeLoop:
         self.stop = stop
         self.on_handover = on_handover
         self.steps_done = 0
+        self.progress = Progress()
         self.rounds_done = 0
         self.rounds_ahead = 0  # rounds started before the global model they build on had arrived
         # torch's intra-op thread count is per OS thread (OpenMP): carry the creator's setting over.
@@ -102,7 +104,7 @@ class ComputeLoop:
         base_version = self.book.version
         tokens, loss_sum = 0, 0.0
         t0 = time.perf_counter()
-        for _ in range(a.local_steps):
+        for k in range(a.local_steps):
             if self.stop.is_set():
                 raise Stopped
             if self._drain():
@@ -113,11 +115,13 @@ class ComputeLoop:
             self.steps_done += 1
             self.metrics.local_steps.inc()
             self.metrics.train_loss.set(result.loss)
+            self.progress.show(f"round {a.round}: {'+'.join(a.blocks)[:40]} step {k + 1}/{a.local_steps}, loss {result.loss:.4f}")
         if self._drain():
             base_version = self.book.version
         deltas = {b: B.take_delta_(self._training[b], self._start[b]) for b in a.blocks}
         self.metrics.compute_seconds.inc(time.perf_counter() - t0)
         self._training, self._start = {}, {}
+        self.progress.clear()
         loss = loss_sum / tokens if tokens else float("nan")
         log.info(
             "round %d: trained %s for %d steps, loss %.4f, on model version %d",

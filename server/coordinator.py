@@ -22,6 +22,7 @@ from ..common import wire
 from ..common.codecs import CodecPipeline
 from ..common.config import CoordinatorConfig
 from ..common.messages import BlockSpec, Event, Manifest, ModelFile, ModelNotice, RunEnd, RunInfo
+from ..common.progress import Progress
 from .aggregator import apply_mean, is_finite
 from .metrics import CoordinatorMetrics
 from .registry import Registry
@@ -120,6 +121,7 @@ class Coordinator:
         self._round_started: dict[int, float] = {}
         self._t0 = time.monotonic()
         self.state = "waiting"
+        self.progress = Progress()
         self.export_path: Path | None = None
         self.model_files = tuple(
             ModelFile(p.name, p.stat().st_size, wire.sha256(p.read_bytes())) for p in store.model_files()
@@ -417,6 +419,11 @@ class Coordinator:
                             w.updates_accepted += 1
                 self._cv.notify_all()
         self.metrics.updates.labels("accepted", "").inc()
+        self.progress.show(
+            f"round {plan.round}/{self.config.rounds}: {plan.workers_done}/{len(plan.assignments)} workers delivered, "
+            f"{self.totals.bytes_up / 1e6:.1f} MB up, {self.totals.bytes_down / 1e6:.1f} MB down",
+            force=True,
+        )
         return "accepted"
 
     def _deliver(self) -> None:
@@ -484,6 +491,7 @@ class Coordinator:
             self.metrics.rounds_completed.inc()
             self.metrics.model_version.set(plan.round)
         loss = plan.loss_sum / plan.tokens if plan.tokens else math.nan
+        self.progress.clear()
         log.info(
             "round %d/%d closed: %d updates from %d workers, %d tokens, train loss %.4f, blocks %s, up %.1f MB, down %.1f MB",
             plan.round, self.config.rounds, sum(len(r) for r in plan.reported.values()), plan.workers_done,
@@ -517,7 +525,7 @@ class Coordinator:
             self._eval(g.version)
         if finished:
             out = self.config.export_dir or (self.store.root / "export")
-            self.export_path = export_model(self.store.model_dir, g.tensors, out)
+            self.export_path = export_model(self.store.model_dir, g.tensors, out).resolve()
             log.info("exported the final model to %s", self.export_path)
         history = self.totals.eval_history
         summary = {
