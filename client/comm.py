@@ -23,6 +23,7 @@ from ..common.messages import Assignment, ModelNotice, RunEnd
 from .metrics import WorkerMetrics
 from .session import Session
 from .state import ModelBook, Patch, Update
+from .timeline import Timeline
 
 log = logging.getLogger("fedblock.worker")
 
@@ -36,6 +37,7 @@ class Comm:
         outbox: queue.Queue,
         metrics: WorkerMetrics,
         stop: threading.Event,
+        timeline: Timeline,
         steps_done=lambda: 0,
     ):
         assert session.info is not None
@@ -46,6 +48,7 @@ class Comm:
         self.outbox = outbox
         self.metrics = metrics
         self.stop = stop
+        self.timeline = timeline
         self.steps_done = steps_done
         self.codec = CodecPipeline(self.info.codec)
         self.wake = threading.Event()
@@ -108,6 +111,11 @@ class Comm:
 
     def _upload(self, update: Update) -> None:
         t0 = time.perf_counter()
+        with self.timeline.span("upload", update.round, blocks=len(update.deltas)):
+            self._send(update)
+        self.metrics.comm_seconds.inc(time.perf_counter() - t0)
+
+    def _send(self, update: Update) -> None:
         for block, delta in update.deltas.items():
             manifest, blob = wire.pack(
                 block,
@@ -123,12 +131,12 @@ class Comm:
             if status != "accepted":
                 log.info("round %d %s: coordinator says %s", update.round, block, status)
                 break  # the round closed without us: the other blocks would be late too
-        self.metrics.comm_seconds.inc(time.perf_counter() - t0)
 
     def _download(self, announced: int) -> None:
         t0 = time.perf_counter()
-        version, block_versions, blocks = self.session.download(self.book.request(announced))
-        patch = Patch(version, block_versions, {b.block: b.tensors for b in blocks})
+        with self.timeline.span("download", announced):
+            version, block_versions, blocks = self.session.download(self.book.request(announced))
+            patch = Patch(version, block_versions, {b.block: b.tensors for b in blocks})
         with self._lock:
             self._requested = max(self._requested, version)
         self.metrics.comm_seconds.inc(time.perf_counter() - t0)

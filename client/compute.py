@@ -14,6 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ from ..common.progress import Progress
 from ..common.training import BlockTrainer
 from .metrics import WorkerMetrics
 from .state import ModelBook, Patch, Update
+from .timeline import Timeline
 
 log = logging.getLogger("fedblock.worker")
 POLL_S = 0.1
@@ -49,6 +51,7 @@ class ComputeLoop:
         depth: int,
         metrics: WorkerMetrics,
         stop: threading.Event,
+        timeline: Timeline,
         on_handover: Callable[[], None] = lambda: None,
     ):
         self.model = model
@@ -61,6 +64,7 @@ class ComputeLoop:
         self.depth = depth
         self.metrics = metrics
         self.stop = stop
+        self.timeline = timeline
         self.on_handover = on_handover
         self.steps_done = 0
         self.progress = Progress()
@@ -90,7 +94,7 @@ class ComputeLoop:
     def _train(self, a: Assignment) -> None:
         need = a.round - 1 - self.depth
         while self.book.version < need:  # fedbcd waits here for the global model of round t-1
-            self._take(idle=True)
+            self._take(wait_for="model")
         self._drain()
         if self.book.version >= a.round:
             log.info("round %d closed before it started here; skipped", a.round)
@@ -98,6 +102,15 @@ class ComputeLoop:
         if self.book.version < a.round - 1:
             self.rounds_ahead += 1
             self.metrics.rounds_ahead.inc()
+        with self.timeline.span("compute", a.round, blocks=list(a.blocks)):
+            update = self._local_steps(a)
+        self.book.mark_dirty(a.blocks, a.round)
+        self._hand_over(update)
+        self.rounds_done += 1
+        self.metrics.rounds.inc()
+        self.on_handover()
+
+    def _local_steps(self, a: Assignment) -> Update:
         self.trainer.set_blocks(a.blocks)
         self._training = {b: B.block_params(self.model, self.blocks[b]) for b in a.blocks}
         self._start = {b: B.snapshot(p) for b, p in self._training.items()}
@@ -127,46 +140,55 @@ class ComputeLoop:
             "round %d: trained %s for %d steps, loss %.4f, on model version %d",
             a.round, "+".join(a.blocks) if len(a.blocks) < 4 else f"{len(a.blocks)} blocks", a.local_steps, loss, base_version,
         )
-        self.book.mark_dirty(a.blocks, a.round)
-        self._hand_over(Update(a.round, base_version, deltas, tokens, loss))
-        self.rounds_done += 1
-        self.metrics.rounds.inc()
-        self.on_handover()
+        return Update(a.round, base_version, deltas, tokens, loss)
 
     # ---- the inbox ---------------------------------------------------------------------------
 
     def _next_assignment(self) -> Assignment:
         while not self._assignments:
-            self._take(idle=True)
+            self._take(wait_for="assignment")
         return self._assignments.popleft()
 
-    def _take(self, idle: bool) -> bool:
-        """Handle one inbox item, waiting for it if `idle` (the wait counts as compute idle time).
-        Returns False when nothing was there."""
-        t0 = time.perf_counter()
-        try:
-            while True:
-                if self.stop.is_set():
-                    raise Stopped
-                try:
-                    item = self.inbox.get(timeout=POLL_S) if idle else self.inbox.get_nowait()
-                    break
-                except queue.Empty:
-                    if not idle:
-                        return False
-        finally:
-            if idle:
-                self.metrics.compute_idle_seconds.inc(time.perf_counter() - t0)
+    def _take(self, wait_for: str | None = None) -> bool:
+        """Handle one inbox item. With `wait_for` (what we wait for) block until one comes, counting the
+        wait as compute idle time; without it return False when nothing is there."""
+        if wait_for:
+            with self._idle(wait_for):
+                item = self._get(timeout=POLL_S)
+        else:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return False
         if isinstance(item, Patch):
             self._apply(item)
         else:
             self._assignments.append(item)
         return True
 
+    def _get(self, timeout: float):
+        while True:
+            if self.stop.is_set():
+                raise Stopped
+            try:
+                return self.inbox.get(timeout=timeout)
+            except queue.Empty:
+                pass
+
+    @contextmanager
+    def _idle(self, why: str):
+        """The compute thread waits on communication: counted as idle time."""
+        t0 = time.perf_counter()
+        try:
+            with self.timeline.span("idle", reason=why):
+                yield
+        finally:
+            self.metrics.compute_idle_seconds.inc(time.perf_counter() - t0)
+
     def _drain(self) -> bool:
         """Take everything that has arrived (we are at a step boundary). True if a patch was applied."""
         version = self.book.version
-        while self._take(idle=False):
+        while self._take():
             pass
         return self.book.version != version
 
@@ -181,8 +203,7 @@ class ComputeLoop:
         self.metrics.model_version.set(self.book.version)
 
     def _hand_over(self, update: Update) -> None:
-        t0 = time.perf_counter()
-        try:
+        with self._idle("outbox"):
             while True:
                 if self.stop.is_set():
                     raise Stopped
@@ -191,5 +212,3 @@ class ComputeLoop:
                     return
                 except queue.Full:
                     pass
-        finally:
-            self.metrics.compute_idle_seconds.inc(time.perf_counter() - t0)

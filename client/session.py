@@ -21,6 +21,7 @@ from ..common.codecs import CodecPipeline
 from ..common.messages import Event, Manifest, RunInfo, event_from_pb
 from ..common.pb import coordinator_pb2 as pb
 from ..common.pb import coordinator_pb2_grpc as pb_grpc
+from ..common.ratelimit import TokenBucket
 from ..common.rpc import channel_options
 
 log = logging.getLogger("fedblock.worker")
@@ -59,7 +60,8 @@ class DownloadedBlock:
 class Session:
     """One worker's connection to the coordinator."""
 
-    def __init__(self, address: str, name: str, sent: Counter | None = None, received: Counter | None = None):
+    def __init__(self, address: str, name: str, sent: Counter | None = None, received: Counter | None = None,
+                 upload_rate: float = 0, download_rate: float = 0):
         self.address = address
         self.name = name
         self.channel = grpc.insecure_channel(address, options=channel_options())
@@ -67,6 +69,8 @@ class Session:
         self._sent = sent or (lambda kind, n: None)
         self._received = received or (lambda kind, n: None)
         self._metadata: tuple[tuple[str, str], ...] = ()
+        self._upload_bucket = TokenBucket(upload_rate)  # --max-upload-rate: paces the chunks we send
+        self._download_bucket = TokenBucket(download_rate)  # --max-download-rate: paces how fast we read
         self._events_call = None
         self.info: RunInfo | None = None
 
@@ -164,7 +168,9 @@ class Session:
         yield header
         for index, view in wire.iter_chunks(blob, manifest.chunk_size, skip):
             message = pb.UploadMessage(chunk=pb.Chunk(index=index, data=bytes(view)))
-            self._sent("update", _size(message))
+            size = _size(message)
+            self._upload_bucket.consume(size)
+            self._sent("update", size)
             yield message
 
     def _held_chunks(self, manifest: Manifest) -> frozenset[int]:
@@ -192,7 +198,9 @@ class Session:
         def blocks() -> Iterator[DownloadedBlock]:
             assembly: wire.Assembly | None = None
             for message in stream:
-                self._received("model", _size(message))
+                size = _size(message)
+                self._download_bucket.consume(size)
+                self._received("model", size)
                 kind = message.WhichOneof("kind")
                 if kind == "manifest":
                     manifest = Manifest.from_pb(message.manifest)

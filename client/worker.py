@@ -25,6 +25,7 @@ from .compute import ComputeLoop
 from .metrics import WorkerMetrics
 from .session import Session
 from .state import ModelBook, Patch
+from .timeline import Timeline
 
 log = logging.getLogger("fedblock.worker")
 INBOX_SIZE = 16  # assignments and patches for the compute thread; a handful per round at most
@@ -53,6 +54,7 @@ class Worker:
         self.config = config
         self.metrics = metrics or WorkerMetrics()
         self.stop = threading.Event()
+        self.timeline = Timeline(config.name)
         self.training = False  # True once the compute and communication threads run
         # Fail on a bad data path or format before touching the network.
         self.examples = load_examples(config.data)
@@ -67,6 +69,8 @@ class Worker:
             c.coordinator, c.name,
             sent=lambda kind, n: m.bytes_sent.labels(kind).inc(n),
             received=lambda kind, n: m.bytes_received.labels(kind).inc(n),
+            upload_rate=c.max_upload_rate,
+            download_rate=c.max_download_rate,
         )
         work_dir = c.work_dir or Path(tempfile.mkdtemp(prefix=f"fedblock-{c.name}-"))
         try:
@@ -92,6 +96,8 @@ class Worker:
             return self._loop(session, model, blocks, trainer, stream, book, info.pipeline_depth)
         finally:
             session.close()
+            if c.timeline is not None:
+                self.timeline.write(c.timeline)
             if c.work_dir is None:
                 shutil.rmtree(work_dir, ignore_errors=True)
 
@@ -117,8 +123,8 @@ class Worker:
     def _loop(self, session, model, blocks, trainer, stream, book, depth) -> Outcome:
         inbox: queue.Queue = queue.Queue(INBOX_SIZE)
         outbox: queue.Queue = queue.Queue(1)
-        compute = ComputeLoop(model, blocks, trainer, stream, book, inbox, outbox, depth, self.metrics, self.stop)
-        comm = Comm(session, book, inbox, outbox, self.metrics, self.stop, steps_done=lambda: compute.steps_done)
+        compute = ComputeLoop(model, blocks, trainer, stream, book, inbox, outbox, depth, self.metrics, self.stop, self.timeline)
+        comm = Comm(session, book, inbox, outbox, self.metrics, self.stop, self.timeline, steps_done=lambda: compute.steps_done)
         compute.on_handover = comm.notify_handover
         threads = [
             threading.Thread(target=compute.run, name="compute", daemon=True),

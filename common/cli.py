@@ -101,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         stream=sys.stderr)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded from a model hub
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress and log lines say what is happening
     prog = f"fedblock {args.command}"
     try:
         return _dispatch(args)

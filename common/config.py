@@ -20,7 +20,8 @@ from typing import Any
 
 import yaml
 
-ALGORITHMS = ("fedbcd", "parablock")
+from .algorithms import ALGORITHMS
+
 BLOCK_SCHEDULES = ("round-robin", "random", "staggered")
 LR_SCHEDULES = ("constant", "cosine")
 REQUIRED: Any = dataclasses.MISSING
@@ -167,7 +168,7 @@ class CoordinatorConfig:
     state_dir: Path = opt("directory for checkpoints, incoming uploads, summary.json and the export")
     listen: str = opt("address to serve gRPC on", "0.0.0.0:50051")
     metrics_port: int = opt("Prometheus /metrics port (0: off)", 0)
-    algorithm: str = opt("federated algorithm", "parablock", choices=ALGORITHMS)
+    algorithm: str = opt("federated algorithm", "parablock", choices=tuple(ALGORITHMS))
     rounds: int = opt("number of rounds", 20)
     clients_per_round: int = opt("workers per round (0: every connected worker)", 0)
     min_workers: int = opt("workers that must have joined before the first round", 1)
@@ -179,7 +180,7 @@ class CoordinatorConfig:
     block_schedule: str = opt("which block each worker trains per round", "round-robin", choices=BLOCK_SCHEDULES)
     layers_per_block: int = opt("decoder layers per block", 1)
     train_blocks: str = opt("comma-separated glob patterns of blocks to train, e.g. 'layers.*,head'", "*")
-    pipeline_depth: int | None = opt("rounds a worker may train ahead of the global model (default: parablock 1, fedbcd 0)", None)
+    pipeline_depth: int | None = opt("rounds a worker may train ahead of the global model (default: parablock 1, others 0)", None)
     codec: str = opt("codec pipeline for uploads, e.g. none, bf16, topk:0.01,bf16,zstd", "none")
     chunk_size: int = opt("transfer chunk size", 1 << 20, parse=parse_bytes)
     max_update_bytes: int = opt("largest accepted upload (wire bytes)", 16 << 30, parse=parse_bytes)
@@ -232,7 +233,7 @@ class CoordinatorConfig:
         """The effective pipeline depth: how far ahead of the global model a worker may train."""
         if self.pipeline_depth is not None:
             return self.pipeline_depth
-        return 1 if self.algorithm == "parablock" else 0
+        return ALGORITHMS[self.algorithm].pipeline_depth
 
 
 @dataclass(kw_only=True)
@@ -250,6 +251,9 @@ class WorkerConfig:
     work_dir: Path | None = opt("where the model's config and tokenizer are kept (default: a temporary dir)", None)
     connect_timeout: float = opt("seconds to keep trying to reach the coordinator at start", 300.0)
     grad_clip: float = opt("max gradient norm of the trained block (0: off)", 1.0)
+    max_upload_rate: int = opt("cap on upload bandwidth in bytes/s, e.g. 20MB/s or 100Mbit/s (0: none)", 0, parse=parse_rate)
+    max_download_rate: int = opt("cap on download bandwidth in bytes/s (0: none)", 0, parse=parse_rate)
+    timeline: Path | None = opt("write this worker's compute and transfer intervals as JSONL here", None)
 
     def check(self) -> None:
         _host_port(self.coordinator, "--coordinator")
@@ -261,6 +265,7 @@ class WorkerConfig:
         _require(self.threads >= 0, "--threads must be >= 0")
         _require(self.connect_timeout >= 0, "--connect-timeout must be >= 0")
         _require(0 <= self.metrics_port < 65536, "--metrics-port must be 0..65535")
+        _require(self.max_upload_rate >= 0 and self.max_download_rate >= 0, "rates must be >= 0")
 
 
 @dataclass(kw_only=True)

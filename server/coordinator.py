@@ -19,6 +19,7 @@ from pathlib import Path
 from torch import Tensor
 
 from ..common import wire
+from ..common.algorithms import ALGORITHMS
 from ..common.codecs import CodecPipeline
 from ..common.config import CoordinatorConfig
 from ..common.messages import BlockSpec, Event, Manifest, ModelFile, ModelNotice, RunEnd, RunInfo
@@ -102,6 +103,7 @@ class Coordinator:
                 lr=config.lr,
                 lr_schedule=config.lr_schedule,
                 seed=config.seed,
+                assign_all_blocks=ALGORITHMS[config.algorithm].all_blocks,
             ),
             version=initial.version,
         )

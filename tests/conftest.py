@@ -11,10 +11,11 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
 from fedblock.common.config import CoordinatorConfig, WorkerConfig  # noqa: E402
 from fedblock.common.data import Example, write_jsonl  # noqa: E402
 from fedblock.common.models import make_tiny_model  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
 
 hf_logging.disable_progress_bar()
 torch.set_num_threads(1)  # the suite runs on 2 cores; workers and coordinator share them

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from fedblock.common.cli import main, make_parser, parse_configs
 from fedblock.common.config import ConfigError, parse_bytes, parse_rate
 

@@ -9,10 +9,11 @@ import json
 
 import pytest
 import torch
-from fedblock.common import data as D
-from fedblock.common.data import DataError, Example, TokenizedExample
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from fedblock.common import data as D
+from fedblock.common.data import DataError, Example, TokenizedExample
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"

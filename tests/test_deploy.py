@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from fedblock.common.cli import _fields, make_parser, parse_configs
 from fedblock.common.config import flag_name
 

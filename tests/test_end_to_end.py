@@ -12,9 +12,10 @@ import urllib.request
 
 import pytest
 import torch
-from fedblock.server.store import StateStore
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM
+
+from fedblock.server.store import StateStore
 
 pytestmark = pytest.mark.slow
 

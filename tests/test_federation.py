@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from fedblock.common import blocks as B
 from fedblock.common.data import BatchStream, load_examples, tokenize
 from fedblock.common.models import load_model, load_tokenizer
@@ -79,3 +80,41 @@ def test_only_assigned_blocks_change(federation, tiny_model, data_file, algorith
                       for n, p in B.block_params(initial, block).items())
         assert changed == (block.name in assigned), block.name
         assert final.block_versions[block.name] == (int(block.name.split(".")[1]) + 1 if block.name in assigned else 0)
+
+
+def test_fedavg_with_one_worker_is_full_fine_tuning(federation, tiny_model, data_file):
+    """fedavg assigns every block to every worker; with one worker it is centralised full fine-tuning
+    (one AdamW state over all parameters, kept across rounds)."""
+    model = load_model(tiny_model)
+    tokenizer = load_tokenizer(tiny_model)
+    blocks = B.partition(model)
+    stream = BatchStream(tokenize(load_examples(str(data_file)), tokenizer, 64), 4, 0, tokenizer.pad_token_id)
+    trainer = BlockTrainer(model, blocks, OptimConfig())
+    trainer.set_blocks([b.name for b in blocks])
+    for _ in range(3):
+        start = {b.name: B.snapshot(B.block_params(model, b)) for b in blocks}
+        for _ in range(STEPS):
+            trainer.step(stream.next(), LR)
+        for b in blocks:
+            B.take_delta_(B.block_params(model, b), start[b.name])
+    reference = {n: p.detach() for n, p in model.named_parameters()}
+
+    fed = federation(algorithm="fedavg", rounds=3, local_steps=STEPS, lr=LR)
+    fed.add_worker(fed.worker_config("solo", data_file))
+    summary = fed.run()
+    assert summary["updates_accepted"] == 3 * len(blocks)
+    got = global_params(fed.coordinator)
+    for name in reference:
+        torch.testing.assert_close(got[name], reference[name], rtol=0, atol=0, msg=name)
+    assert all(v == 3 for v in fed.coordinator.global_model.block_versions.values())
+
+
+def test_fedavg_averages_whole_models_by_tokens(federation, data_file, tmp_path):
+    fed = federation(algorithm="fedavg", rounds=2, local_steps=2, lr=1e-3, min_workers=2)
+    fed.add_worker(fed.worker_config("a", data_file, seed=1))
+    fed.add_worker(fed.worker_config("b", data_file, seed=2))
+    summary = fed.run()
+    n_blocks = len(fed.coordinator.block_order)
+    assert summary["updates_accepted"] == 2 * 2 * n_blocks
+    model_bytes = sum(spec.numel * 4 for spec in fed.coordinator.specs.values())
+    assert summary["bytes_up"] > 2 * 2 * model_bytes  # whole-model deltas up, every round, every worker

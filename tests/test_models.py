@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from fedblock.common import models
 from fedblock.common.models import (
     BUILTIN_MODELS,
@@ -28,8 +31,6 @@ from fedblock.common.models import (
     model_fingerprint,
     resolve_model,
 )
-from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 SMOLLM = "smollm2-135m-instruct"
 SENTENCE = "The capital of France is Paris. It is a beautiful city with many old buildings."

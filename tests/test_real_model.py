@@ -3,10 +3,11 @@ block step through the real coordinator and worker code, export, reload."""
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+
 from fedblock.common import blocks as B
 from fedblock.common.data import load_examples, write_jsonl
 from fedblock.common.models import load_model, resolve_model
-from transformers import AutoModelForCausalLM
 
 pytestmark = pytest.mark.slow
 

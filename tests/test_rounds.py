@@ -1,6 +1,7 @@
 """The round state machine and the schedules, without network or tensors."""
 
 import pytest
+
 from fedblock.server.rounds import Refused, RoundRules, Rounds
 from fedblock.server.scheduler import assign_blocks, learning_rate, select_workers
 

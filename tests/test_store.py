@@ -4,10 +4,11 @@ import json
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+
 from fedblock.common import blocks as B
 from fedblock.common.models import load_model, model_files
 from fedblock.server.store import Checkpoint, StateError, StateStore, export_model
-from transformers import AutoModelForCausalLM
 
 
 def tensors(seed):

@@ -5,6 +5,7 @@ import threading
 import grpc
 import pytest
 import torch
+
 from fedblock.client.session import Session
 from fedblock.common import wire
 from fedblock.common.codecs import CodecPipeline

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from fedblock.common import wire
 from fedblock.common.codecs import CodecError, CodecPipeline
 from fedblock.common.messages import TensorSpec
