@@ -111,18 +111,19 @@ class ComputeLoop:
         self.on_handover()
 
     def _local_steps(self, a: Assignment) -> Update:
-        self.trainer.set_blocks(a.blocks)
+        self.trainer.begin_round(a.blocks)
         self._training = {b: B.block_params(self.model, self.blocks[b]) for b in a.blocks}
         self._start = {b: B.snapshot(p) for b, p in self._training.items()}
         base_version = self.book.version
         tokens, loss_sum = 0, 0.0
         t0 = time.perf_counter()
+        batches = self.stream.round(a.round)
         for k in range(a.local_steps):
             if self.stop.is_set():
                 raise Stopped
             if self._drain():
                 base_version = self.book.version
-            result = self.trainer.step(self.stream.next(), a.learning_rate)
+            result = self.trainer.step(next(batches), a.learning_rate)
             tokens += result.tokens
             loss_sum += result.loss * result.tokens
             self.steps_done += 1

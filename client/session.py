@@ -38,8 +38,16 @@ TRANSIENT = {
 Counter = Callable[[str, int], None]
 
 
+UPLOAD_METHOD = "/fedblock.v1.Coordinator/Upload"
+DOWNLOAD_METHOD = "/fedblock.v1.Coordinator/Download"
+
+
 def _size(message) -> int:
     return message.ByteSize() + wire.GRPC_FRAME_OVERHEAD
+
+
+def _parse_download(raw: bytes):
+    return wire.parse_chunk_message(raw, wire.DOWNLOAD_CHUNK_FIELD) or pb.DownloadMessage.FromString(raw)
 
 
 def backoff_delays(base: float = 0.2, cap: float = 10.0) -> Iterator[float]:
@@ -66,6 +74,14 @@ class Session:
         self.name = name
         self.channel = grpc.insecure_channel(address, options=channel_options())
         self.stub = pb_grpc.CoordinatorStub(self.channel)
+        # The bulk paths serialize and parse chunk messages themselves (wire.py): the same bytes as
+        # protobuf, without its copies. Requests are pre-serialized bytes; responses may be RawChunks.
+        self._upload = self.channel.stream_unary(
+            UPLOAD_METHOD, request_serializer=None, response_deserializer=pb.UploadReply.FromString
+        )
+        self._download = self.channel.unary_stream(
+            DOWNLOAD_METHOD, request_serializer=pb.DownloadRequest.SerializeToString, response_deserializer=_parse_download
+        )
         self._sent = sent or (lambda kind, n: None)
         self._received = received or (lambda kind, n: None)
         self._metadata: tuple[tuple[str, str], ...] = ()
@@ -152,7 +168,7 @@ class Session:
         delays = backoff_delays()
         for attempt in range(max_attempts):
             try:
-                reply = self.stub.Upload(self._upload_messages(manifest, blob, skip), metadata=self._metadata)
+                reply = self._upload(self._upload_messages(manifest, blob, skip), metadata=self._metadata)
                 return reply.status
             except grpc.RpcError as e:
                 if e.code() not in TRANSIENT or attempt == max_attempts - 1:
@@ -162,13 +178,14 @@ class Session:
                 skip = self._held_chunks(manifest)
         raise AssertionError("unreachable")
 
-    def _upload_messages(self, manifest: Manifest, blob: bytes, skip: frozenset[int]) -> Iterator[pb.UploadMessage]:
-        header = pb.UploadMessage(header=pb.UploadHeader(manifest=manifest.to_pb()))
-        self._sent("update", _size(header))
+    def _upload_messages(self, manifest: Manifest, blob: bytes, skip: frozenset[int]) -> Iterator[bytes]:
+        """Serialized UploadMessages: the header, then the chunks not in `skip`."""
+        header = pb.UploadMessage(header=pb.UploadHeader(manifest=manifest.to_pb())).SerializeToString()
+        self._sent("update", len(header) + wire.GRPC_FRAME_OVERHEAD)
         yield header
         for index, view in wire.iter_chunks(blob, manifest.chunk_size, skip):
-            message = pb.UploadMessage(chunk=pb.Chunk(index=index, data=bytes(view)))
-            size = _size(message)
+            message = wire.encode_chunk_message(wire.UPLOAD_CHUNK_FIELD, index, view)
+            size = len(message) + wire.GRPC_FRAME_OVERHEAD
             self._upload_bucket.consume(size)
             self._sent("update", size)
             yield message
@@ -188,20 +205,30 @@ class Session:
         """Delta sync: (model version, block versions, iterator over the changed blocks, decoded)."""
         assert self.info is not None
         specs = {b.name: b for b in self.info.blocks}
-        stream = self.stub.Download(pb.DownloadRequest(held_versions=dict(held)), metadata=self._metadata)
+        stream = self._download(pb.DownloadRequest(held_versions=dict(held)), metadata=self._metadata)
         first = next(stream)
-        self._received("control", _size(first))
-        if first.WhichOneof("kind") != "header":
+        if isinstance(first, wire.RawChunk) or first.WhichOneof("kind") != "header":
             raise wire.IntegrityError("download did not start with its header")
+        self._received("control", _size(first))
         header = first.header
 
         def blocks() -> Iterator[DownloadedBlock]:
             assembly: wire.Assembly | None = None
             for message in stream:
-                size = _size(message)
+                raw = isinstance(message, wire.RawChunk)
+                size = message.size + wire.GRPC_FRAME_OVERHEAD if raw else _size(message)
                 self._download_bucket.consume(size)
                 self._received("model", size)
-                kind = message.WhichOneof("kind")
+                if raw and assembly is not None:
+                    assembly.add(message.index, message.data)
+                    if assembly.complete:
+                        m = assembly.manifest
+                        tensors = CodecPipeline(m.codec).decode(assembly.finish(), specs[m.block].tensors)
+                        assembly.close()
+                        assembly = None
+                        yield DownloadedBlock(m.block, m.base_version, tensors)
+                    continue
+                kind = "chunk" if raw else message.WhichOneof("kind")
                 if kind == "manifest":
                     manifest = Manifest.from_pb(message.manifest)
                     spec = specs.get(manifest.block)
@@ -209,14 +236,6 @@ class Session:
                         raise wire.IntegrityError(f"download of unknown block {manifest.block!r}")
                     wire.check_specs(manifest.tensors, spec.tensors)
                     assembly = wire.Assembly(manifest)
-                elif kind == "chunk" and assembly is not None:
-                    assembly.add(message.chunk.index, message.chunk.data)
-                    if assembly.complete:
-                        m = assembly.manifest
-                        tensors = CodecPipeline(m.codec).decode(assembly.finish(), specs[m.block].tensors)
-                        assembly.close()
-                        assembly = None
-                        yield DownloadedBlock(m.block, m.base_version, tensors)
                 else:
                     raise wire.IntegrityError(f"unexpected {kind} in a download")
 

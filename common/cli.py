@@ -28,7 +28,9 @@ from .config import (
 
 # Options `simulate` decides itself, per process.
 SIMULATE_SETS_COORDINATOR = frozenset({"listen", "eval_data", "min_workers", "seed"})
-SIMULATE_SETS_WORKER = frozenset({"coordinator", "name", "data", "seed", "metrics_port", "work_dir", "connect_timeout"})
+SIMULATE_SETS_WORKER = frozenset(
+    {"coordinator", "name", "data", "seed", "metrics_port", "work_dir", "connect_timeout", "timeline"}
+)
 
 COMMANDS = {
     "coordinator": ("run the coordinator daemon", (CoordinatorConfig,)),

@@ -134,17 +134,13 @@ class CodecPipeline:
         """Decode wire bytes into float32 tensors with exactly the `expected` names and shapes."""
         expected_by_name = {s.name: s for s in expected}
         raw_bound = sum(4 * math.prod(s.shape) for s in expected) + (1 << 20) * max(1, len(expected))
-        data = bytes(blob) if not isinstance(blob, bytes) else blob
+        data = blob
         if self.stages and self.stages[-1].name == "zstd":
             try:
                 data = zstandard.ZstdDecompressor().decompress(data, max_output_size=min(raw_bound * 2, _MAX_ZSTD_OUTPUT))
             except zstandard.ZstdError as e:
                 raise CodecError(f"zstd: {e}") from None
-        try:
-            tensors = safetensors.torch.load(data)
-            meta = _safetensors_metadata(data)
-        except Exception as e:  # safetensors raises its own error types for malformed headers
-            raise CodecError(f"malformed safetensors blob: {e}") from None
+        tensors, meta = load_safetensors(data)
         for stage in reversed(self.stages):
             if stage.name == "shuffle":
                 tensors = _shuffle_decode(tensors, meta)
@@ -282,7 +278,53 @@ def _shuffle_decode(tensors: Tensors, meta: Mapping[str, str]) -> Tensors:
     return out
 
 
-def _safetensors_metadata(blob: bytes) -> dict[str, str]:
-    header_len = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8 : 8 + header_len])
-    return dict(header.get("__metadata__") or {})
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_MAX_HEADER = 100 << 20
+
+
+def load_safetensors(blob) -> tuple[Tensors, dict[str, str]]:
+    """(tensors, metadata) of a safetensors blob. A writable buffer (bytearray, a copy-on-write map)
+    is read without a copy: the tensors are views of it. Raises CodecError for anything malformed."""
+    view = memoryview(blob)
+    if view.readonly:  # e.g. bytes from zstd: let safetensors copy it out
+        try:
+            data = bytes(view)
+            tensors = safetensors.torch.load(data)
+            header_len = int.from_bytes(data[:8], "little")
+            meta = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+            return tensors, dict(meta)
+        except Exception as e:  # safetensors raises its own error types for malformed input
+            raise CodecError(f"malformed safetensors blob: {e}") from None
+    try:
+        if len(view) < 8:
+            raise ValueError("shorter than its header length")
+        header_len = int.from_bytes(view[:8], "little")
+        if not 2 <= header_len <= min(_MAX_HEADER, len(view) - 8):
+            raise ValueError(f"header length {header_len} does not fit a {len(view)}-byte blob")
+        header = json.loads(bytes(view[8 : 8 + header_len]))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise ValueError("__metadata__ must map strings to strings")
+        base, size = 8 + header_len, len(view) - 8 - header_len
+        tensors: Tensors = {}
+        for name, info in header.items():
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            start, end = (int(o) for o in info["data_offsets"])
+            numel = math.prod(shape)
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            if any(d < 0 for d in shape) or not 0 <= start <= end <= size or end - start != numel * itemsize:
+                raise ValueError(f"tensor {name!r}: shape {shape} and offsets [{start}, {end}) do not fit")
+            if numel == 0:
+                tensors[name] = torch.empty(shape, dtype=dtype)
+            else:
+                tensors[name] = torch.frombuffer(blob, dtype=dtype, count=numel, offset=base + start).reshape(shape)
+        return tensors, {str(k): v for k, v in meta.items()}
+    except (ValueError, KeyError, TypeError) as e:
+        raise CodecError(f"malformed safetensors blob: {e}") from None

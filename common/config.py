@@ -184,6 +184,8 @@ class CoordinatorConfig:
     codec: str = opt("codec pipeline for uploads, e.g. none, bf16, topk:0.01,bf16,zstd", "none")
     chunk_size: int = opt("transfer chunk size", 1 << 20, parse=parse_bytes)
     max_update_bytes: int = opt("largest accepted upload (wire bytes)", 16 << 30, parse=parse_bytes)
+    upload_memory: int = opt("uploads in progress are held in memory up to this total; beyond it in files "
+                             "under STATE_DIR/incoming", 512 << 20, parse=parse_bytes)
     seed: int = opt("seed for client selection and schedules", 0)
     eval_data: str | None = opt("held-out JSONL (or builtin:NAME) evaluated before, every --eval-every rounds and after", None)
     eval_every: int = opt("evaluate every N rounds (0: only before and after)", 0)

@@ -2,7 +2,7 @@
 
 Every data set becomes a list of `Example`s (a chat: (role, content) pairs ending with an assistant
 reply). `tokenize` turns them into token ids with labels that train only what the assistant says,
-`BatchStream` serves deterministic batches from them, and `split_holdout` / `split_clients` cut a data
+`BatchStream` serves deterministic batches from them (round by round), and `split_holdout` / `split_clients` cut a data
 set into an evaluation part and per-worker parts (IID or Dirichlet label skew).
 
 Sources accepted by `load_examples`:
@@ -27,7 +27,7 @@ import itertools
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -448,12 +448,12 @@ def collate(batch: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.T
 
 
 class BatchStream:
-    """Deterministic infinite stream of training batches: reshuffles each epoch with a torch.Generator
-    seeded by `seed`.
+    """Deterministic training batches, round by round.
 
-    Every batch holds exactly `batch_size` examples: what is left at the end of an epoch is served
-    first, followed by the next epoch's order. The same data, batch size and seed give the same batches
-    step for step.
+    `round(r)` is an endless iterator of full `batch_size` batches whose order depends only on
+    (`seed`, `r`): a shuffled pass over the data, reshuffled when it runs out. So a worker's update for
+    a round does not depend on what it trained before, and a round run again (after a coordinator
+    restart, say) sees exactly the same batches.
     """
 
     def __init__(self, data: Sequence[TokenizedExample], batch_size: int, seed: int, pad_id: int):
@@ -463,23 +463,17 @@ class BatchStream:
             raise DataError(f"batch_size must be at least 1, got {batch_size}")
         self.data = list(data)
         self.batch_size = batch_size
+        self.seed = seed
         self.pad_id = pad_id
-        self.epoch = 0  # number of shuffled passes started
-        self._generator = torch.Generator().manual_seed(seed)
-        self._order: list[int] = []
 
-    def next(self) -> dict[str, torch.Tensor]:
-        while len(self._order) < self.batch_size:
-            self._order += torch.randperm(len(self.data), generator=self._generator).tolist()
-            self.epoch += 1
-        picked, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
-        return collate([self.data[i] for i in picked], self.pad_id)
-
-    def __iter__(self) -> BatchStream:
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        return self.next()
+    def round(self, r: int) -> Iterator[dict[str, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + r)
+        order: list[int] = []
+        while True:
+            while len(order) < self.batch_size:
+                order += torch.randperm(len(self.data), generator=generator).tolist()
+            picked, order = order[: self.batch_size], order[self.batch_size :]
+            yield collate([self.data[i] for i in picked], self.pad_id)
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:

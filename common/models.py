@@ -473,7 +473,7 @@ def make_tiny_tokenizer(vocab_size: int = TINY_DEFAULT_VOCAB):
 
 
 def _tiny_config(family: str, num_layers: int, hidden_size: int, vocab_size: int, tie: bool, ids: dict):
-    heads = max(1, hidden_size // 16)
+    heads = max(1, hidden_size // 16 if hidden_size <= 128 else hidden_size // 64)
     kv_heads = heads // 2 if heads % 2 == 0 else heads
     common = dict(vocab_size=vocab_size, tie_word_embeddings=tie, **ids)
     if family in ("llama", "qwen2", "qwen3", "mistral"):
@@ -522,17 +522,18 @@ def make_tiny_model(
     vocab_size: int | None = None,
     tie_word_embeddings: bool = True,
 ) -> Path:
-    """Write a tiny random-initialised causal LM folder to `out_dir` and return it.
+    """Write a small random-initialised causal LM folder to `out_dir` and return it.
 
     Families: TINY_FAMILIES. The folder holds config.json, model.safetensors (fp32) and the tokenizer
     of `make_tiny_tokenizer` (vocab_size None means TINY_DEFAULT_VOCAB; the model's vocabulary always
     equals len(tokenizer)). Same arguments give the same weight bytes; the global RNG is left as it was.
-    hidden_size must be a multiple of 16 in 16..128; attention heads have 16 dimensions.
+    hidden_size must be a multiple of 16 in 16..1024 (tests keep to <= 128); attention heads have 16
+    dimensions up to hidden 128 and 64 above (benchmarks use the larger sizes to get blocks of megabytes).
     """
     if family not in TINY_FAMILIES:
         raise ModelError(f"unknown tiny model family '{family}' (known: {', '.join(TINY_FAMILIES)})")
-    if not (16 <= hidden_size <= 128 and hidden_size % 16 == 0):
-        raise ModelError(f"tiny model hidden_size must be a multiple of 16 in 16..128, got {hidden_size}")
+    if not (16 <= hidden_size <= 1024 and hidden_size % 16 == 0):
+        raise ModelError(f"tiny model hidden_size must be a multiple of 16 in 16..1024, got {hidden_size}")
     if num_layers < 1:
         raise ModelError(f"tiny model needs at least one layer, got {num_layers}")
     tokenizer = make_tiny_tokenizer(TINY_DEFAULT_VOCAB if vocab_size is None else vocab_size)

@@ -3,7 +3,8 @@
 It splits one data set into a held-out part (the coordinator's --eval-data) and N worker shards
 (IID or Dirichlet), writes them as JSONL under STATE_DIR/data, starts the processes with explicit
 flags (so inherited FEDBLOCK_* variables cannot change them), prefixes their output, and stops all of
-them if any one fails. The result is the coordinator's summary.json.
+them if any one fails. The result is the coordinator's summary.json; each worker's timeline (what its threads did when) is in
+STATE_DIR/timelines/.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def simulate(sim: SimulateConfig, args: argparse.Namespace) -> int:
             "data": str(data_dir / f"worker-{i}.jsonl"),
             "seed": sim.seed + i,
             "metrics_port": coord.metrics_port + 1 + i if coord.metrics_port else 0,
+            "timeline": str(state_dir / "timelines" / f"worker-{i}.jsonl"),
         }
         workers.append(build(WorkerConfig, {**worker_template, **forced}, None, _known(WorkerConfig, file_values)))
 
@@ -79,6 +81,7 @@ def simulate(sim: SimulateConfig, args: argparse.Namespace) -> int:
     train, heldout = split_holdout(examples, sim.eval_fraction, sim.seed)
     shards = split_clients(train, sim.workers, sim.split, sim.seed)
     data_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / "timelines").mkdir(exist_ok=True)
     write_jsonl(heldout, data_dir / "eval.jsonl")
     for i, shard in enumerate(shards):
         write_jsonl(shard, data_dir / f"worker-{i}.jsonl")

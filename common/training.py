@@ -1,9 +1,11 @@
 """Local training of some blocks of a causal LM, and held-out evaluation.
 
-`BlockTrainer` is the whole of a worker's optimisation: `requires_grad` only on the assigned blocks, an
-AdamW state only for them (a new one whenever the assigned blocks change), nothing else. The same class
-drives centralised block-coordinate training in tests, which is how we check that federation adds no
-error of its own.
+`BlockTrainer` is the whole of a worker's optimisation: `requires_grad` only on the assigned blocks and
+an AdamW state only for them, new for every round. With the round's batches fixed by (seed, round)
+(data.BatchStream), a round's update is a function of the global model and the assignment alone: a
+round run twice gives the same delta, which is what makes a resumed run equal an uninterrupted one.
+The same class drives centralised block-coordinate training in tests, which is how we check that
+federation adds no error of its own.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class StepResult:
 
 
 class BlockTrainer:
-    """Trains `model` one assignment at a time: `set_blocks(names)`, then `step(batch, lr)` K times."""
+    """Trains `model` one assignment at a time: `begin_round(blocks)`, then `step(batch, lr)` K times."""
 
     def __init__(self, model: nn.Module, blocks: Sequence[Block], optim: OptimConfig = OptimConfig()):
         self.model = model
@@ -46,14 +48,12 @@ class BlockTrainer:
         set_trainable(model, [])
         model.train()
 
-    def set_blocks(self, names: Sequence[str]) -> None:
-        """Make `names` the trained blocks. A change of blocks starts a fresh AdamW state."""
+    def begin_round(self, names: Sequence[str]) -> None:
+        """Train the blocks `names` from now on, with a fresh AdamW state (and no gradient elsewhere)."""
         names = tuple(names)
         unknown = [n for n in names if n not in self.blocks]
         if unknown:
             raise KeyError(f"unknown blocks {unknown}")
-        if names == self.active and self._optimizer is not None:
-            return
         self._params = set_trainable(self.model, [self.blocks[n] for n in names])
         for p in self._params:
             p.grad = None
@@ -64,7 +64,7 @@ class BlockTrainer:
     def step(self, batch: dict[str, torch.Tensor], lr: float) -> StepResult:
         """One optimiser step on the active blocks; returns the batch loss and its trained token count."""
         if self._optimizer is None:
-            raise RuntimeError("set_blocks() first")
+            raise RuntimeError("begin_round() first")
         device = self._params[0].device
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         out = self.model(**batch)

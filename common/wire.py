@@ -3,16 +3,18 @@
 The blob is what a codec pipeline produced (safetensors bytes, maybe compressed). It travels in chunks
 of at most `chunk_size` bytes; the manifest carries the blob's SHA-256, checked once all chunks are in.
 `Assembly` accepts chunks in any order and any number of times (resumed uploads resend some), keeps
-them in memory or in a file (so a coordinator's memory does not grow with concurrent uploads), and
-hashes incrementally while chunks arrive in order.
+them in memory or in a mapped file, and hashes them as they arrive. The bulk of every transfer, the
+chunk messages, is written and read here without protobuf's copies (same bytes on the wire).
 """
 
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from torch import Tensor
 
@@ -89,7 +91,8 @@ def check_manifest_shape(manifest: Manifest, max_chunk_size: int, max_bytes: int
 
 
 class Assembly:
-    """Collects the chunks of one blob, in memory or in the file `path`."""
+    """Collects the chunks of one blob in a writable buffer: memory, or a shared map of the file `path`
+    (so a coordinator's memory does not grow with concurrent uploads; the page cache holds them)."""
 
     def __init__(self, manifest: Manifest, path: Path | None = None):
         self.manifest = manifest
@@ -97,13 +100,13 @@ class Assembly:
         self._held: set[int] = set()
         self._hasher = hashlib.sha256()
         self._hashed_upto = 0  # chunks [0, _hashed_upto) are in the running hash
+        self._fd = -1
         if path is None:
-            self._buffer: bytearray | None = bytearray(manifest.wire_bytes)
-            self._fd = -1
+            self._buffer: bytearray | mmap.mmap = bytearray(manifest.wire_bytes)
         else:
-            self._buffer = None
             self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             os.ftruncate(self._fd, manifest.wire_bytes)
+            self._buffer = mmap.mmap(self._fd, manifest.wire_bytes, access=mmap.ACCESS_WRITE)
 
     @property
     def held(self) -> frozenset[int]:
@@ -116,58 +119,46 @@ class Assembly:
     def missing(self) -> list[int]:
         return [i for i in range(self.manifest.num_chunks) if i not in self._held]
 
-    def _expected_len(self, index: int) -> int:
+    def _span(self, index: int) -> tuple[int, int]:
         m = self.manifest
-        return min(m.chunk_size, m.wire_bytes - index * m.chunk_size)
+        start = index * m.chunk_size
+        return start, min(start + m.chunk_size, m.wire_bytes)
 
     def add(self, index: int, data: bytes | memoryview) -> None:
         """Store chunk `index`; a chunk already held is checked for size and ignored."""
         if not 0 <= index < self.manifest.num_chunks:
             raise IntegrityError(f"chunk index {index} outside 0..{self.manifest.num_chunks - 1}")
-        if len(data) != self._expected_len(index):
-            raise IntegrityError(f"chunk {index} has {len(data)} bytes, expected {self._expected_len(index)}")
+        start, end = self._span(index)
+        if len(data) != end - start:
+            raise IntegrityError(f"chunk {index} has {len(data)} bytes, expected {end - start}")
         if index in self._held:
             return
-        offset = index * self.manifest.chunk_size
-        if self._buffer is not None:
-            self._buffer[offset : offset + len(data)] = data
-        else:
-            os.pwrite(self._fd, data, offset)
+        self._buffer[start:end] = data
         self._held.add(index)
-        if index == self._hashed_upto:  # the common case: chunks in order, hash on the fly
-            self._hasher.update(data)
+        # Hash on the fly while chunks arrive in order (hashlib releases the GIL, so this overlaps with
+        # gRPC receiving the next chunk); chunks that came early join as soon as the gap is filled.
+        view = memoryview(self._buffer)
+        while self._hashed_upto in self._held:
+            a, b = self._span(self._hashed_upto)
+            self._hasher.update(view[a:b])
             self._hashed_upto += 1
-            while self._hashed_upto in self._held and self._buffer is not None:
-                # out-of-order chunks already in memory can join the running hash now
-                start = self._hashed_upto * self.manifest.chunk_size
-                self._hasher.update(memoryview(self._buffer)[start : start + self._expected_len(self._hashed_upto)])
-                self._hashed_upto += 1
 
-    def read(self) -> bytes | bytearray:
-        if self._buffer is not None:
-            return self._buffer
-        return os.pread(self._fd, self.manifest.wire_bytes, 0)
-
-    def finish(self) -> bytes | bytearray:
-        """The verified blob. Raises IntegrityError when chunks are missing or the hash is wrong."""
+    def finish(self) -> bytearray | mmap.mmap:
+        """The verified blob, not a copy (writable, so tensors can be views of it). Raises
+        IntegrityError when chunks are missing or the hash is wrong."""
         if not self.complete:
             raise IntegrityError(f"{len(self.missing())} of {self.manifest.num_chunks} chunks missing")
-        blob = self.read()
-        if self._hashed_upto == self.manifest.num_chunks:
-            digest = self._hasher.digest()
-        else:
-            digest = sha256(blob)
-        if digest != self.manifest.blob_sha256:
+        if self._hasher.digest() != self.manifest.blob_sha256:
             raise IntegrityError("blob SHA-256 does not match the manifest (corrupted chunk)")
-        return blob
+        return self._buffer
 
     def close(self, remove: bool = True) -> None:
+        """Release the file (tensors that view the buffer keep it alive until they go)."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
             if remove and self.path is not None:
                 self.path.unlink(missing_ok=True)
-        self._buffer = None
 
 
 def check_specs(manifest_specs: Sequence[TensorSpec], expected: Sequence[TensorSpec]) -> None:
@@ -183,3 +174,81 @@ def check_specs(manifest_specs: Sequence[TensorSpec], expected: Sequence[TensorS
             raise IntegrityError(f"{name}: shape {tuple(got[name].shape)} != {tuple(spec.shape)}")
         if got[name].dtype != "float32":
             raise IntegrityError(f"{name}: dtype {got[name].dtype} (deltas travel as float32 before the codec)")
+
+
+# ---- chunk messages without protobuf copies --------------------------------------------------------
+#
+# A chunk is the bulk of every transfer. Protobuf's Python runtime copies its payload twice on each
+# side (into the message, out of the message). These functions write and read exactly the bytes that
+# protobuf would (an UploadMessage or DownloadMessage whose oneof holds a Chunk), with one copy when
+# writing and none when reading. Anything that is not a plain chunk message is left to protobuf.
+
+UPLOAD_CHUNK_FIELD = 2  # UploadMessage.chunk
+DOWNLOAD_CHUNK_FIELD = 3  # DownloadMessage.chunk
+
+
+class RawChunk(NamedTuple):
+    index: int
+    data: memoryview  # a view of the received message: no copy
+    size: int  # serialized size of the whole message
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _read_varint(buf, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def encode_chunk_message(field: int, index: int, data: bytes | memoryview) -> bytes:
+    """The protobuf encoding of a message whose field `field` is Chunk{index, data}."""
+    inner = (b"\x08" + _varint(index) if index else b"") + b"\x12" + _varint(len(data))
+    return b"".join((bytes([field << 3 | 2]), _varint(len(inner) + len(data)), inner, data))
+
+
+def parse_chunk_message(raw: bytes, field: int) -> RawChunk | None:
+    """Read Chunk{index, data} out of a serialized message whose only field is `field`; None when the
+    message is anything else (the caller then parses it with protobuf)."""
+    try:
+        if not raw or raw[0] != (field << 3 | 2):
+            return None
+        length, pos = _read_varint(raw, 1)
+        if pos + length != len(raw):
+            return None
+        index, data = 0, memoryview(b"")
+        while pos < len(raw):
+            tag = raw[pos]
+            pos += 1
+            if tag == 0x08:
+                index, pos = _read_varint(raw, pos)
+                if index >= 1 << 32:
+                    return None
+            elif tag == 0x12:
+                n, pos = _read_varint(raw, pos)
+                if pos + n > len(raw):
+                    return None
+                data = memoryview(raw)[pos : pos + n]
+                pos += n
+            else:
+                return None
+        return RawChunk(index, data, len(raw))
+    except ValueError:
+        return None

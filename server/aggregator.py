@@ -26,7 +26,9 @@ class RoundSums:
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
-    def add(self, block: str, delta: Mapping[str, Tensor], weight: float) -> None:
+    def add(self, block: str, delta: Mapping[str, Tensor], weight: float, adopt: bool = False) -> None:
+        """Fold `delta` in with `weight`. With `adopt`, a first delta's float32 tensors become the
+        accumulator themselves instead of a copy (the caller hands them over for good)."""
         if weight <= 0:
             raise ValueError(f"update weight must be > 0, got {weight}")
         with self._guard:
@@ -35,7 +37,7 @@ class RoundSums:
             acc = self._sums.get(block)
             total = self._weights.get(block, 0.0) + weight
             if acc is None:
-                self._sums[block] = {n: d.detach().float().clone() for n, d in delta.items()}
+                self._sums[block] = {n: d.detach().float() if adopt else d.detach().float().clone() for n, d in delta.items()}
             else:
                 for n, d in delta.items():
                     acc[n].lerp_(d.detach().float(), weight / total)
@@ -56,4 +58,10 @@ def apply_mean(global_block: Mapping[str, Tensor], mean: Mapping[str, Tensor]) -
 
 
 def is_finite(tensors: Mapping[str, Tensor]) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors.values())
+    """No NaN or Inf anywhere. A sum propagates both and reads each value once without allocating
+    (isfinite would allocate a mask as large as the block); only a sum that overflows float32 is
+    checked element by element."""
+    for t in tensors.values():
+        if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+            return False
+    return True

@@ -118,6 +118,7 @@ class Coordinator:
         self._cv = threading.Condition()
         self._uploads: dict[tuple[str, int, str, bytes], wire.Assembly] = {}
         self._uploads_lock = threading.Lock()
+        self._upload_memory = 0  # bytes of in-memory assemblies
         self._decode_slots = threading.BoundedSemaphore(MAX_CONCURRENT_DECODES)
         self._stop = threading.Event()
         self._round_started: dict[int, float] = {}
@@ -214,21 +215,18 @@ class Coordinator:
             raise self._reject("incomplete", f"stream ended with {len(assembly.missing())} chunks missing; resume it")
         with self._decode_slots:
             try:
-                blob = assembly.finish()
+                delta = self.codec.decode(assembly.finish(), self.specs[manifest.block].tensors)
             except wire.IntegrityError as e:
-                self._discard_upload(name, manifest)
                 raise self._reject("hash_mismatch", str(e)) from None
-            try:
-                delta = self.codec.decode(blob, self.specs[manifest.block].tensors)
             except ValueError as e:
-                self._discard_upload(name, manifest)
                 raise self._reject("malformed", f"cannot decode the update: {e}") from None
             finally:
-                del blob
-            self._discard_upload(name, manifest)
+                self._discard_upload(name, manifest)
             if not is_finite(delta):
                 raise self._reject("non_finite", f"update for {manifest.block} contains NaN or Inf")
-            return self._accumulate(name, manifest, delta)
+            # The delta views the assembly's buffer, which is ours alone now: an in-memory one can
+            # become the round's accumulator as it is.
+            return self._accumulate(name, manifest, delta, adopt=assembly.path is None)
 
     def upload_status(self, name: str, session: str, round: int, block: str, sha: bytes) -> tuple[list[int], bool]:
         self.registry.check(name, session)
@@ -374,28 +372,38 @@ class Coordinator:
         self._deliver()
 
     def _assembly(self, name: str, m: Manifest) -> wire.Assembly:
+        """The upload's assembly: in memory while the total fits --upload-memory, else in a file."""
         key = (name, m.round, m.block, m.blob_sha256)
         with self._uploads_lock:
             assembly = self._uploads.get(key)
             if assembly is None:
-                path = self.store.incoming_dir / f"{name}.r{m.round}.{m.block}.{m.blob_sha256.hex()[:16]}.part"
-                assembly = self._uploads[key] = wire.Assembly(m, path)
+                if self._upload_memory + m.wire_bytes <= self.config.upload_memory:
+                    self._upload_memory += m.wire_bytes
+                    assembly = wire.Assembly(m)
+                else:
+                    path = self.store.incoming_dir / f"{name}.r{m.round}.{m.block}.{m.blob_sha256.hex()[:16]}.part"
+                    assembly = wire.Assembly(m, path)
+                self._uploads[key] = assembly
             return assembly
 
     def _discard_upload(self, name: str, m: Manifest) -> None:
         with self._uploads_lock:
-            assembly = self._uploads.pop((name, m.round, m.block, m.blob_sha256), None)
+            self._release(self._uploads.pop((name, m.round, m.block, m.blob_sha256), None))
+
+    def _release(self, assembly: wire.Assembly | None) -> None:
+        """Under the uploads lock."""
         if assembly is not None:
+            if assembly.path is None:
+                self._upload_memory -= assembly.manifest.wire_bytes
             assembly.close()
 
     def _drop_stale_uploads(self) -> None:
         """Under the lock: partial uploads of closed rounds can never be used."""
         with self._uploads_lock:
-            stale = [k for k in self._uploads if k[1] <= self.rounds.version]
-            for key in stale:
-                self._uploads.pop(key).close()
+            for key in [k for k in self._uploads if k[1] <= self.rounds.version]:
+                self._release(self._uploads.pop(key))
 
-    def _accumulate(self, name: str, m: Manifest, delta: Tensors) -> str:
+    def _accumulate(self, name: str, m: Manifest, delta: Tensors, adopt: bool = False) -> str:
         with self._cv:
             try:
                 plan = self.rounds.begin_accumulate(name, m.round, m.block, m.base_version)
@@ -408,7 +416,7 @@ class Coordinator:
         ok = False
         try:
             t = time.perf_counter()
-            plan.sums.add(m.block, delta, float(m.num_tokens))
+            plan.sums.add(m.block, delta, float(m.num_tokens), adopt=adopt)
             self.metrics.aggregation_duration.observe(time.perf_counter() - t)
             ok = True
         finally:

@@ -16,11 +16,10 @@ from ..common.config import ConfigError, CoordinatorConfig
 from ..common.messages import BlockSpec, TensorSpec
 from ..common.metrics import serve as serve_metrics
 from ..common.models import load_model, model_files, model_fingerprint, resolve_model
-from ..common.pb import coordinator_pb2_grpc as pb_grpc
 from ..common.rpc import server_options
 from .coordinator import Coordinator, GlobalModel
 from .metrics import CoordinatorMetrics
-from .service import CoordinatorService
+from .service import CoordinatorService, add_to_server
 from .store import Checkpoint, StateStore
 
 log = logging.getLogger("fedblock.coordinator")
@@ -69,7 +68,7 @@ def build(config: CoordinatorConfig) -> Coordinator:
 def serve(coordinator: Coordinator, listen: str) -> tuple[grpc.Server, int]:
     """Start the gRPC server; returns it and the bound port (useful with port 0)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=GRPC_THREADS, thread_name_prefix="grpc"), options=server_options())
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(coordinator), server)
+    add_to_server(CoordinatorService(coordinator), server)
     port = server.add_insecure_port(listen)
     if port == 0:
         raise ConfigError(f"--listen: cannot bind {listen}")

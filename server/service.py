@@ -13,10 +13,10 @@ from collections.abc import Iterator
 
 import grpc
 
+from ..common import wire
 from ..common.messages import Manifest
 from ..common.pb import coordinator_pb2 as pb
 from ..common.pb import coordinator_pb2_grpc as pb_grpc
-from ..common.wire import GRPC_FRAME_OVERHEAD
 from .coordinator import Coordinator, Rejected
 from .registry import UnknownWorker
 from .rounds import Refused
@@ -36,8 +36,45 @@ _REJECT_CODES = {
 }
 
 
+SERVICE = "fedblock.v1.Coordinator"
+
+
 def _size(message) -> int:
-    return message.ByteSize() + GRPC_FRAME_OVERHEAD
+    return message.ByteSize() + wire.GRPC_FRAME_OVERHEAD
+
+
+def _parse_upload(raw: bytes):
+    return wire.parse_chunk_message(raw, wire.UPLOAD_CHUNK_FIELD) or pb.UploadMessage.FromString(raw)
+
+
+def _serialize_download(message) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def add_to_server(service: CoordinatorService, server: grpc.Server) -> None:
+    """Register the service as protoc generated it, except that the bulk paths (Upload's requests,
+    Download's responses) go through wire.py's chunk codec: the same bytes, without protobuf's copies."""
+
+    class Capture:
+        handlers: dict = {}
+
+        def add_generic_rpc_handlers(self, _):
+            pass
+
+        def add_registered_method_handlers(self, _, handlers):
+            self.handlers = dict(handlers)
+
+    capture = Capture()
+    pb_grpc.add_CoordinatorServicer_to_server(service, capture)
+    handlers = capture.handlers
+    handlers["Upload"] = grpc.stream_unary_rpc_method_handler(
+        service.Upload, request_deserializer=_parse_upload, response_serializer=pb.UploadReply.SerializeToString
+    )
+    handlers["Download"] = grpc.unary_stream_rpc_method_handler(
+        service.Download, request_deserializer=pb.DownloadRequest.FromString, response_serializer=_serialize_download
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
 
 
 def _identity(context: grpc.ServicerContext) -> tuple[str, str]:
@@ -90,16 +127,20 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def Upload(self, request_iterator: Iterator[pb.UploadMessage], context):
         name, session = _identity(context)
         first = next(request_iterator, None)
-        if first is None or first.WhichOneof("kind") != "header":
+        if first is None or isinstance(first, wire.RawChunk) or first.WhichOneof("kind") != "header":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an upload must start with its header")
         self.c.count_received("update", _size(first))
 
         def chunks():
             for message in request_iterator:
-                if message.WhichOneof("kind") != "chunk":
+                if isinstance(message, wire.RawChunk):
+                    self.c.count_received("update", message.size + wire.GRPC_FRAME_OVERHEAD)
+                    yield message.index, message.data
+                elif message.WhichOneof("kind") == "chunk":  # protobuf's form of the same (e.g. with extra fields)
+                    self.c.count_received("update", _size(message))
+                    yield message.chunk.index, message.chunk.data
+                else:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only chunks may follow the upload header")
-                self.c.count_received("update", _size(message))
-                yield message.chunk.index, message.chunk.data
 
         try:
             status = self.c.upload(name, session, Manifest.from_pb(first.header.manifest), chunks())
@@ -134,8 +175,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             with open(path, "rb") as f:
                 for index in range(manifest.num_chunks):
                     data = os.pread(f.fileno(), manifest.chunk_size, index * manifest.chunk_size)
-                    message = pb.DownloadMessage(chunk=pb.Chunk(index=index, data=data))
-                    self.c.count_sent("model", _size(message))
+                    message = wire.encode_chunk_message(wire.DOWNLOAD_CHUNK_FIELD, index, data)
+                    self.c.count_sent("model", len(message) + wire.GRPC_FRAME_OVERHEAD)
                     yield message
                     if not context.is_active():
                         return

@@ -25,10 +25,11 @@ def centralised(model_dir, data_file, rounds, steps, lr, seed=0, batch_size=4, m
     trainer = BlockTrainer(model, blocks, OptimConfig())
     for t in range(1, rounds + 1):
         (block,) = assign_blocks("round-robin", t, {"w": 0}, names, 0)["w"]
-        trainer.set_blocks([block])
+        trainer.begin_round([block])
         start = B.snapshot(B.block_params(model, blocks[names.index(block)]))
+        batches = stream.round(t)
         for _ in range(steps):
-            trainer.step(stream.next(), lr)
+            trainer.step(next(batches), lr)
         B.take_delta_(B.block_params(model, blocks[names.index(block)]), start)
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -84,17 +85,18 @@ def test_only_assigned_blocks_change(federation, tiny_model, data_file, algorith
 
 def test_fedavg_with_one_worker_is_full_fine_tuning(federation, tiny_model, data_file):
     """fedavg assigns every block to every worker; with one worker it is centralised full fine-tuning
-    (one AdamW state over all parameters, kept across rounds)."""
+    (AdamW over all parameters, a fresh state each round)."""
     model = load_model(tiny_model)
     tokenizer = load_tokenizer(tiny_model)
     blocks = B.partition(model)
     stream = BatchStream(tokenize(load_examples(str(data_file)), tokenizer, 64), 4, 0, tokenizer.pad_token_id)
     trainer = BlockTrainer(model, blocks, OptimConfig())
-    trainer.set_blocks([b.name for b in blocks])
-    for _ in range(3):
+    for t in range(1, 4):
+        trainer.begin_round([b.name for b in blocks])
         start = {b.name: B.snapshot(B.block_params(model, b)) for b in blocks}
+        batches = stream.round(t)
         for _ in range(STEPS):
-            trainer.step(stream.next(), LR)
+            trainer.step(next(batches), LR)
         for b in blocks:
             B.take_delta_(B.block_params(model, b), start[b.name])
     reference = {n: p.detach() for n, p in model.named_parameters()}

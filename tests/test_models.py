@@ -191,7 +191,7 @@ def test_tiny_model_sizes_and_errors(tmp_path):
     with pytest.raises(ModelError, match="vocabulary"):
         make_tiny_model(tmp_path / "x", vocab_size=2048)
     with pytest.raises(ModelError, match="hidden_size"):
-        make_tiny_model(tmp_path / "x", hidden_size=256)
+        make_tiny_model(tmp_path / "x", hidden_size=2048)
     with pytest.raises(ModelError, match="unknown tiny model family 'bert'"):
         make_tiny_model(tmp_path / "x", "bert")
 

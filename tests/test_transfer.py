@@ -1,6 +1,7 @@
 """Uploads and downloads over real gRPC on loopback: chunking, integrity, resume and validation."""
 
 import threading
+import time
 
 import grpc
 import pytest
@@ -106,11 +107,15 @@ def test_broken_upload_resumes_from_held_chunks(federation):
 
     def recording(m, b, skip):
         attempts.append([])
-        if len(attempts) == 1:
-            link.cut_after(len(blob) // 2)
         for message in original(m, b, skip):
-            if message.WhichOneof("kind") == "chunk":
-                attempts[-1].append(message.chunk.index)
+            index = wire.parse_chunk_message(message, wire.UPLOAD_CHUNK_FIELD)
+            if index is not None and len(attempts) == 1 and len(attempts[0]) == manifest.num_chunks // 2:
+                deadline = time.monotonic() + 10
+                while not session._held_chunks(manifest) and time.monotonic() < deadline:
+                    time.sleep(0.01)  # let the coordinator store some chunks, then cut the link
+                link.cut()
+            if index is not None:
+                attempts[-1].append(index.index)
             yield message
 
     session._upload_messages = recording
