@@ -6,10 +6,17 @@ Three small loops, each on its own thread and each ending when `stop` is set:
 - `transfer`: uploads handed-over updates first (a round cannot close without them), then delta-syncs
   the global model when a newer version was announced, and puts the patch in the compute inbox.
 - `heartbeats`: a heartbeat every interval, so a long training step never looks like a dead worker.
+
+When the coordinator cannot be reached, or no longer knows this worker's session (it restarted, or
+dropped us after a silence), whichever loop notices first joins again under the same name, with
+exponential back-off and jitter, forever unless --max-retries says otherwise. The update being sent
+is kept and sent again (resuming from the chunks the coordinator holds), and the next delta sync asks
+for every block this worker changed, so its copy is the coordinator's again.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -21,11 +28,18 @@ from ..common import wire
 from ..common.codecs import CodecPipeline
 from ..common.messages import Assignment, ModelNotice, RunEnd
 from .metrics import WorkerMetrics
-from .session import Session
+from .session import TRANSIENT, Session, backoff_delays
 from .state import ModelBook, Patch, Update
 from .timeline import Timeline
 
 log = logging.getLogger("fedblock.worker")
+
+# Errors after which joining again may help: the link broke, or the coordinator lost our session.
+RECONNECT = TRANSIENT | {grpc.StatusCode.UNAUTHENTICATED}
+
+
+class GiveUp(Exception):
+    """Reconnection is impossible (refused, another run) or --max-retries ran out."""
 
 
 class Comm:
@@ -39,6 +53,10 @@ class Comm:
         stop: threading.Event,
         timeline: Timeline,
         steps_done=lambda: 0,
+        num_examples: int = 0,
+        device: str = "cpu",
+        max_retries: int = 0,
+        max_backoff: float = 30.0,
     ):
         assert session.info is not None
         self.session = session
@@ -50,61 +68,68 @@ class Comm:
         self.stop = stop
         self.timeline = timeline
         self.steps_done = steps_done
+        self.num_examples = num_examples
+        self.device = device
+        self.max_retries = max_retries
+        self.max_backoff = max_backoff
         self.codec = CodecPipeline(self.info.codec)
         self.wake = threading.Event()
         self.run_end: RunEnd | None = None
         self.error: BaseException | None = None
+        self.reconnects = 0
+        self._generation = 0  # sessions joined so far; a failure seen in an old one needs no new join
+        self._join_lock = threading.Lock()
         self._announced = book.version  # newest model version announced by the coordinator
-        self._requested = book.version  # newest version already downloaded (or being applied)
+        self._requested = book.version  # newest version downloaded (or being applied)
+        self._resync = False  # the next delta sync asks for every block we changed
+        self._pending: Update | None = None  # the update being sent; kept across a re-join
         self._lock = threading.Lock()
 
     # ---- events -----------------------------------------------------------------------------
 
     def read_events(self) -> None:
-        try:
-            for event in self.session.events():
-                if isinstance(event, Assignment):
-                    self._put(self.inbox, event)
-                elif isinstance(event, ModelNotice):
-                    with self._lock:
-                        self._announced = max(self._announced, event.version)
-                    self.wake.set()
-                elif isinstance(event, RunEnd):
-                    log.info("run ended (%s) at model version %d", event.reason, event.final_version)
-                    self.run_end = event
-                    self.stop.set()
-                    return
-            if not self.stop.is_set():
-                raise ConnectionError("the coordinator closed the event stream")
-        except grpc.RpcError as e:
-            if not self.stop.is_set():
-                self._fail(ConnectionError(f"event stream lost: {e.code().name}: {e.details()}"))
-        except BaseException as e:
-            self._fail(e)
-        finally:
-            self.wake.set()
+        self._loop(self._read_events_once)
+
+    def _read_events_once(self) -> None:
+        for event in self.session.events():
+            if isinstance(event, Assignment):
+                self._put(self.inbox, event)
+            elif isinstance(event, ModelNotice):
+                with self._lock:
+                    self._announced = max(self._announced, event.version)
+                self.wake.set()
+            elif isinstance(event, RunEnd):
+                log.info("run ended (%s) at model version %d", event.reason, event.final_version)
+                self.run_end = event
+                self.stop.set()
+                self.wake.set()
+                return
+        if not self.stop.is_set():  # dropped by the coordinator (restart, silence, our own re-join)
+            raise ConnectionError("the coordinator closed the event stream")
 
     # ---- transfers --------------------------------------------------------------------------
 
     def transfer(self) -> None:
-        try:
-            while not self.stop.is_set():
+        self._loop(self._transfer_once)
+
+    def _transfer_once(self) -> None:
+        while not self.stop.is_set():
+            if self._pending is None:
                 try:
-                    update = self.outbox.get_nowait()
+                    self._pending = self.outbox.get_nowait()
                 except queue.Empty:
-                    update = None
-                if update is not None:
-                    self._upload(update)
-                    continue
-                with self._lock:
-                    target = self._announced if self._announced > self._requested else None
-                if target is not None:
-                    self._download(target)
-                    continue
-                self.wake.wait(timeout=0.5)
-                self.wake.clear()
-        except BaseException as e:
-            self._fail(e)
+                    pass
+            if self._pending is not None:
+                self._upload(self._pending)  # raises to _loop (which re-joins) if the link is gone
+                self._pending = None
+                continue
+            with self._lock:
+                target = self._announced if self._announced > self._requested else None
+            if target is not None:
+                self._download(target)
+                continue
+            self.wake.wait(timeout=0.5)
+            self.wake.clear()
 
     def notify_handover(self) -> None:
         self.wake.set()
@@ -112,33 +137,35 @@ class Comm:
     def _upload(self, update: Update) -> None:
         t0 = time.perf_counter()
         with self.timeline.span("upload", update.round, blocks=len(update.deltas)):
-            self._send(update)
+            for block, delta in update.deltas.items():
+                manifest, blob = wire.pack(
+                    block, delta, self.codec, round=update.round, base_version=update.base_version,
+                    chunk_size=self.info.chunk_size, num_tokens=max(1, update.tokens), train_loss=update.loss,
+                )
+                try:
+                    status = self.session.upload(manifest, blob)
+                except grpc.RpcError as e:
+                    if e.code() in RECONNECT:
+                        raise
+                    # Refused for what it is (e.g. the round was planned anew after a coordinator
+                    # restart): sending it again cannot help, and the worker goes on.
+                    log.error("round %d %s refused: %s: %s", update.round, block, e.code().name, e.details())
+                    status = "refused"
+                if status != "accepted":
+                    log.info("round %d %s: %s", update.round, block, status)
+                    break  # the other blocks of the round would share its fate
         self.metrics.comm_seconds.inc(time.perf_counter() - t0)
-
-    def _send(self, update: Update) -> None:
-        for block, delta in update.deltas.items():
-            manifest, blob = wire.pack(
-                block,
-                delta,
-                self.codec,
-                round=update.round,
-                base_version=update.base_version,
-                chunk_size=self.info.chunk_size,
-                num_tokens=max(1, update.tokens),
-                train_loss=update.loss,
-            )
-            status = self.session.upload(manifest, blob)
-            if status != "accepted":
-                log.info("round %d %s: coordinator says %s", update.round, block, status)
-                break  # the round closed without us: the other blocks would be late too
 
     def _download(self, announced: int) -> None:
         t0 = time.perf_counter()
+        with self._lock:
+            resync = self._resync
         with self.timeline.span("download", announced):
-            version, block_versions, blocks = self.session.download(self.book.request(announced))
+            version, block_versions, blocks = self.session.download(self.book.request(announced, resync))
             patch = Patch(version, block_versions, {b.block: b.tensors for b in blocks})
         with self._lock:
-            self._requested = max(self._requested, version)
+            self._requested = version
+            self._resync = self._resync and not resync
         self.metrics.comm_seconds.inc(time.perf_counter() - t0)
         self._put(self.inbox, patch)
 
@@ -147,6 +174,7 @@ class Comm:
     def heartbeats(self) -> None:
         interval = self.info.heartbeat_interval_s
         while not self.stop.wait(interval):
+            generation = self._generation
             try:
                 version = self.session.heartbeat(self.book.version, self.steps_done())
                 with self._lock:  # a missed notice is caught up through the heartbeat reply
@@ -155,8 +183,74 @@ class Comm:
                         self.wake.set()
             except grpc.RpcError as e:
                 log.warning("heartbeat failed: %s", e.code().name)
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED:  # the coordinator forgot us
+                    self._guard(functools.partial(self._rejoin, generation))
+
+    # ---- (re)joining ------------------------------------------------------------------------
+
+    def _loop(self, body) -> None:
+        """Run `body` until stop; re-join whenever the link or the session is lost."""
+        self._guard(lambda: self._run_rejoining(body))
+
+    def _run_rejoining(self, body) -> None:
+        while not self.stop.is_set():
+            generation = self._generation
+            try:
+                body()
+                return
+            except grpc.RpcError as e:
+                if self.stop.is_set():
+                    return
+                if e.code() not in RECONNECT:
+                    raise
+                log.warning("lost the coordinator (%s: %s); joining again", e.code().name, e.details())
+            except (ConnectionError, wire.IntegrityError) as e:
+                if self.stop.is_set():
+                    return
+                log.warning("%s; joining again", e)
+            self._rejoin(generation)
+
+    def _rejoin(self, generation: int) -> None:
+        """Join again (once per lost session, whichever thread asks first), with back-off and jitter."""
+        with self._join_lock:
+            if generation != self._generation or self.stop.is_set():
+                return
+            delays = backoff_delays(base=0.5, cap=self.max_backoff)
+            attempt = 0
+            while not self.stop.is_set():
+                try:
+                    info = self.session.join(self.num_examples, self.device, timeout=0)
+                    break
+                except grpc.RpcError as e:
+                    attempt += 1
+                    if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                        raise GiveUp(f"the coordinator refused us: {e.details()}") from None
+                    if self.max_retries and attempt >= self.max_retries:
+                        raise GiveUp(f"no coordinator after {attempt} attempts ({e.code().name})") from None
+                    delay = next(delays)
+                    log.info("join attempt %d failed (%s); next in %.1f s", attempt, e.code().name, delay)
+                    self.stop.wait(delay)
+            else:
+                return
+            if info.run_id != self.info.run_id:
+                raise GiveUp(f"the coordinator now runs {info.run_id}, not our run {self.info.run_id}")
+            self.info = info
+            self.reconnects += 1
+            self._generation += 1
+            with self._lock:
+                self._announced = info.model_version
+                self._requested = -1  # sync now, and ask for everything we changed
+                self._resync = True
+            self.wake.set()
+            log.info("joined again (session %d), coordinator at model version %d", self._generation, info.model_version)
 
     # ---- helpers ----------------------------------------------------------------------------
+
+    def _guard(self, body) -> None:
+        try:
+            body()
+        except BaseException as e:
+            self._fail(e)
 
     def _put(self, q: queue.Queue, item) -> None:
         while not self.stop.is_set():

@@ -74,6 +74,7 @@ class ComputeLoop:
         self.threads = torch.get_num_threads()
         self.error: BaseException | None = None
         self._assignments: deque[Assignment] = deque()  # arrived while training
+        self._taken: set[tuple[int, tuple[str, ...]]] = set()  # (round, blocks) accepted so far
         self._training: dict[str, dict] = {}  # block -> live params, during a round
         self._start: dict[str, dict] = {}  # block -> start values s_b, during a round
 
@@ -163,7 +164,10 @@ class ComputeLoop:
                 return False
         if isinstance(item, Patch):
             self._apply(item)
-        else:
+        elif (item.round, item.blocks) not in self._taken:
+            # After a re-join the coordinator sends again what it has not seen handed in; what we trained
+            # (or are training) is still on its way through the communication thread.
+            self._taken = {t for t in self._taken if t[0] >= self.book.version} | {(item.round, item.blocks)}
             self._assignments.append(item)
         return True
 

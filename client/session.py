@@ -69,10 +69,19 @@ class Session:
     """One worker's connection to the coordinator."""
 
     def __init__(self, address: str, name: str, sent: Counter | None = None, received: Counter | None = None,
-                 upload_rate: float = 0, download_rate: float = 0):
+                 upload_rate: float = 0, download_rate: float = 0, credentials: grpc.ChannelCredentials | None = None,
+                 token: str | None = None, server_name: str | None = None):
+        """`credentials` None means plaintext (the caller asked for --insecure)."""
         self.address = address
         self.name = name
-        self.channel = grpc.insecure_channel(address, options=channel_options())
+        self.token = token
+        options = channel_options()
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        if credentials is None:
+            self.channel = grpc.insecure_channel(address, options=options)
+        else:
+            self.channel = grpc.secure_channel(address, credentials, options=options)
         self.stub = pb_grpc.CoordinatorStub(self.channel)
         # The bulk paths serialize and parse chunk messages themselves (wire.py): the same bytes as
         # protobuf, without its copies. Requests are pre-serialized bytes; responses may be RawChunks.
@@ -99,9 +108,10 @@ class Session:
         request = pb.JoinRequest(name=self.name, version=version("fedblock"), device=device, num_examples=num_examples)
         deadline = time.monotonic() + timeout
         delays = backoff_delays()
+        metadata = (("authorization", f"Bearer {self.token}"),) if self.token else ()
         while True:
             try:
-                reply = self.stub.Join(request, timeout=30)
+                reply = self.stub.Join(request, metadata=metadata, timeout=30)
                 break
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() >= deadline:

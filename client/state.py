@@ -46,12 +46,13 @@ class ModelBook:
     dirty: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def request(self, notice_version: int) -> dict[str, int]:
-        """Held versions to send with a download for model version `notice_version`."""
+    def request(self, notice_version: int, everything_changed: bool = False) -> dict[str, int]:
+        """Held versions to send with a download for model version `notice_version`. After a re-join
+        (`everything_changed`) every block we changed is asked for: the coordinator may have lost it."""
         with self.lock:
             held = dict(self.block_versions)
             for block, round in self.dirty.items():
-                if round <= notice_version:
+                if round <= notice_version or everything_changed:
                     held[block] = -1
             return held
 
@@ -61,9 +62,10 @@ class ModelBook:
                 self.dirty[b] = round
 
     def applied(self, patch: Patch) -> None:
+        """Patches arrive in download order, so the last one is the coordinator's current version (which
+        can be older than ours after it restarted from a checkpoint)."""
         with self.lock:
-            self.version = max(self.version, patch.version)
+            self.version = patch.version
             for b in patch.blocks:
                 self.block_versions[b] = patch.block_versions[b]
-                if self.dirty.get(b, patch.version + 1) <= patch.version:
-                    del self.dirty[b]
+                self.dirty.pop(b, None)  # we asked for it: the local copy is the global one again

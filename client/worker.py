@@ -19,6 +19,7 @@ from ..common.config import WorkerConfig
 from ..common.data import BatchStream, load_examples, tokenize
 from ..common.metrics import serve as serve_metrics
 from ..common.models import build_model_from_files, load_tokenizer
+from ..common.security import channel_credentials
 from ..common.training import BlockTrainer, OptimConfig
 from .comm import Comm
 from .compute import ComputeLoop
@@ -59,6 +60,8 @@ class Worker:
         # Fail on a bad data path or format before touching the network.
         self.examples = load_examples(config.data)
         self.device = pick_device(config.device)
+        if config.insecure:
+            log.warning("connecting without TLS (--insecure): only on a network you trust")
 
     def run(self) -> Outcome:
         c = self.config
@@ -71,6 +74,9 @@ class Worker:
             received=lambda kind, n: m.bytes_received.labels(kind).inc(n),
             upload_rate=c.max_upload_rate,
             download_rate=c.max_download_rate,
+            credentials=None if c.insecure else channel_credentials(c.tls_ca, c.tls_cert, c.tls_key),
+            token=c.token,
+            server_name=c.tls_server_name,
         )
         work_dir = c.work_dir or Path(tempfile.mkdtemp(prefix=f"fedblock-{c.name}-"))
         try:
@@ -124,7 +130,9 @@ class Worker:
         inbox: queue.Queue = queue.Queue(INBOX_SIZE)
         outbox: queue.Queue = queue.Queue(1)
         compute = ComputeLoop(model, blocks, trainer, stream, book, inbox, outbox, depth, self.metrics, self.stop, self.timeline)
-        comm = Comm(session, book, inbox, outbox, self.metrics, self.stop, self.timeline, steps_done=lambda: compute.steps_done)
+        comm = Comm(session, book, inbox, outbox, self.metrics, self.stop, self.timeline,
+                    steps_done=lambda: compute.steps_done, num_examples=len(self.examples), device=str(self.device),
+                    max_retries=self.config.max_retries, max_backoff=self.config.max_backoff)
         compute.on_handover = comm.notify_handover
         threads = [
             threading.Thread(target=compute.run, name="compute", daemon=True),

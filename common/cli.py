@@ -20,6 +20,7 @@ from .config import (
     ExportConfig,
     SimulateConfig,
     StatusConfig,
+    TokenConfig,
     WorkerConfig,
     build,
     flag_name,
@@ -27,9 +28,11 @@ from .config import (
 )
 
 # Options `simulate` decides itself, per process.
-SIMULATE_SETS_COORDINATOR = frozenset({"listen", "eval_data", "min_workers", "seed"})
+SIMULATE_SETS_COORDINATOR = frozenset({"listen", "eval_data", "min_workers", "seed", "insecure", "tls_cert", "tls_key",
+                                       "tls_client_ca", "auth_tokens"})
 SIMULATE_SETS_WORKER = frozenset(
-    {"coordinator", "name", "data", "seed", "metrics_port", "work_dir", "connect_timeout", "timeline"}
+    {"coordinator", "name", "data", "seed", "metrics_port", "work_dir", "connect_timeout", "timeline", "insecure",
+     "token", "tls_ca", "tls_cert", "tls_key", "tls_server_name"}
 )
 
 COMMANDS = {
@@ -39,6 +42,7 @@ COMMANDS = {
     "export": ("write a state dir's global model as a Hugging Face folder", (ExportConfig,)),
     "eval": ("evaluate a model on a data set", (EvalConfig,)),
     "status": ("ask a running coordinator how the run goes", (StatusConfig,)),
+    "token": ("make a worker token: the secret for the worker, the hashed line for --auth-tokens", (TokenConfig,)),
 }
 
 
@@ -71,8 +75,12 @@ def make_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML file with option values (flags and FEDBLOCK_* variables win)")
         for f in _fields(command):
             help_ = f.metadata.get("help", "")
-            if f.default is not dataclasses.MISSING and f.default is not None:
+            if f.default is not dataclasses.MISSING and f.default not in (None, False):
                 help_ += f" (default: {f.default})"
+            if f.type in (bool, "bool"):  # `--insecure` alone means true; `--insecure false` works too
+                p.add_argument(flag_name(f), dest=f.name, default=None, help=help_, nargs="?", const="true",
+                               metavar="BOOL")
+                continue
             p.add_argument(flag_name(f), dest=f.name, default=None, help=help_, metavar=f.name.upper(),
                            choices=f.metadata.get("choices"))
     return parser
@@ -82,17 +90,16 @@ def parse_configs(command: str, args: argparse.Namespace, env=None):
     """The config objects of `command` from parsed flags, env and --config."""
     flags = vars(args)
     file_values = load_yaml(args.config) if args.config else {}
-    classes = COMMANDS[command][1]
-    configs = []
-    for cls in classes:
-        names = {f.name for f in dataclasses.fields(cls)}
-        own = {k: v for k, v in file_values.items() if k in names}
-        if command == "simulate" and cls is not SimulateConfig:
-            continue  # simulate builds these itself from the same values
-        configs.append(build(cls, {k: v for k, v in flags.items() if k in names}, env, own))
     unknown = set(file_values) - {f.name for f in _fields(command)}
     if unknown:
         raise ConfigError(f"--config: unknown option {sorted(unknown)[0].replace('_', '-')!r}")
+    configs = []
+    for cls in COMMANDS[command][1]:
+        if command == "simulate" and cls is not SimulateConfig:
+            continue  # simulate builds these itself from the same values
+        names = {f.name for f in dataclasses.fields(cls)}
+        own = {k: v for k, v in file_values.items() if k in names}
+        configs.append(build(cls, {k: v for k, v in flags.items() if k in names}, env, own))
     return configs
 
 
@@ -168,6 +175,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .tools import status
 
         return status(config)
+    if command == "token":
+        (config,) = parse_configs(command, args)
+        from .security import hash_token, new_token
+
+        token = new_token()
+        print(f"token for {config.name} (give it to the worker as --token or FEDBLOCK_TOKEN): {token}")
+        print(f"line for the coordinator's --auth-tokens file:\n{config.name}: {hash_token(token)}")
+        return 0
     raise AssertionError(command)
 
 

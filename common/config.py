@@ -197,11 +197,18 @@ class CoordinatorConfig:
     heartbeat_timeout: float = opt("seconds of silence after which a worker is dropped from its rounds", 120.0)
     keep_checkpoints: int = opt("checkpoints kept in --state-dir", 3)
     threads: int = opt("torch CPU threads (0: torch's default)", 0)
-    linger: float = opt("seconds to keep serving status and metrics after the run ends", 0.0)
+    end_grace: float = opt("after the run, seconds to wait for every worker to hear that it ended", 60.0)
+    linger: float = opt("then seconds to keep serving status and metrics", 0.0)
+    tls_cert: Path | None = opt("TLS certificate (PEM) of the coordinator", None)
+    tls_key: Path | None = opt("TLS private key (PEM) of the coordinator", None)
+    tls_client_ca: Path | None = opt("require client certificates signed by this CA (mutual TLS); a worker's "
+                                     "certificate must name the worker (common name or DNS name)", None)
+    auth_tokens: Path | None = opt("YAML file mapping worker names to tokens (or sha256:HASH of tokens)", None)
+    insecure: bool = opt("allow plaintext gRPC (no TLS): only on a network you trust", False)
 
     def check(self) -> None:
         _host_port(self.listen, "--listen")
-        _require(self.linger >= 0, "--linger must be >= 0")
+        _require(self.linger >= 0 and self.end_grace >= 0, "--linger and --end-grace must be >= 0")
         _require(self.rounds >= 1, f"--rounds must be >= 1, got {self.rounds}")
         _require(self.clients_per_round >= 0, "--clients-per-round must be >= 0")
         _require(self.min_workers >= 1, "--min-workers must be >= 1")
@@ -229,6 +236,13 @@ class CoordinatorConfig:
             CodecPipeline(self.codec)
         except CodecError as e:
             raise ConfigError(f"--codec: {e}") from None
+        _require((self.tls_cert is None) == (self.tls_key is None), "--tls-cert and --tls-key go together")
+        _require(self.tls_cert is not None or self.insecure,
+                 "plaintext gRPC needs --insecure; or serve TLS with --tls-cert and --tls-key")
+        _require(self.tls_client_ca is None or self.tls_cert is not None, "--tls-client-ca needs --tls-cert and --tls-key")
+        for flag, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key),
+                           ("--tls-client-ca", self.tls_client_ca), ("--auth-tokens", self.auth_tokens)):
+            _require(path is None or Path(path).is_file(), f"{flag}: no such file {path}")
 
     @property
     def depth(self) -> int:
@@ -256,6 +270,14 @@ class WorkerConfig:
     max_upload_rate: int = opt("cap on upload bandwidth in bytes/s, e.g. 20MB/s or 100Mbit/s (0: none)", 0, parse=parse_rate)
     max_download_rate: int = opt("cap on download bandwidth in bytes/s (0: none)", 0, parse=parse_rate)
     timeline: Path | None = opt("write this worker's compute and transfer intervals as JSONL here", None)
+    token: str | None = opt("this worker's token (see the coordinator's --auth-tokens)", None)
+    tls_ca: Path | None = opt("CA certificate (PEM) to trust for the coordinator (default: the system's roots)", None)
+    tls_cert: Path | None = opt("client certificate (PEM) for mutual TLS", None)
+    tls_key: Path | None = opt("client private key (PEM) for mutual TLS", None)
+    tls_server_name: str | None = opt("name to expect in the coordinator's certificate (default: the host)", None)
+    insecure: bool = opt("connect without TLS: only on a network you trust", False)
+    max_retries: int = opt("give up after this many failed reconnection attempts in a row (0: never)", 0)
+    max_backoff: float = opt("longest wait between reconnection attempts, in seconds (exponential with jitter up to it)", 30.0)
 
     def check(self) -> None:
         _host_port(self.coordinator, "--coordinator")
@@ -268,6 +290,12 @@ class WorkerConfig:
         _require(self.connect_timeout >= 0, "--connect-timeout must be >= 0")
         _require(0 <= self.metrics_port < 65536, "--metrics-port must be 0..65535")
         _require(self.max_upload_rate >= 0 and self.max_download_rate >= 0, "rates must be >= 0")
+        _require(self.max_retries >= 0, "--max-retries must be >= 0")
+        _require(self.max_backoff > 0, "--max-backoff must be > 0")
+        _require((self.tls_cert is None) == (self.tls_key is None), "--tls-cert and --tls-key go together")
+        _require(not (self.insecure and (self.tls_ca or self.tls_cert)), "--insecure contradicts the --tls-* options")
+        for flag, path in (("--tls-ca", self.tls_ca), ("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key)):
+            _require(path is None or Path(path).is_file(), f"{flag}: no such file {path}")
 
 
 @dataclass(kw_only=True)
@@ -316,9 +344,17 @@ class EvalConfig:
 @dataclass(kw_only=True)
 class StatusConfig:
     coordinator: str = opt("coordinator address HOST:PORT")
+    tls_ca: Path | None = opt("CA certificate (PEM) to trust for the coordinator", None)
+    tls_server_name: str | None = opt("name to expect in the coordinator's certificate", None)
+    insecure: bool = opt("connect without TLS", False)
 
     def check(self) -> None:
         _host_port(self.coordinator, "--coordinator")
+
+
+@dataclass(kw_only=True)
+class TokenConfig:
+    name: str = opt("the worker the token is for")
 
 
 def to_argv(config: Any, skip: frozenset[str] = frozenset()) -> list[str]:
@@ -326,7 +362,7 @@ def to_argv(config: Any, skip: frozenset[str] = frozenset()) -> list[str]:
     argv: list[str] = []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if f.name in skip or value is None:
+        if f.name in skip or value is None or value is False:
             continue
-        argv += [flag_name(f), str(value)]
+        argv += [flag_name(f)] if value is True else [flag_name(f), str(value)]
     return argv

@@ -57,7 +57,8 @@ def simulate(sim: SimulateConfig, args: argparse.Namespace) -> int:
     flags = vars(args)
     file_values = load_yaml(args.config) if args.config else {}
     port = sim.port or free_port()
-    coord_forced = {"listen": f"127.0.0.1:{port}", "min_workers": sim.workers, "seed": sim.seed}
+    # Everything stays on 127.0.0.1, so plaintext is fine here (and the only option simulate offers).
+    coord_forced = {"listen": f"127.0.0.1:{port}", "min_workers": sim.workers, "seed": sim.seed, "insecure": True}
     coord = build(CoordinatorConfig, {**_known(CoordinatorConfig, flags), **coord_forced}, None, _known(CoordinatorConfig, file_values))
     state_dir = Path(coord.state_dir)
     data_dir = state_dir / "data"
@@ -72,6 +73,7 @@ def simulate(sim: SimulateConfig, args: argparse.Namespace) -> int:
             "seed": sim.seed + i,
             "metrics_port": coord.metrics_port + 1 + i if coord.metrics_port else 0,
             "timeline": str(state_dir / "timelines" / f"worker-{i}.jsonl"),
+            "insecure": True,
         }
         workers.append(build(WorkerConfig, {**worker_template, **forced}, None, _known(WorkerConfig, file_values)))
 

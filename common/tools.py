@@ -86,8 +86,14 @@ def status(config: StatusConfig) -> int:
     from .pb import coordinator_pb2 as pb
     from .pb import coordinator_pb2_grpc as pb_grpc
     from .rpc import channel_options
+    from .security import channel_credentials
 
-    with grpc.insecure_channel(config.coordinator, options=channel_options()) as channel:
+    options = channel_options() + ([("grpc.ssl_target_name_override", config.tls_server_name)] if config.tls_server_name else [])
+    if config.insecure:
+        channel = grpc.insecure_channel(config.coordinator, options=options)
+    else:
+        channel = grpc.secure_channel(config.coordinator, channel_credentials(config.tls_ca, None, None), options=options)
+    with channel:
         try:
             s = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=10)
         except grpc.RpcError as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
+import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -158,20 +159,28 @@ class Coordinator:
             rounds=c.rounds,
         )
 
+    def refused_join(self, name: str, why: str) -> None:
+        self.metrics.joins_refused.inc()
+        log.warning("refused a join as %r: %s", name, why)
+
     def authenticate(self, name: str, session: str) -> None:
         self.registry.check(name, session)
 
     def events(self, name: str, session: str, poll_s: float = 0.5) -> Iterator[Event]:
         """The worker's event stream; ends when the worker leaves, re-joins elsewhere or the run ends."""
         record = self.registry.check(name, session)
-        queue_ = record.events
+        events = record.events
         # The current model version first, so a (re)joining worker knows what to sync to.
         g = self.global_model
         yield ModelNotice(g.version, dict(g.block_versions))
+        if self.state in ("finished", "stopped"):  # joined after the end (while we wait for stragglers)
+            yield RunEnd(self.state, g.version)
+            record.told_end = True
+            return
         while True:
             try:
-                event = queue_.get(timeout=poll_s)
-            except Exception:  # queue.Empty: check whether we should still be streaming
+                event = events.get(timeout=poll_s)
+            except queue.Empty:
                 if self._stop.is_set():
                     return
                 continue
@@ -179,6 +188,7 @@ class Coordinator:
                 return
             yield event
             if isinstance(event, RunEnd):
+                record.told_end = True
                 return
 
     def heartbeat(self, name: str, session: str) -> int:
@@ -240,7 +250,8 @@ class Coordinator:
         """The current global version and the blocks (in model order) newer than what the worker holds."""
         self.registry.check(name, session)
         g = self.global_model
-        wanted = [b for b in self.block_order if held.get(b, -1) < 0 or g.block_versions[b] > held.get(b, -1)]
+        # Any difference counts: a worker can be ahead of a coordinator that restarted from a checkpoint.
+        wanted = [b for b in self.block_order if held.get(b, -1) != g.block_versions[b]]
         return g, wanted
 
     def download_manifest(self, g: GlobalModel, block: str) -> tuple[Manifest, Path]:
@@ -343,6 +354,15 @@ class Coordinator:
 
     def wait_stopped(self, timeout: float) -> bool:
         return self._stop.wait(timeout)
+
+    def wait_workers_told(self, timeout: float) -> bool:
+        """After the run: wait until every known worker has been sent its end (a worker that was
+        reconnecting when the run ended hears it when it joins again). False on timeout or stop()."""
+        deadline = time.monotonic() + timeout
+        while not all(w.told_end for w in self.registry.all()):
+            if self._stop.wait(0.1) or time.monotonic() >= deadline:
+                return False
+        return True
 
     # ---- internals -----------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from ..common.messages import BlockSpec, TensorSpec
 from ..common.metrics import serve as serve_metrics
 from ..common.models import load_model, model_files, model_fingerprint, resolve_model
 from ..common.rpc import server_options
+from ..common.security import Authenticator, load_tokens, server_credentials
 from .coordinator import Coordinator, GlobalModel
 from .metrics import CoordinatorMetrics
 from .service import CoordinatorService, add_to_server
@@ -65,13 +66,23 @@ def build(config: CoordinatorConfig) -> Coordinator:
     return Coordinator(config, store, run_id, specs, initial, CoordinatorMetrics(), evaluate, ckpt)
 
 
-def serve(coordinator: Coordinator, listen: str) -> tuple[grpc.Server, int]:
-    """Start the gRPC server; returns it and the bound port (useful with port 0)."""
+def serve(coordinator: Coordinator, config: CoordinatorConfig) -> tuple[grpc.Server, int]:
+    """Start the gRPC server (TLS unless --insecure); returns it and the bound port (useful with port 0)."""
+    auth = Authenticator(
+        tokens=load_tokens(config.auth_tokens) if config.auth_tokens else None,
+        bind_certificate_names=config.tls_client_ca is not None,
+    )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=GRPC_THREADS, thread_name_prefix="grpc"), options=server_options())
-    add_to_server(CoordinatorService(coordinator), server)
-    port = server.add_insecure_port(listen)
+    add_to_server(CoordinatorService(coordinator, auth), server)
+    if config.tls_cert is not None:
+        port = server.add_secure_port(config.listen, server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca))
+    else:
+        log.warning("serving plaintext gRPC (--insecure): anyone on the network can read and alter the traffic")
+        port = server.add_insecure_port(config.listen)
+    if auth.tokens is None and not auth.bind_certificate_names:
+        log.warning("no --auth-tokens and no --tls-client-ca: any worker that can connect may join under any name")
     if port == 0:
-        raise ConfigError(f"--listen: cannot bind {listen}")
+        raise ConfigError(f"--listen: cannot bind {config.listen}")
     server.start()
     return server, port
 
@@ -91,7 +102,7 @@ class Running:
 
 def start(config: CoordinatorConfig) -> Running:
     coordinator = build(config)
-    server, port = serve(coordinator, config.listen)
+    server, port = serve(coordinator, config)
     metrics_server = None
     if config.metrics_port:
         metrics_server, _ = serve_metrics(coordinator.metrics.registry, config.metrics_port)
@@ -111,6 +122,10 @@ def run(config: CoordinatorConfig) -> dict:
             signal.signal(sig, lambda *_: running.coordinator.stop())
     try:
         summary = running.coordinator.run()
+        if not running.coordinator.wait_workers_told(config.end_grace):
+            missing = [w.name for w in running.coordinator.registry.all() if not w.told_end]
+            if missing:
+                log.warning("workers %s did not hear that the run ended (gone?)", ", ".join(missing))
         if config.linger:
             log.info("run over; serving status and metrics for %.0f s more", config.linger)
             running.coordinator.wait_stopped(config.linger)

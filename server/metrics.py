@@ -32,4 +32,5 @@ class CoordinatorMetrics:
             "fedblock_checkpoint_duration_seconds", "Time to write one checkpoint", buckets=_SECONDS, registry=r
         )
         self.eval_loss = Gauge("fedblock_eval_loss", "Held-out loss of the global model at the last evaluation", registry=r)
+        self.joins_refused = Counter("fedblock_joins_refused", "Join attempts refused (bad token or certificate)", registry=r)
         self.model_version = Gauge("fedblock_model_version", "Rounds completed (global model version)", registry=r)

@@ -25,6 +25,7 @@ class WorkerRecord:
     connected: bool = False
     last_seen: float = 0.0
     updates_accepted: int = 0
+    told_end: bool = False  # the worker has been sent the end of the run
     events: queue.Queue = field(default_factory=lambda: queue.Queue(EVENT_QUEUE_SIZE))
 
 

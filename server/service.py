@@ -17,6 +17,7 @@ from ..common import wire
 from ..common.messages import Manifest
 from ..common.pb import coordinator_pb2 as pb
 from ..common.pb import coordinator_pb2_grpc as pb_grpc
+from ..common.security import Authenticator
 from .coordinator import Coordinator, Rejected
 from .registry import UnknownWorker
 from .rounds import Refused
@@ -91,13 +92,18 @@ def _abort(context: grpc.ServicerContext, error: Exception):
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
-    def __init__(self, coordinator: Coordinator):
+    def __init__(self, coordinator: Coordinator, auth: Authenticator | None = None):
         self.c = coordinator
+        self.auth = auth or Authenticator()
 
     def Join(self, request: pb.JoinRequest, context):
         self.c.count_received("control", _size(request))
         if not request.name:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a worker name is required")
+        refusal = self.auth.check(request.name, dict(context.invocation_metadata()), context)
+        if refusal is not None:
+            self.c.refused_join(request.name, refusal)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
         reply = self.c.join(request.name).to_pb()
         self.c.count_sent("control", _size(reply))
         return reply

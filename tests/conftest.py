@@ -60,7 +60,7 @@ class Federation:
 
     def worker_config(self, name: str, data: Path, **kw) -> WorkerConfig:
         return WorkerConfig(coordinator=self.address, name=name, data=str(data),
-                            **{"batch_size": 4, "max_seq_len": 64, "connect_timeout": 30, **kw})
+                            **{"batch_size": 4, "max_seq_len": 64, "connect_timeout": 30, "insecure": True, **kw})
 
     def add_worker(self, config: WorkerConfig):
         from fedblock.client.worker import Worker
@@ -103,7 +103,7 @@ def federation(tmp_path, tiny_model):
 
     def start(model=None, **options):
         config = CoordinatorConfig(model=str(model or tiny_model), state_dir=tmp_path / f"state{len(made)}",
-                                   listen="127.0.0.1:0", **options)
+                                   listen="127.0.0.1:0", **{"insecure": True, **options})
         fed = Federation(daemon.start(config))
         made.append(fed)
         return fed

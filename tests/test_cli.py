@@ -20,14 +20,15 @@ def configs(argv, env=None):
 def test_flags_beat_env_beat_yaml_beat_defaults(tmp_path):
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("rounds: 7\nlocal-steps: 3\nlr: 0.5\nstate_dir: /tmp/s\n")
-    (c,) = configs(["coordinator", "--model", "m", "--config", str(yaml_file), "--lr", "0.25"],
+    (c,) = configs(["coordinator", "--model", "m", "--config", str(yaml_file), "--lr", "0.25", "--insecure"],
                    {"FEDBLOCK_LOCAL_STEPS": "9"})
     assert (c.rounds, c.local_steps, c.lr, str(c.state_dir)) == (7, 9, 0.25, "/tmp/s")
     assert c.algorithm == "parablock" and c.depth == 1 and c.chunk_size == 1 << 20
 
 
 def test_units_and_derived_values():
-    (c,) = configs(["coordinator", "--model", "m", "--state-dir", "s", "--chunk-size", "256KiB", "--algorithm", "fedbcd"])
+    (c,) = configs(["coordinator", "--model", "m", "--state-dir", "s", "--chunk-size", "256KiB", "--algorithm", "fedbcd",
+                    "--insecure"])
     assert c.chunk_size == 256 * 1024 and c.depth == 0
     assert parse_bytes("20MB") == 20_000_000 and parse_bytes("1MiB") == 1 << 20
     assert parse_rate("20MB/s") == 20_000_000 and parse_rate("100Mbit/s") == 12_500_000
@@ -67,7 +68,11 @@ def test_yaml_errors(tmp_path):
     "argv,fragment",
     [
         (["worker", "--coordinator", "localhost:1", "--name", "a", "--data", "/no/such.jsonl"], "no such"),
-        (["coordinator", "--model", "/no/such/model", "--state-dir", "/tmp/x"], "does not exist"),
+        (["coordinator", "--model", "/no/such/model", "--state-dir", "/tmp/x", "--insecure"], "does not exist"),
+        (["coordinator", "--model", "m", "--state-dir", "/tmp/x"], "plaintext grpc needs --insecure"),
+        (["coordinator", "--model", "m", "--state-dir", "/tmp/x", "--tls-cert", "/no/cert.pem", "--tls-key", "/no/k"],
+         "--tls-cert: no such file"),
+        (["worker", "--coordinator", "h:1", "--name", "a", "--data", "d", "--insecure", "--tls-ca", "/x"], "contradicts"),
         (["coordinator", "--model", "m", "--state-dir", "s", "--rounds", "-1"], "--rounds must be >= 1"),
         (["worker", "--frobnicate"], "unrecognized arguments"),
         (["export", "--state-dir", "/no/such/dir", "--out", "/tmp/x"], "not a fedblock state dir"),

@@ -53,11 +53,12 @@ def test_coordinator_and_two_worker_processes(tmp_path, tiny_model, data_file):
     coordinator = fedblock(
         "coordinator", "--model", tiny_model, "--state-dir", state, "--listen", f"127.0.0.1:{port}",
         "--metrics-port", metrics_port, "--rounds", 6, "--local-steps", 20, "--min-workers", 2,
-        "--block-schedule", "staggered", "--eval-data", data_file, "--linger", 60, "--threads", 1,
+        "--block-schedule", "staggered", "--eval-data", data_file, "--linger", 60, "--threads", 1, "--insecure",
     )
     workers = [
         fedblock("worker", "--coordinator", f"127.0.0.1:{port}", "--name", f"site-{i}", "--data", data_file,
-                 "--metrics-port", worker_ports[i], "--batch-size", 4, "--max-seq-len", 64, "--seed", i, "--threads", 1)
+                 "--metrics-port", worker_ports[i], "--batch-size", 4, "--max-seq-len", 64, "--seed", i, "--threads", 1,
+                 "--insecure")
         for i in range(2)
     ]
     try:
@@ -91,7 +92,8 @@ def test_coordinator_and_two_worker_processes(tmp_path, tiny_model, data_file):
         assert value(s, "fedblock_aggregation_duration_seconds_count") == 12
         assert value(s, "fedblock_eval_loss") == pytest.approx(summary["eval_loss_final"])
         assert value(s, "fedblock_workers_connected") is not None
-        status = subprocess.run([sys.executable, "-m", "fedblock.common.cli", "status", "--coordinator", f"127.0.0.1:{port}"],
+        status = subprocess.run([sys.executable, "-m", "fedblock.common.cli", "status", "--coordinator", f"127.0.0.1:{port}",
+                                 "--insecure"],
                                 capture_output=True, text=True, timeout=60)
         assert status.returncode == 0 and "finished" in status.stdout and "site-1" in status.stdout
 

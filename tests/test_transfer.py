@@ -197,6 +197,7 @@ def test_download_is_a_delta_sync(one_round):
     runner.join(30)
     version, versions, blocks = session.download({b: 0 for b in everything})
     assert version == 1 and [b.block for b in blocks] == ["layers.1"] and versions["layers.1"] == 1
-    # A block the worker marks as not held (-1) comes even when unchanged.
-    _, _, blocks = session.download({**{b: 1 for b in everything}, "head": -1})
-    assert [b.block for b in blocks] == ["head"]
+    # A block the worker marks as not held (-1) comes even when unchanged; so does one whose version
+    # differs in either direction (a worker ahead of a coordinator restarted from a checkpoint).
+    _, _, blocks = session.download({**versions, "head": -1, "embed": 7})
+    assert [b.block for b in blocks] == ["embed", "head"]

@@ -1,0 +1,153 @@
+"""Faults: links that break, workers that go silent or come back, a coordinator killed at any moment."""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from netproxy import Link
+
+from fedblock.client.session import Session
+from fedblock.server.store import StateStore
+
+
+def global_params(coordinator):
+    return {n: t for tensors in coordinator.global_model.tensors.values() for n, t in tensors.items()}
+
+
+def test_worker_rejoins_after_link_cuts_and_the_result_is_unchanged(federation, data_file):
+    """The link drops again and again mid-run; the worker joins again each time, resends what the
+    coordinator lacks, and the final model is bit for bit the uninterrupted one."""
+    options = dict(algorithm="fedbcd", rounds=6, local_steps=3, lr=3e-3, heartbeat_interval=0.2)
+    calm = federation(**options)
+    calm.add_worker(calm.worker_config("solo", data_file))
+    calm.run()
+    reference = global_params(calm.coordinator)
+
+    fed = federation(**options)
+    link = Link(fed.running.port)
+    worker = fed.add_worker(fed.worker_config("solo", data_file).__class__(
+        **{**fed.worker_config("solo", data_file).__dict__, "coordinator": f"127.0.0.1:{link.port}"}))
+
+    def saboteur():
+        while not worker.stop.is_set():
+            time.sleep(random.uniform(0.05, 0.3))
+            link.cut()
+
+    threading.Thread(target=saboteur, daemon=True).start()
+    summary = fed.run(timeout=120)
+    assert summary["rounds_completed"] == 6 and link.cuts >= 3
+    outcome = fed.outcomes["solo"]
+    assert outcome.finished and outcome.error is None
+    got = global_params(fed.coordinator)
+    for name, t in reference.items():
+        assert torch.equal(got[name], t), name
+    link.close()
+
+
+def test_a_silent_worker_is_dropped_and_the_round_closes_without_it(federation, data_file):
+    fed = federation(algorithm="parablock", rounds=4, local_steps=2, min_workers=2, min_updates=1,
+                     heartbeat_interval=0.2, heartbeat_timeout=1.5, block_schedule="staggered")
+    zombie = Session(fed.address, "zombie")  # joins, takes its assignment, then never speaks again
+    zombie.join(num_examples=1, device="cpu", timeout=5)
+    fed.add_worker(fed.worker_config("alive", data_file))
+    t0 = time.monotonic()
+    summary = fed.run(timeout=60)
+    assert summary["rounds_completed"] == 4
+    assert time.monotonic() - t0 < 30  # one heartbeat timeout, not a hang
+    workers = {w.name: w for w in fed.coordinator.registry.all()}
+    assert not workers["zombie"].connected and workers["zombie"].updates_accepted == 0
+    assert workers["alive"].updates_accepted == 4
+    zombie.close()
+
+
+def test_a_returning_worker_resumes_under_its_name(federation, data_file):
+    fed = federation(algorithm="fedbcd", rounds=6, local_steps=2, min_workers=1, heartbeat_interval=0.2,
+                     heartbeat_timeout=1.0, block_schedule="staggered")
+    first = fed.add_worker(fed.worker_config("site", data_file))
+    runner = threading.Thread(target=fed.run, daemon=True)
+    runner.start()
+    while fed.coordinator.global_model.version < 2:
+        time.sleep(0.02)
+    first.stop.set()  # the process "dies" ...
+    fed.threads[0].join(10)
+    while fed.coordinator.registry.all()[0].connected:
+        time.sleep(0.05)  # ... and the coordinator notices (heartbeat timeout)
+    fed.add_worker(fed.worker_config("site", data_file))  # ... and comes back under its name
+    runner.join(60)
+    assert fed.coordinator.global_model.version == 6
+    (record,) = fed.coordinator.registry.all()
+    assert record.name == "site" and record.index == 0 and record.updates_accepted >= 5
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "fedblock.common.cli", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_coordinator_killed_at_random_moments_resumes_to_the_same_model(tmp_path, tiny_model, data_file, federation):
+    """kill -9 the coordinator at random moments (mid-round, mid-upload, mid-checkpoint, whatever the
+    dice say), start it again on the same state dir each time; the worker keeps going. The run ends
+    with all rounds and exactly the model of an uninterrupted run."""
+    rounds, steps = 8, 40  # rounds of ~0.5 s, so that kills land anywhere in them
+    options = dict(algorithm="fedbcd", rounds=rounds, local_steps=steps, lr=1e-3, block_schedule="round-robin")
+    calm = federation(**options)
+    calm.add_worker(calm.worker_config("solo", data_file, threads=1))
+    calm.run()
+    reference = global_params(calm.coordinator)
+
+    port, state = free_port(), tmp_path / "state"
+    coordinator_args = ["coordinator", "--model", tiny_model, "--state-dir", state, "--listen", f"127.0.0.1:{port}",
+                        "--insecure", "--algorithm", "fedbcd", "--rounds", rounds, "--local-steps", steps, "--lr", 1e-3,
+                        "--block-schedule", "round-robin", "--threads", 1, "--heartbeat-interval", 0.5]
+    worker = cli("worker", "--coordinator", f"127.0.0.1:{port}", "--name", "solo", "--data", data_file, "--insecure",
+                 "--batch-size", 4, "--max-seq-len", 64, "--threads", 1, "--max-upload-rate", "2MB/s",
+                 "--max-backoff", 1)
+    rng = random.Random(7)
+    kills, moments = 0, []
+    try:
+        while True:
+            coordinator = cli(*coordinator_args)
+            if kills < 4:
+                # Wait until a round is under way, then strike at a random moment within the next
+                # round or two: training, an upload in flight, aggregation or a checkpoint.
+                for line in coordinator.stdout:
+                    if " started: " in line:
+                        moments.append(line.split(" INFO ")[-1].strip())
+                        break
+                time.sleep(rng.uniform(0.0, 1.2))
+                coordinator.send_signal(signal.SIGKILL)
+                coordinator.communicate()
+                kills += 1
+                continue
+            out = coordinator.communicate(timeout=240)[0]
+            if coordinator.returncode == 0:
+                break
+            raise AssertionError(out[-3000:])
+        worker_out = worker.communicate(timeout=60)[0]
+        assert worker.returncode == 0, worker_out[-3000:]
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    summary = json.loads((state / "summary.json").read_text())
+    assert kills == 4 and summary["rounds_completed"] == rounds
+    store = StateStore(state)
+    got = {n: t for tensors in store.load_blocks(store.latest()).values() for n, t in tensors.items()}
+    for name, t in reference.items():
+        assert torch.equal(got[name], t), name
+    assert worker_out.count("joined again") >= 4, (moments, worker_out[-3000:])
