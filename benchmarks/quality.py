@@ -17,16 +17,27 @@ both evals and the workers' first model download) and the steady round time (`ro
 of round 1 to the close of round R, divided by R - 1, read from the checkpoints), and the bytes up and
 down. `MB down` includes the first download of the whole model (about 538 MB fp32) by every worker;
 `MB down init` is that part (the downloads counted when round 1 closed) and the per-round columns
-exclude it. Some runs (by default fedbcd and parablock on the first data set) are repeated with the
+exclude it (`MB down/round`: what was downloaded between the closes of round 1 and round R, per round;
+`MB up/round`: all uploads ÷ R). The eval set is the first `--eval-max-examples` examples of the
+held-out split, which keeps the data set's order (chatterbot's is by topic): a fixed, not a uniform,
+sample. Some runs (by default fedbcd and parablock on the first data set) are repeated with the
 workers' link limited (`--max-upload-rate` and `--max-download-rate`, default 20MB/s each), to show the
 wall time with and without a link limit; at that rate the first model download alone takes ~27 s.
 
 Target (DESIGN.md §9): parablock's final eval loss ≤ 1.02 × fedbcd's, per data set, after the same
 number of rounds (the unlimited runs).
 
-Time: about 25-30 minutes on 2 idle CPU cores with the defaults (runs are sequential; every run pays
-~100 s of start-up, two evaluations and export besides its rounds); `--quick` (chatterbot, 2 workers,
-2 rounds of 2 steps, one link-limited run) a few minutes. State dirs go to WORKDIR/quality/NAME
+Noise: the staggered schedule gives layer (i + t) mod 30 to the worker that joined i-th, and the join
+order varies from run to run, so which data shard trains which layer does too; two runs of the same
+algorithm differ by about 0.1 % in final eval loss for that reason alone (fedbcd on chatterbot: 1.4588
+and 1.4602 in two runs). Wall times on a 2-core machine with 4 workers measure CPU sharing as much as
+communication (benchmarks/overlap.py isolates the overlap).
+
+Time: the defaults (8 runs, sequential; each pays ~100 s of start-up, two evaluations and the export
+besides its rounds) took 32 minutes on the 2-core development machine with other jobs running (load
+5-8), so about 20-25 minutes idle; `--quick` (chatterbot, 2 workers, 2 rounds of 2 steps, 4 runs of
+which one link-limited) 4-8 minutes. A run that takes longer than --run-timeout is stopped and
+reported as failed. State dirs go to WORKDIR/quality/NAME
 (weights and exports are deleted after each run unless --keep-state; logs are kept beside them).
 
     python benchmarks/quality.py [--quick] [--json out.json] [--workdir runs/bench]
@@ -37,6 +48,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -59,6 +71,24 @@ def short(dataset: str) -> str:
     return dataset.removeprefix("builtin:")
 
 
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a `fedblock simulate` and its children: SIGINT (it then stops its processes itself), then SIGKILL."""
+    for sig, grace in ((signal.SIGINT, 90), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+            if sig == signal.SIGINT:  # its children may outlive it only if it failed to stop them
+                os.killpg(proc.pid, signal.SIGKILL)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        except ProcessLookupError:
+            return
+
+
 def simulate(args, dataset: str, algorithm: str, rate: str | None) -> dict:
     """One `fedblock simulate` run; returns its summary plus what the checkpoints tell."""
     name = f"{short(dataset)}-{algorithm}" + ("-limited" if rate else "")
@@ -72,7 +102,7 @@ def simulate(args, dataset: str, algorithm: str, rate: str | None) -> dict:
         "--workers", str(args.workers), "--split", args.split, "--seed", "0",
         "--rounds", str(args.rounds), "--local-steps", str(args.local_steps), "--lr", str(args.lr),
         "--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len),
-        "--block-schedule", "staggered", "--train-blocks", args.train_blocks,
+        "--block-schedule", args.block_schedule, "--train-blocks", args.train_blocks,
         "--eval-max-examples", str(args.eval_max_examples), "--threads", "1",
         "--keep-checkpoints", str(args.rounds + 1),  # all of them: the per-round counters come from there
     ]
@@ -82,12 +112,19 @@ def simulate(args, dataset: str, algorithm: str, rate: str | None) -> dict:
            "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     t = time.monotonic()
     with open(log_path, "w") as log:
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        # its own process group, so that a run that hangs can be stopped with its coordinator and workers
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            code = proc.wait(timeout=args.run_timeout)
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+            stop_group(proc)
     seconds = time.monotonic() - t
     summary_path = state / "summary.json"
     if code != 0 or not summary_path.exists():
         tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-30:])
-        print(f"quality: {name} FAILED (exit {code}), log {log_path}:\n{tail}", file=sys.stderr, flush=True)
+        print(f"quality: {name} FAILED ({'timed out' if code == 'timeout' else f'exit {code}'}), log {log_path}:\n{tail}",
+              file=sys.stderr, flush=True)
         return {"name": name, "failed": True, "process_seconds": seconds, "log": str(log_path)}
     summary = json.loads(summary_path.read_text())
     counters = {}
@@ -99,9 +136,13 @@ def simulate(args, dataset: str, algorithm: str, rate: str | None) -> dict:
             shutil.rmtree(state / sub, ignore_errors=True)
     result = {"name": name, "failed": False, "summary": summary, "counters": counters, "process_seconds": seconds,
               "log": str(log_path)}
-    print(f"quality: {name}: eval loss {summary['eval_loss_initial']:.4f} -> {summary['eval_loss_final']:.4f}, "
+    print(f"quality: {name}: eval loss {loss4(summary['eval_loss_initial'])} -> {loss4(summary['eval_loss_final'])}, "
           f"{seconds:.0f} s", file=sys.stderr, flush=True)
     return result
+
+
+def loss4(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
 
 
 def row(args, dataset: str, algorithm: str, rate: str | None, r: dict) -> dict:
@@ -112,20 +153,29 @@ def row(args, dataset: str, algorithm: str, rate: str | None, r: dict) -> dict:
     rounds = int(s["rounds_completed"])
     first, last = counters.get(1, {}), counters.get(rounds, {})
     initial_sync = first.get("bytes_down")  # before round 1 closed, only the first full-model downloads happen
-    round_s = None
+    round_s = down_per_round = None
     if rounds >= 2 and "wall_seconds" in first and "wall_seconds" in last:
         round_s = (last["wall_seconds"] - first["wall_seconds"]) / (rounds - 1)
+    if rounds >= 2 and "bytes_down" in first and "bytes_down" in last:
+        # the global models of rounds 1 .. R-1, fetched before round R closed; the last round's blocks may
+        # or may not be fetched before a worker hears that the run is over, so they are left out
+        down_per_round = (last["bytes_down"] - first["bytes_down"]) / MB / (rounds - 1)
+    elif initial_sync is not None:
+        down_per_round = (s["bytes_down"] - initial_sync) / MB / rounds
     out.update({
-        "eval loss initial": s["eval_loss_initial"],
-        "eval loss final": s["eval_loss_final"],
+        # as text: the table's 3 significant digits would hide the differences that matter here
+        "eval loss initial": loss4(s["eval_loss_initial"]),
+        "eval loss final": loss4(s["eval_loss_final"]),
+        "eval_loss_initial": s["eval_loss_initial"],
+        "eval_loss_final": s["eval_loss_final"],
+        "eval_history": s.get("eval_history"),
         "wall s": s["wall_seconds"],
         "round s": round_s if round_s is not None else "n/a",
         "MB up": s["bytes_up"] / MB,
         "MB down": s["bytes_down"] / MB,
         "MB down init": initial_sync / MB if initial_sync is not None else "n/a",
         "MB up/round": s["bytes_up"] / MB / rounds,
-        # every round's new blocks are downloaded, the last round's too (before the run-end notice)
-        "MB down/round": (s["bytes_down"] - initial_sync) / MB / rounds if initial_sync is not None else "n/a",
+        "MB down/round": down_per_round if down_per_round is not None else "n/a",
         "process s": r["process_seconds"],
     })
     return out
@@ -149,6 +199,8 @@ def main() -> None:
     p.add_argument("--eval-max-examples", type=int,
                    help=f"held-out examples per evaluation (default {FULL['eval_max_examples']}; --quick {QUICK['eval_max_examples']})")
     p.add_argument("--train-blocks", default="layers.*", help="blocks trained, for every algorithm (default layers.*)")
+    p.add_argument("--block-schedule", default="staggered", help="block schedule of fedbcd and parablock (default staggered)")
+    p.add_argument("--run-timeout", type=float, default=1200, help="seconds after which one run is stopped as failed (default 1200)")
     p.add_argument("--keep-state", action="store_true", help="keep the runs' weights and exports")
     args = p.parse_args()
     defaults = QUICK if args.quick else FULL
@@ -172,13 +224,13 @@ def main() -> None:
     def find(dataset: str, algorithm: str, link: str = "none") -> dict | None:
         for x in rows:
             if x["dataset"] == short(dataset) and x["algorithm"] == algorithm and x["link"] == link:
-                return x if isinstance(x.get("eval loss final"), float) else None
+                return x if isinstance(x.get("eval_loss_final"), float) else None
         return None
 
     extra: dict = {
         "settings": f"{args.model}, {args.workers} workers, split {args.split}, seed 0, {args.rounds} rounds x "
                     f"{args.local_steps} local steps, batch {args.batch_size} x {args.max_seq_len} tokens, lr {args.lr}, "
-                    f"train blocks {args.train_blocks!r}, staggered schedule, eval on {args.eval_max_examples} held-out "
+                    f"train blocks {args.train_blocks!r}, {args.block_schedule} schedule, eval on {args.eval_max_examples} held-out "
                     "examples, 1 torch thread per process",
         "bytes": "MB down includes every worker's first download of the whole model (MB down init); "
                  "the per-round columns exclude it",
@@ -187,7 +239,7 @@ def main() -> None:
     for d in datasets:
         fb, pb = find(d, "fedbcd"), find(d, "parablock")
         if fb and pb:
-            ratio = pb["eval loss final"] / fb["eval loss final"]
+            ratio = pb["eval_loss_final"] / fb["eval_loss_final"]
             ratios[short(d)] = ratio
             met.append(ratio <= TARGET)
     if ratios:

@@ -147,9 +147,11 @@ class Comm:
                 except grpc.RpcError as e:
                     if e.code() in RECONNECT:
                         raise
-                    # Refused for what it is (e.g. the round was planned anew after a coordinator
-                    # restart): sending it again cannot help, and the worker goes on.
+                    # Refused for what it is: sending it again cannot help. Say so, so that the round does
+                    # not wait for us, and go on with the next one.
                     log.error("round %d %s refused: %s: %s", update.round, block, e.code().name, e.details())
+                    if e.code() != grpc.StatusCode.ALREADY_EXISTS:
+                        self.session.abandon(update.round, e.details() or e.code().name)
                     status = "refused"
                 if status != "accepted":
                     log.info("round %d %s: %s", update.round, block, status)

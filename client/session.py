@@ -188,6 +188,10 @@ class Session:
                 skip = self._held_chunks(manifest)
         raise AssertionError("unreachable")
 
+    def abandon(self, round: int, reason: str) -> None:
+        """Tell the coordinator not to wait for our part in `round`."""
+        self.stub.Abandon(pb.AbandonRequest(round=round, reason=reason), metadata=self._metadata, timeout=30)
+
     def _upload_messages(self, manifest: Manifest, blob: bytes, skip: frozenset[int]) -> Iterator[bytes]:
         """Serialized UploadMessages: the header, then the chunks not in `skip`."""
         header = pb.UploadMessage(header=pb.UploadHeader(manifest=manifest.to_pb())).SerializeToString()

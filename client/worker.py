@@ -86,19 +86,24 @@ class Worker:
                 raise ConnectionError(f"cannot join the run at {c.coordinator}: {e.code().name}: {e.details()}") from None
             log.info("%s joined run %s (%s, depth %d, %d blocks, model version %d)",
                      c.name, info.run_id, info.algorithm, info.pipeline_depth, len(info.blocks), info.model_version)
-            model_dir = Path(work_dir) / "model"
-            session.fetch_model_files(model_dir)
-            dtype = torch.bfloat16 if c.dtype == "bfloat16" else torch.float32
-            model = build_model_from_files(model_dir, dtype=dtype, device=self.device)
-            blocks = B.partition(model, info.layers_per_block)
-            self._check_partition(model, blocks, info)
-            book = ModelBook()
-            self._initial_sync(session, model, blocks, book)
-            tokenizer = load_tokenizer(model_dir)
-            data = tokenize(self.examples, tokenizer, c.max_seq_len)
+            try:
+                model_dir = Path(work_dir) / "model"
+                session.fetch_model_files(model_dir)
+                tokenizer = load_tokenizer(model_dir)
+                data = tokenize(self.examples, tokenizer, c.max_seq_len)
+                stream = BatchStream(data, c.batch_size, c.seed, tokenizer.pad_token_id)
+                dtype = torch.bfloat16 if c.dtype == "bfloat16" else torch.float32
+                model = build_model_from_files(model_dir, dtype=dtype, device=self.device)
+                blocks = B.partition(model, info.layers_per_block)
+                self._check_partition(model, blocks, info)
+                book = ModelBook()
+                self._initial_sync(session, model, blocks, book)
+            except BaseException:
+                session.leave("failed to start")  # so the coordinator does not wait for us
+                raise
             log.info("%s: %d training examples, model version %d", c.name, len(data), book.version)
-            stream = BatchStream(data, c.batch_size, c.seed, tokenizer.pad_token_id)
-            trainer = BlockTrainer(model, blocks, OptimConfig(grad_clip=c.grad_clip))
+            trainer = BlockTrainer(model, blocks, OptimConfig(grad_clip=c.grad_clip,
+                                                              gradient_checkpointing=c.gradient_checkpointing))
             return self._loop(session, model, blocks, trainer, stream, book, info.pipeline_depth)
         finally:
             session.close()

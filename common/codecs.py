@@ -131,15 +131,21 @@ class CodecPipeline:
     # ---- decode ------------------------------------------------------------------------------
 
     def decode(self, blob: bytes | bytearray | memoryview, expected: Sequence[TensorSpec]) -> Tensors:
-        """Decode wire bytes into float32 tensors with exactly the `expected` names and shapes."""
+        """Decode wire bytes into float32 tensors with exactly the `expected` names and shapes. Anything
+        wrong with the blob, however it shows, is a CodecError (the bytes come from the network)."""
+        try:
+            return self._decode(blob, expected)
+        except CodecError:
+            raise
+        except (Exception, RecursionError) as e:  # overflowing shapes, hostile nesting, failed allocations...
+            raise CodecError(f"malformed blob: {type(e).__name__}: {str(e)[:200]}") from None
+
+    def _decode(self, blob, expected: Sequence[TensorSpec]) -> Tensors:
         expected_by_name = {s.name: s for s in expected}
         raw_bound = sum(4 * math.prod(s.shape) for s in expected) + (1 << 20) * max(1, len(expected))
         data = blob
         if self.stages and self.stages[-1].name == "zstd":
-            try:
-                data = zstandard.ZstdDecompressor().decompress(data, max_output_size=min(raw_bound * 2, _MAX_ZSTD_OUTPUT))
-            except zstandard.ZstdError as e:
-                raise CodecError(f"zstd: {e}") from None
+            data = _unzstd(data, limit=min(raw_bound * 2, _MAX_ZSTD_OUTPUT))
         tensors, meta = load_safetensors(data)
         for stage in reversed(self.stages):
             if stage.name == "shuffle":
@@ -161,6 +167,21 @@ class CodecPipeline:
                 raise CodecError(f"{name}: dtype {_dtype_name(t.dtype)} is not floating point")
             result[name] = t.float()
         return result
+
+
+def _unzstd(data, limit: int) -> bytes:
+    """Decompress at most `limit` bytes: a frame may declare (or, streamed, hide) any size."""
+    try:
+        declared = zstandard.frame_content_size(data)
+        if declared > limit:
+            raise CodecError(f"zstd frame declares {declared} bytes, more than the {limit} this block can need")
+        with zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True) as reader:
+            out = reader.read(limit + 1)
+    except zstandard.ZstdError as e:
+        raise CodecError(f"zstd: {e}") from None
+    if len(out) > limit:
+        raise CodecError(f"zstd output exceeds the {limit} bytes this block can need")
+    return out
 
 
 # ---- stages --------------------------------------------------------------------------------------
@@ -326,5 +347,5 @@ def load_safetensors(blob) -> tuple[Tensors, dict[str, str]]:
             else:
                 tensors[name] = torch.frombuffer(blob, dtype=dtype, count=numel, offset=base + start).reshape(shape)
         return tensors, {str(k): v for k, v in meta.items()}
-    except (ValueError, KeyError, TypeError) as e:
-        raise CodecError(f"malformed safetensors blob: {e}") from None
+    except (Exception, RecursionError) as e:  # JSON nesting, overflowing numbers, impossible shapes...
+        raise CodecError(f"malformed safetensors blob: {type(e).__name__}: {str(e)[:200]}") from None

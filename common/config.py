@@ -149,6 +149,11 @@ def build(cls: type, flags: Mapping[str, Any], env: Mapping[str, str] | None = N
     return config
 
 
+def valid_worker_name(name: str) -> bool:
+    """Worker names end up in metrics labels, logs and file names: a plain, short alphabet only."""
+    return bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name)) and ".." not in name
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -184,8 +189,8 @@ class CoordinatorConfig:
     codec: str = opt("codec pipeline for uploads, e.g. none, bf16, topk:0.01,bf16,zstd", "none")
     chunk_size: int = opt("transfer chunk size", 1 << 20, parse=parse_bytes)
     max_update_bytes: int = opt("largest accepted upload (wire bytes)", 16 << 30, parse=parse_bytes)
-    upload_memory: int = opt("uploads in progress are held in memory up to this total; beyond it in files "
-                             "under STATE_DIR/incoming", 512 << 20, parse=parse_bytes)
+    upload_slots: int = opt("uploads assembled in memory at once; further concurrent uploads go to files under "
+                            "STATE_DIR/incoming, so memory does not grow with the number of workers", 2)
     seed: int = opt("seed for client selection and schedules", 0)
     eval_data: str | None = opt("held-out JSONL (or builtin:NAME) evaluated before, every --eval-every rounds and after", None)
     eval_every: int = opt("evaluate every N rounds (0: only before and after)", 0)
@@ -228,6 +233,7 @@ class CoordinatorConfig:
         _require(self.heartbeat_timeout > self.heartbeat_interval,
                  "--heartbeat-timeout must be longer than --heartbeat-interval")
         _require(self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1")
+        _require(self.upload_slots >= 0, "--upload-slots must be >= 0")
         _require(self.threads >= 0, "--threads must be >= 0")
         _require(0 <= self.metrics_port < 65536, "--metrics-port must be 0..65535")
         from .codecs import CodecError, CodecPipeline
@@ -267,6 +273,8 @@ class WorkerConfig:
     work_dir: Path | None = opt("where the model's config and tokenizer are kept (default: a temporary dir)", None)
     connect_timeout: float = opt("seconds to keep trying to reach the coordinator at start", 300.0)
     grad_clip: float = opt("max gradient norm of the trained block (0: off)", 1.0)
+    gradient_checkpointing: bool = opt("recompute the decoder layers above the trained block in the backward pass "
+                                       "instead of keeping their activations (less memory, more compute)", False)
     max_upload_rate: int = opt("cap on upload bandwidth in bytes/s, e.g. 20MB/s or 100Mbit/s (0: none)", 0, parse=parse_rate)
     max_download_rate: int = opt("cap on download bandwidth in bytes/s (0: none)", 0, parse=parse_rate)
     timeline: Path | None = opt("write this worker's compute and transfer intervals as JSONL here", None)
@@ -281,8 +289,7 @@ class WorkerConfig:
 
     def check(self) -> None:
         _host_port(self.coordinator, "--coordinator")
-        _require(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.name)),
-                 f"--name must be 1-64 letters, digits, '.', '_' or '-', got {self.name!r}")
+        _require(valid_worker_name(self.name), f"--name must be 1-64 letters, digits, '.', '_' or '-', got {self.name!r}")
         _require(self.batch_size >= 1, "--batch-size must be >= 1")
         _require(self.max_seq_len >= 8, "--max-seq-len must be >= 8")
         _require(bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device)), f"--device: unknown device {self.device!r}")

@@ -486,6 +486,15 @@ def count_tokens(batch: dict[str, torch.Tensor]) -> int:
 # Splitting
 
 
+def sample(examples: Sequence[Example], n: int, seed: int = 0) -> list[Example]:
+    """At most `n` examples, a seeded random choice in their original order (data files are often
+    sorted by topic, so the first n would not represent the set)."""
+    if n <= 0 or n >= len(examples):
+        return list(examples)
+    keep = sorted(torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))[:n].tolist())
+    return [examples[i] for i in keep]
+
+
 def split_holdout(examples: Sequence[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """(train, heldout): a seeded random `round(fraction * n)` examples are held out, at least one when
     fraction > 0 and n >= 2, and never all of them. Both parts keep the input order."""

@@ -34,16 +34,14 @@ def export(config: ExportConfig) -> str:
 
 def evaluate(config: EvalConfig) -> dict:
     """Print held-out loss (and exact-match accuracy where the data has answers)."""
-    from .data import encode_prompt, extract_answer, load_examples, tokenize
+    from .data import encode_prompt, extract_answer, load_examples, sample, tokenize
     from .models import load_model, load_tokenizer, resolve_model
     from .training import evaluate_loss
 
     if config.threads:
         torch.set_num_threads(config.threads)
     path = resolve_model(config.model)
-    examples = load_examples(config.data)
-    if config.max_examples:
-        examples = examples[: config.max_examples]
+    examples = sample(load_examples(config.data), config.max_examples)
     tokenizer = load_tokenizer(path)
     model = load_model(path)
     t0 = time.perf_counter()

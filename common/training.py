@@ -10,15 +10,17 @@ federation adds no error of its own.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .blocks import Block, set_trainable
-from .data import TokenizedExample, collate, count_tokens
+from .data import IGNORE_INDEX, TokenizedExample, collate
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,32 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm of the trained blocks; 0 disables
+    gradient_checkpointing: bool = False  # recompute decoder layers in the backward pass instead of storing them
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over the trained positions, and their number.
+
+    The logits (batch × positions × vocabulary, the largest tensors of a small model's step) are
+    computed only at positions whose next token is trained, through the model's `logits_to_keep`:
+    an SFT batch trains on the reply only, a fraction of its tokens.
+    """
+    targets = batch["labels"][:, 1:]
+    positions = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    if positions.numel() == 0:
+        return torch.zeros((), device=targets.device), 0
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if _keeps_logits(model):
+        logits = model(**inputs, logits_to_keep=positions).logits
+    else:
+        logits = model(**inputs).logits[:, positions]
+    chosen = targets[:, positions]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), chosen.reshape(-1), ignore_index=IGNORE_INDEX)
+    return loss, int((chosen != IGNORE_INDEX).sum())
+
+
+def _keeps_logits(model: nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 @dataclass(frozen=True)
@@ -46,6 +74,10 @@ class BlockTrainer:
         self._params: list[nn.Parameter] = []
         self._optimizer: torch.optim.Optimizer | None = None
         set_trainable(model, [])
+        if optim.gradient_checkpointing:
+            # Only layers whose output needs a gradient are affected; non-reentrant checkpointing copes
+            # with frozen inputs below the trained block.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
 
     def begin_round(self, names: Sequence[str]) -> None:
@@ -67,8 +99,7 @@ class BlockTrainer:
             raise RuntimeError("begin_round() first")
         device = self._params[0].device
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        out = self.model(**batch)
-        loss = out.loss
+        loss, tokens = causal_lm_loss(self.model, batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss.item()}")
         loss.backward()
@@ -78,7 +109,7 @@ class BlockTrainer:
             group["lr"] = lr
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
-        return StepResult(float(loss.detach()), count_tokens(batch))
+        return StepResult(float(loss.detach()), tokens)
 
 
 @torch.no_grad()
@@ -93,11 +124,10 @@ def evaluate_loss(
     try:
         for i in range(0, len(data), batch_size):
             batch = {k: v.to(device) for k, v in collate(data[i : i + batch_size], pad_id).items()}
-            n = count_tokens(batch)
-            if n == 0:
-                continue
-            total += float(model(**batch).loss) * n
-            tokens += n
+            loss, n = causal_lm_loss(model, batch)
+            if n:
+                total += float(loss) * n
+                tokens += n
     finally:
         model.train(was_training)
     return (total / tokens if tokens else math.nan), tokens

@@ -91,8 +91,9 @@ def check_manifest_shape(manifest: Manifest, max_chunk_size: int, max_bytes: int
 
 
 class Assembly:
-    """Collects the chunks of one blob in a writable buffer: memory, or a shared map of the file `path`
-    (so a coordinator's memory does not grow with concurrent uploads; the page cache holds them)."""
+    """Collects the chunks of one blob: in memory, or written to the file `path` (so that a coordinator's
+    memory does not grow with the number of uploads in progress; the file is only mapped to read it once
+    it is complete)."""
 
     def __init__(self, manifest: Manifest, path: Path | None = None):
         self.manifest = manifest
@@ -101,12 +102,12 @@ class Assembly:
         self._hasher = hashlib.sha256()
         self._hashed_upto = 0  # chunks [0, _hashed_upto) are in the running hash
         self._fd = -1
+        self._buffer: bytearray | None = None
         if path is None:
-            self._buffer: bytearray | mmap.mmap = bytearray(manifest.wire_bytes)
+            self._buffer = bytearray(manifest.wire_bytes)
         else:
             self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             os.ftruncate(self._fd, manifest.wire_bytes)
-            self._buffer = mmap.mmap(self._fd, manifest.wire_bytes, access=mmap.ACCESS_WRITE)
 
     @property
     def held(self) -> frozenset[int]:
@@ -133,27 +134,42 @@ class Assembly:
             raise IntegrityError(f"chunk {index} has {len(data)} bytes, expected {end - start}")
         if index in self._held:
             return
-        self._buffer[start:end] = data
+        if self._buffer is not None:
+            self._buffer[start:end] = data
+        else:
+            os.pwrite(self._fd, data, start)
         self._held.add(index)
         # Hash on the fly while chunks arrive in order (hashlib releases the GIL, so this overlaps with
-        # gRPC receiving the next chunk); chunks that came early join as soon as the gap is filled.
-        view = memoryview(self._buffer)
+        # gRPC receiving the next chunk). In memory, chunks that came early join once the gap is filled.
+        if index == self._hashed_upto:
+            self._hasher.update(data)
+            self._hashed_upto += 1
+            if self._buffer is not None:
+                self._hash_from(self._buffer)
+
+    def _hash_from(self, blob) -> None:
+        view = memoryview(blob)
         while self._hashed_upto in self._held:
             a, b = self._span(self._hashed_upto)
             self._hasher.update(view[a:b])
             self._hashed_upto += 1
 
     def finish(self) -> bytearray | mmap.mmap:
-        """The verified blob, not a copy (writable, so tensors can be views of it). Raises
-        IntegrityError when chunks are missing or the hash is wrong."""
+        """The verified blob, not a copy: the memory buffer or a private map of the file (writable, so
+        tensors can be views of it). Raises IntegrityError when chunks are missing or the hash is wrong."""
         if not self.complete:
-            raise IntegrityError(f"{len(self.missing())} of {self.manifest.num_chunks} chunks missing")
+            missing = self.manifest.num_chunks - len(self._held)
+            raise IntegrityError(f"{missing} of {self.manifest.num_chunks} chunks missing")
+        blob = self._buffer if self._buffer is not None else mmap.mmap(
+            self._fd, self.manifest.wire_bytes, access=mmap.ACCESS_COPY
+        )
+        self._hash_from(blob)  # chunks that came out of order
         if self._hasher.digest() != self.manifest.blob_sha256:
             raise IntegrityError("blob SHA-256 does not match the manifest (corrupted chunk)")
-        return self._buffer
+        return blob
 
     def close(self, remove: bool = True) -> None:
-        """Release the file (tensors that view the buffer keep it alive until they go)."""
+        """Release the file (tensors that view the blob keep their memory until they go)."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -220,7 +236,8 @@ def _read_varint(buf, pos: int) -> tuple[int, int]:
 
 def encode_chunk_message(field: int, index: int, data: bytes | memoryview) -> bytes:
     """The protobuf encoding of a message whose field `field` is Chunk{index, data}."""
-    inner = (b"\x08" + _varint(index) if index else b"") + b"\x12" + _varint(len(data))
+    # proto3 leaves out fields holding their default (index 0, empty data)
+    inner = (b"\x08" + _varint(index) if index else b"") + (b"\x12" + _varint(len(data)) if len(data) else b"")
     return b"".join((bytes([field << 3 | 2]), _varint(len(inner) + len(data)), inner, data))
 
 

@@ -11,6 +11,7 @@ import fnmatch
 import logging
 import math
 import queue
+import resource
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -62,6 +63,7 @@ class Totals:
     updates_accepted: int = 0
     wall_seconds_before: float = 0.0  # wall time of earlier runs of this state dir
     eval_history: list[list[float]] = field(default_factory=list)
+    round_history: list[dict] = field(default_factory=list)
 
 
 class Coordinator:
@@ -116,10 +118,11 @@ class Coordinator:
             self.totals.updates_accepted = int(checkpoint.counters.get("updates_accepted", 0))
             self.totals.wall_seconds_before = float(checkpoint.counters.get("wall_seconds", 0.0))
             self.totals.eval_history = [list(e) for e in checkpoint.eval_history]
+            self.totals.round_history = [dict(r) for r in checkpoint.round_history]
         self._cv = threading.Condition()
         self._uploads: dict[tuple[str, int, str, bytes], wire.Assembly] = {}
         self._uploads_lock = threading.Lock()
-        self._upload_memory = 0  # bytes of in-memory assemblies
+        self._in_memory = 0  # assemblies held in memory (at most --upload-slots)
         self._decode_slots = threading.BoundedSemaphore(MAX_CONCURRENT_DECODES)
         self._stop = threading.Event()
         self._round_started: dict[int, float] = {}
@@ -166,30 +169,32 @@ class Coordinator:
     def authenticate(self, name: str, session: str) -> None:
         self.registry.check(name, session)
 
-    def events(self, name: str, session: str, poll_s: float = 0.5) -> Iterator[Event]:
-        """The worker's event stream; ends when the worker leaves, re-joins elsewhere or the run ends."""
-        record = self.registry.check(name, session)
-        events = record.events
-        # The current model version first, so a (re)joining worker knows what to sync to.
+    def events(self, name: str, session: str, alive=lambda: True, poll_s: float = 0.5) -> Iterator[Event]:
+        """The worker's event stream; ends when the caller is gone (`alive()` false), when the worker
+        opens another stream, leaves or joins again, or when the run ends."""
+        events = self.registry.open_stream(name, session)
+        record = next(w for w in self.registry.all() if w.name == name)
+        with self._cv:  # what was queued for an earlier stream is gone with it: send it again
+            self.rounds.rejoined(name)
+            self._deliver()
         g = self.global_model
-        yield ModelNotice(g.version, dict(g.block_versions))
+        yield ModelNotice(g.version, dict(g.block_versions))  # what to sync to, first
         if self.state in ("finished", "stopped"):  # joined after the end (while we wait for stragglers)
-            yield RunEnd(self.state, g.version)
             record.told_end = True
+            yield RunEnd(self.state, g.version)
             return
-        while True:
+        while alive() and not self._stop.is_set():
             try:
                 event = events.get(timeout=poll_s)
             except queue.Empty:
-                if self._stop.is_set():
-                    return
                 continue
             if event is None:
                 return
-            yield event
             if isinstance(event, RunEnd):
                 record.told_end = True
+                yield event
                 return
+            yield event
 
     def heartbeat(self, name: str, session: str) -> int:
         self.registry.check(name, session)
@@ -222,7 +227,8 @@ class Coordinator:
                 self._discard_upload(name, manifest)
                 raise self._reject("bad_chunk", str(e)) from None
         if not assembly.complete:
-            raise self._reject("incomplete", f"stream ended with {len(assembly.missing())} chunks missing; resume it")
+            missing = assembly.manifest.num_chunks - len(assembly.held)
+            raise self._reject("incomplete", f"stream ended with {missing} chunks missing; resume it")
         with self._decode_slots:
             try:
                 delta = self.codec.decode(assembly.finish(), self.specs[manifest.block].tensors)
@@ -237,6 +243,16 @@ class Coordinator:
             # The delta views the assembly's buffer, which is ours alone now: an in-memory one can
             # become the round's accumulator as it is.
             return self._accumulate(name, manifest, delta, adopt=assembly.path is None)
+
+    def abandon(self, name: str, session: str, round: int, reason: str) -> None:
+        """The worker gives up its part in `round` (its update was refused for good)."""
+        self.registry.check(name, session)
+        with self._cv:
+            if self.rounds.abandon(name, round):
+                self.metrics.updates.labels("abandoned", _label(reason)).inc()
+                log.warning("worker %s abandoned round %d: %s", name, round, reason[:200])
+                self._deliver()
+                self._cv.notify_all()
 
     def upload_status(self, name: str, session: str, round: int, block: str, sha: bytes) -> tuple[list[int], bool]:
         self.registry.check(name, session)
@@ -375,9 +391,18 @@ class Coordinator:
             raise self._reject("wrong_codec", f"codec {m.codec!r}; this run uses {self.codec.spec!r}")
         if m.num_tokens <= 0:
             raise self._reject("no_weight", "num_tokens must be > 0")
+        spec = self.specs[m.block]
         try:
+            if m.chunk_size != self.config.chunk_size:
+                raise wire.IntegrityError(f"chunk_size {m.chunk_size}; this run uses {self.config.chunk_size}")
+            if m.raw_bytes != spec.numel * 4:
+                raise wire.IntegrityError(f"raw_bytes {m.raw_bytes}; block {m.block} has {spec.numel * 4}")
+            # No codec makes a block much bigger than its raw size: bound what one header may claim
+            # (an in-memory upload reserves that much at once).
+            if m.wire_bytes > 2 * m.raw_bytes + (1 << 20):
+                raise wire.IntegrityError(f"wire_bytes {m.wire_bytes} is implausible for {m.raw_bytes} raw bytes")
             wire.check_manifest_shape(m, max_chunk_size=self.config.chunk_size, max_bytes=self.config.max_update_bytes)
-            wire.check_specs(m.tensors, self.specs[m.block].tensors)
+            wire.check_specs(m.tensors, spec.tensors)
         except wire.IntegrityError as e:
             raise self._reject("bad_manifest", str(e)) from None
 
@@ -392,13 +417,13 @@ class Coordinator:
         self._deliver()
 
     def _assembly(self, name: str, m: Manifest) -> wire.Assembly:
-        """The upload's assembly: in memory while the total fits --upload-memory, else in a file."""
+        """The upload's assembly: in memory while a slot is free (--upload-slots), else in a file."""
         key = (name, m.round, m.block, m.blob_sha256)
         with self._uploads_lock:
             assembly = self._uploads.get(key)
             if assembly is None:
-                if self._upload_memory + m.wire_bytes <= self.config.upload_memory:
-                    self._upload_memory += m.wire_bytes
+                if self._in_memory < self.config.upload_slots:
+                    self._in_memory += 1
                     assembly = wire.Assembly(m)
                 else:
                     path = self.store.incoming_dir / f"{name}.r{m.round}.{m.block}.{m.blob_sha256.hex()[:16]}.part"
@@ -414,7 +439,7 @@ class Coordinator:
         """Under the uploads lock."""
         if assembly is not None:
             if assembly.path is None:
-                self._upload_memory -= assembly.manifest.wire_bytes
+                self._in_memory -= 1
             assembly.close()
 
     def _drop_stale_uploads(self) -> None:
@@ -498,34 +523,48 @@ class Coordinator:
         shas = dict(g.block_sha256)
         for b, tensors in new_tensors.items():
             shas[b] = self.store.write_block(b, plan.round, tensors)
+        started = self._round_started.pop(plan.round, time.monotonic())
         with self._cv:
+            self.totals.round_history.append({
+                "round": plan.round,
+                "closed_at_s": round(self._wall_seconds(), 3),
+                "seconds": round(time.monotonic() - started, 3),
+                "workers": plan.workers_done,
+                "updates": sum(len(r) for r in plan.reported.values()),
+                "tokens": plan.tokens,
+                "train_loss": plan.train_loss,
+                "blocks": sorted(new_tensors),
+                "bytes_up": self.totals.bytes_up,
+                "bytes_down": self.totals.bytes_down,
+            })
             counters = {
                 "bytes_up": self.totals.bytes_up,
                 "bytes_down": self.totals.bytes_down,
                 "updates_accepted": self.totals.updates_accepted,
                 "wall_seconds": self._wall_seconds(),
             }
-            history = [list(e) for e in self.totals.eval_history]
+            eval_history = [list(e) for e in self.totals.eval_history]
+            round_history = [dict(r) for r in self.totals.round_history]
         self.store.write_checkpoint(
-            Checkpoint(plan.round, versions, shas, self.registry.indices(), counters, history)
+            Checkpoint(plan.round, versions, shas, self.registry.indices(), counters, eval_history, round_history)
         )
         self.metrics.checkpoint_duration.observe(time.perf_counter() - t)
         new_global = GlobalModel(plan.round, versions, shas, {**g.tensors, **new_tensors})
         with self._cv:
             self.global_model = new_global
-            notice = ModelNotice(plan.round, dict(versions))
-            for name in self.registry.connected():
-                self.registry.send(name, notice)
-            started = self._round_started.pop(plan.round, time.monotonic())
+            if plan.round < self.config.rounds:  # after the last round the end of the run is the news
+                notice = ModelNotice(plan.round, dict(versions))
+                for name in self.registry.connected():
+                    self.registry.send(name, notice)
             self.metrics.round_duration.observe(time.monotonic() - started)
             self.metrics.rounds_completed.inc()
             self.metrics.model_version.set(plan.round)
-        loss = plan.loss_sum / plan.tokens if plan.tokens else math.nan
         self.progress.clear()
         log.info(
             "round %d/%d closed: %d updates from %d workers, %d tokens, train loss %.4f, blocks %s, up %.1f MB, down %.1f MB",
             plan.round, self.config.rounds, sum(len(r) for r in plan.reported.values()), plan.workers_done,
-            plan.tokens, loss, ",".join(sorted(new_tensors)) or "-", self.totals.bytes_up / 1e6, self.totals.bytes_down / 1e6,
+            plan.tokens, plan.train_loss, ",".join(sorted(new_tensors)) or "-", self.totals.bytes_up / 1e6,
+            self.totals.bytes_down / 1e6,
         )
         every = self.config.eval_every
         if self._evaluate is not None and every and plan.round % every == 0 and plan.round < self.config.rounds:
@@ -569,11 +608,19 @@ class Coordinator:
             "eval_loss_initial": history[0][1] if history and history[0][0] == 0 else None,
             "eval_loss_final": history[-1][1] if history and history[-1][0] == g.version else None,
             "eval_history": history,
+            "round_history": self.totals.round_history,
             "bytes_up": self.totals.bytes_up,
             "bytes_down": self.totals.bytes_down,
             "wall_seconds": round(self._wall_seconds(), 3),
             "export_path": str(self.export_path) if self.export_path else None,
+            "coordinator_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         }
         self.store.write_summary(summary)
         return summary
 
+
+
+def _label(reason: str) -> str:
+    """A metric label from a reason a worker sent: the leading word, bounded."""
+    word = reason.split(":", 1)[0].strip().lower()
+    return word if word.replace("_", "").isalnum() and len(word) <= 32 else "other"

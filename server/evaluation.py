@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..common.data import DataError, load_examples, tokenize
+from ..common.data import DataError, load_examples, sample, tokenize
 from ..common.models import build_model_from_files, load_tokenizer
 from ..common.training import evaluate_loss
 
@@ -18,7 +18,7 @@ class Evaluator:
 
     def __init__(self, model_dir: Path, source: str, max_examples: int, batch_size: int, max_seq_len: int):
         tokenizer = load_tokenizer(model_dir)
-        examples = load_examples(source)[:max_examples]
+        examples = sample(load_examples(source), max_examples)
         self.data = tokenize(examples, tokenizer, max_seq_len)
         if not self.data:
             raise DataError(f"--eval-data {source}: no example keeps a scored token within --max-seq-len {max_seq_len}")

@@ -52,6 +52,18 @@ class Registry:
             record.last_seen = self._clock()
             return record
 
+    def open_stream(self, name: str, session: str) -> queue.Queue:
+        """A fresh event queue for a new Events stream of the worker; the previous stream (if any) ends.
+        One stream per worker at a time: two readers of one queue would split its events."""
+        with self._lock:
+            record = self._workers.get(name)
+            if record is None or not record.connected or not secrets.compare_digest(record.session, session):
+                raise UnknownWorker(f"unknown worker or stale session: {name!r}")
+            _close_stream(record.events)
+            record.events = queue.Queue(EVENT_QUEUE_SIZE)
+            record.last_seen = self._clock()
+            return record.events
+
     def restore(self, names_to_index: dict[str, int]) -> None:
         """Known workers from a checkpoint (disconnected until they join again)."""
         with self._lock:

@@ -62,8 +62,7 @@ class RoundPlan:
     reported: dict[str, set[str]] = field(default_factory=dict)
     accumulating: set[tuple[str, str]] = field(default_factory=set)
     sums: RoundSums = field(default_factory=RoundSums)
-    tokens: int = 0
-    loss_sum: float = 0.0
+    trained: dict[str, tuple[int, float]] = field(default_factory=dict)  # worker -> (tokens, train loss)
 
     def done(self, worker: str) -> bool:
         return self.reported.get(worker, set()) >= set(self.assignments[worker])
@@ -75,6 +74,14 @@ class RoundPlan:
     @property
     def complete(self) -> bool:
         return bool(self.assignments) and all(self.done(w) for w in self.assignments)
+
+    @property
+    def tokens(self) -> int:
+        return sum(t for t, _ in self.trained.values())
+
+    @property
+    def train_loss(self) -> float:
+        return sum(t * loss for t, loss in self.trained.values()) / self.tokens if self.tokens else math.nan
 
     def assignment(self, worker: str, base_version: int) -> Assignment:
         return Assignment(self.round, self.assignments[worker], self.local_steps, self.lr, base_version)
@@ -100,7 +107,7 @@ class Rounds:
         return self.plans.get(self.version + 1)
 
     def plan(self, round: int, available: Mapping[str, int]) -> RoundPlan | None:
-        """Plan `round` over the available workers ({name: join index}); None when it cannot be planned."""
+        """Plan `round` over the available workers; None when it cannot be planned."""
         r = self.rules
         if round in self.plans or round > r.rounds or round not in (self.version + 1, self.version + 2):
             return None
@@ -111,8 +118,8 @@ class Rounds:
             return None
         if r.assign_all_blocks:
             assignments = {w: r.blocks for w in chosen}
-        else:
-            assignments = assign_blocks(r.schedule, round, {w: available[w] for w in chosen}, r.blocks, r.seed)
+        else:  # worker i = the i-th participant by name: the same run gives the same schedule
+            assignments = assign_blocks(r.schedule, round, {w: i for i, w in enumerate(sorted(chosen))}, r.blocks, r.seed)
         plan = RoundPlan(round, assignments, learning_rate(r.lr_schedule, r.lr, round, r.rounds), r.local_steps)
         plan.reported = {w: set() for w in chosen}
         if round == self.version + 1:
@@ -148,16 +155,22 @@ class Rounds:
 
     def departed(self, worker: str) -> None:
         """Drop a gone worker from every round it has not completed."""
-        for plan in self.plans.values():
-            if worker in plan.assignments and not plan.done(worker) and not any(
-                w == worker for w, _ in plan.accumulating
-            ):
-                del plan.assignments[worker]
-                plan.reported.pop(worker, None)
-                plan.delivered.discard(worker)
-                plan.handed_in.discard(worker)
-        for round in [r for r, p in self.plans.items() if not p.assignments]:
+        for round in list(self.plans):
+            self.abandon(worker, round)
+
+    def abandon(self, worker: str, round: int) -> bool:
+        """The worker's part in `round` ends without (more of) its update; True if it had one.
+        Blocks it already delivered stay in the round's means."""
+        plan = self.plans.get(round)
+        if plan is None or worker not in plan.assignments or plan.done(worker):
+            return False
+        if any(w == worker for w, _ in plan.accumulating):
+            return False  # an update of it is being folded in right now: let that finish
+        del plan.assignments[worker]
+        plan.delivered.discard(worker)
+        if not plan.assignments:
             del self.plans[round]  # nobody left: plan it again when workers are there
+        return True
 
     def top_up(self, available: Mapping[str, int]) -> None:
         """Add idle workers to a head round that cannot reach `min_updates` with its own participants."""
@@ -168,14 +181,16 @@ class Rounds:
         if short <= 0:
             return
         busy = {w for p in self.plans.values() for w in p.assignments}
-        extra = {w: i for w, i in available.items() if w not in busy}
+        extra = [w for w in available if w not in busy]
         if not extra:
             return
         chosen = sorted(extra)[:short]
         if self.rules.assign_all_blocks:
             more = {w: self.rules.blocks for w in chosen}
         else:
-            more = assign_blocks(self.rules.schedule, plan.round, {w: extra[w] for w in chosen}, self.rules.blocks, self.rules.seed)
+            first = len(plan.assignments)
+            more = assign_blocks(self.rules.schedule, plan.round, {w: first + i for i, w in enumerate(chosen)},
+                                 self.rules.blocks, self.rules.seed)
         plan.assignments.update(more)
         for w in more:
             plan.reported[w] = set()
@@ -217,8 +232,7 @@ class Rounds:
         plan.accumulating.discard((worker, block))
         if ok and worker in plan.reported:
             plan.reported[worker].add(block)
-            plan.tokens += tokens
-            plan.loss_sum += loss * tokens
+            plan.trained[worker] = (tokens, loss)  # the same for every block of one update
 
     # ---- closing -----------------------------------------------------------------------------
 

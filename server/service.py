@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import grpc
 
 from ..common import wire
+from ..common.config import valid_worker_name
 from ..common.messages import Manifest
 from ..common.pb import coordinator_pb2 as pb
 from ..common.pb import coordinator_pb2_grpc as pb_grpc
@@ -52,13 +53,48 @@ def _serialize_download(message) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
+UNDECODABLE = object()  # what a request that is not a valid message of its type becomes
+
+
+def _tolerant(deserialize):
+    def parse(raw: bytes):
+        try:
+            return deserialize(raw)
+        except Exception:  # protobuf's DecodeError and friends: answered INVALID_ARGUMENT below
+            return UNDECODABLE
+
+    return parse
+
+
+def _refusing_undecodable(handler):
+    """The same handler, but an undecodable request is answered INVALID_ARGUMENT (gRPC would say
+    INTERNAL, as if the coordinator had failed)."""
+
+    def check(request, context):
+        if request is UNDECODABLE:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request is not a valid protobuf message of its type")
+        return request
+
+    if handler.request_streaming:
+        def behaviour(requests, context):
+            return handler.stream_unary(((check(r, context) for r in requests)), context)
+
+        return handler._replace(request_deserializer=_tolerant(handler.request_deserializer), stream_unary=behaviour)
+    kind = "unary_stream" if handler.response_streaming else "unary_unary"
+    inner = getattr(handler, kind)
+
+    def unary(request, context):
+        return inner(check(request, context), context)
+
+    return handler._replace(request_deserializer=_tolerant(handler.request_deserializer), **{kind: unary})
+
+
 def add_to_server(service: CoordinatorService, server: grpc.Server) -> None:
     """Register the service as protoc generated it, except that the bulk paths (Upload's requests,
-    Download's responses) go through wire.py's chunk codec: the same bytes, without protobuf's copies."""
+    Download's responses) go through wire.py's chunk codec (the same bytes, without protobuf's copies)
+    and that undecodable requests are refused as invalid arguments."""
 
-    class Capture:
-        handlers: dict = {}
-
+    class Capture:  # stands in for the server to get the generated handler table
         def add_generic_rpc_handlers(self, _):
             pass
 
@@ -74,6 +110,7 @@ def add_to_server(service: CoordinatorService, server: grpc.Server) -> None:
     handlers["Download"] = grpc.unary_stream_rpc_method_handler(
         service.Download, request_deserializer=pb.DownloadRequest.FromString, response_serializer=_serialize_download
     )
+    handlers = {name: _refusing_undecodable(h) for name, h in handlers.items()}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
 
@@ -98,8 +135,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     def Join(self, request: pb.JoinRequest, context):
         self.c.count_received("control", _size(request))
-        if not request.name:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a worker name is required")
+        if not valid_worker_name(request.name):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a worker name is 1-64 letters, digits, '.', '_' or '-'")
         refusal = self.auth.check(request.name, dict(context.invocation_metadata()), context)
         if refusal is not None:
             self.c.refused_join(request.name, refusal)
@@ -111,10 +148,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def Events(self, request, context) -> Iterator[pb.Event]:
         name, session = _identity(context)
         try:
-            events = self.c.events(name, session)
+            events = self.c.events(name, session, alive=context.is_active)
             for event in events:
-                if not context.is_active():
-                    return
                 message = event.to_pb()
                 self.c.count_sent("control", _size(message))
                 yield message
@@ -161,6 +196,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         except UnknownWorker as e:
             _abort(context, e)
         return pb.UploadStatusReply(held_chunks=held, complete=complete)
+
+    def Abandon(self, request: pb.AbandonRequest, context):
+        name, session = _identity(context)
+        try:
+            self.c.abandon(name, session, request.round, request.reason)
+        except UnknownWorker as e:
+            _abort(context, e)
+        return pb.AbandonReply()
 
     def Download(self, request: pb.DownloadRequest, context) -> Iterator[pb.DownloadMessage]:
         name, session = _identity(context)

@@ -76,6 +76,7 @@ class Checkpoint:
     workers: dict[str, int] = field(default_factory=dict)  # name -> join index
     counters: dict[str, float] = field(default_factory=dict)  # bytes, updates, wall time so far
     eval_history: list[list[float]] = field(default_factory=list)  # [round, loss]
+    round_history: list[dict] = field(default_factory=list)  # per round: timing, updates, bytes
 
 
 class StateStore:

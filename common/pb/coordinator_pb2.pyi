@@ -219,6 +219,18 @@ class UploadStatusReply(_message.Message):
     complete: bool
     def __init__(self, held_chunks: _Optional[_Iterable[int]] = ..., complete: _Optional[bool] = ...) -> None: ...
 
+class AbandonRequest(_message.Message):
+    __slots__ = ("round", "reason")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    reason: str
+    def __init__(self, round: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class AbandonReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class DownloadRequest(_message.Message):
     __slots__ = ("held_versions",)
     class HeldVersionsEntry(_message.Message):

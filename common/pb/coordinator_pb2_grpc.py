@@ -59,6 +59,11 @@ class CoordinatorStub:
                 request_serializer=fedblock_dot_v1_dot_coordinator__pb2.UploadStatusRequest.SerializeToString,
                 response_deserializer=fedblock_dot_v1_dot_coordinator__pb2.UploadStatusReply.FromString,
                 _registered_method=True)
+        self.Abandon = channel.unary_unary(
+                '/fedblock.v1.Coordinator/Abandon',
+                request_serializer=fedblock_dot_v1_dot_coordinator__pb2.AbandonRequest.SerializeToString,
+                response_deserializer=fedblock_dot_v1_dot_coordinator__pb2.AbandonReply.FromString,
+                _registered_method=True)
         self.Download = channel.unary_stream(
                 '/fedblock.v1.Coordinator/Download',
                 request_serializer=fedblock_dot_v1_dot_coordinator__pb2.DownloadRequest.SerializeToString,
@@ -119,6 +124,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Abandon(self, request, context):
+        """The worker gives up its part in a round (its update was refused and sending it again cannot help),
+        so the round need not wait for it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Download(self, request, context):
         """Delta sync of the global model by block version.
         """
@@ -174,6 +187,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.UploadStatus,
                     request_deserializer=fedblock_dot_v1_dot_coordinator__pb2.UploadStatusRequest.FromString,
                     response_serializer=fedblock_dot_v1_dot_coordinator__pb2.UploadStatusReply.SerializeToString,
+            ),
+            'Abandon': grpc.unary_unary_rpc_method_handler(
+                    servicer.Abandon,
+                    request_deserializer=fedblock_dot_v1_dot_coordinator__pb2.AbandonRequest.FromString,
+                    response_serializer=fedblock_dot_v1_dot_coordinator__pb2.AbandonReply.SerializeToString,
             ),
             'Download': grpc.unary_stream_rpc_method_handler(
                     servicer.Download,
@@ -331,6 +349,33 @@ class Coordinator:
             '/fedblock.v1.Coordinator/UploadStatus',
             fedblock_dot_v1_dot_coordinator__pb2.UploadStatusRequest.SerializeToString,
             fedblock_dot_v1_dot_coordinator__pb2.UploadStatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Abandon(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedblock.v1.Coordinator/Abandon',
+            fedblock_dot_v1_dot_coordinator__pb2.AbandonRequest.SerializeToString,
+            fedblock_dot_v1_dot_coordinator__pb2.AbandonReply.FromString,
             options,
             channel_credentials,
             insecure,
