@@ -228,29 +228,32 @@ class Session:
 
         def blocks() -> Iterator[DownloadedBlock]:
             assembly: wire.Assembly | None = None
-            for message in stream:
-                raw = isinstance(message, wire.RawChunk)
-                size = message.size + wire.GRPC_FRAME_OVERHEAD if raw else _size(message)
-                self._download_bucket.consume(size)
-                self._received("model", size)
-                if raw and assembly is not None:
-                    assembly.add(message.index, message.data)
-                    if assembly.complete:
-                        m = assembly.manifest
-                        tensors = CodecPipeline(m.codec).decode(assembly.finish(), specs[m.block].tensors)
-                        assembly.close()
-                        assembly = None
-                        yield DownloadedBlock(m.block, m.base_version, tensors)
-                    continue
-                kind = "chunk" if raw else message.WhichOneof("kind")
-                if kind == "manifest":
+            try:
+                for message in stream:
+                    raw = isinstance(message, wire.RawChunk)
+                    size = message.size + wire.GRPC_FRAME_OVERHEAD if raw else _size(message)
+                    self._download_bucket.consume(size)
+                    self._received("model", size)
+                    if raw and assembly is not None:
+                        assembly.add(message.index, message.data)
+                        if assembly.complete:
+                            m = assembly.manifest
+                            tensors = CodecPipeline(m.codec).decode(assembly.finish(), specs[m.block].tensors)
+                            assembly.close()
+                            assembly = None
+                            yield DownloadedBlock(m.block, m.base_version, tensors)
+                        continue
+                    kind = "chunk" if raw else message.WhichOneof("kind")
+                    if kind != "manifest":
+                        raise wire.IntegrityError(f"unexpected {kind} in a download")
                     manifest = Manifest.from_pb(message.manifest)
                     spec = specs.get(manifest.block)
                     if spec is None:
                         raise wire.IntegrityError(f"download of unknown block {manifest.block!r}")
                     wire.check_specs(manifest.tensors, spec.tensors)
                     assembly = wire.Assembly(manifest)
-                else:
-                    raise wire.IntegrityError(f"unexpected {kind} in a download")
+            finally:
+                if assembly is not None:  # a download that broke off: let its hashing thread go
+                    assembly.close()
 
         return header.model_version, dict(header.block_versions), blocks()

@@ -45,10 +45,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _dtype_from_name(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
+    """Only the plain numeric dtypes a codec stage produces; a name from the wire picks nothing else."""
+    dtype = getattr(torch, name, None) if name in _PLAIN_DTYPES else None
+    if dtype is None:
         raise CodecError(f"unknown dtype {name!r}")
     return dtype
+
+
+_PLAIN_DTYPES = {"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"}
 
 
 @dataclass

@@ -21,14 +21,16 @@ class RoundSums:
     """Running token-weighted mean of the deltas per block for one round. `add` is thread-safe."""
 
     def __init__(self) -> None:
+        self.owners: list = []  # buffers that adopted deltas live in (to recycle once the round is done)
         self._sums: dict[str, Tensors] = {}
         self._weights: dict[str, float] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
-    def add(self, block: str, delta: Mapping[str, Tensor], weight: float, adopt: bool = False) -> None:
+    def add(self, block: str, delta: Mapping[str, Tensor], weight: float, adopt: bool = False, owner=None) -> bool:
         """Fold `delta` in with `weight`. With `adopt`, a first delta's float32 tensors become the
-        accumulator themselves instead of a copy (the caller hands them over for good)."""
+        accumulator themselves instead of a copy (the caller hands them, and `owner`, the memory they
+        live in, over for good). Returns True if the delta was adopted."""
         if weight <= 0:
             raise ValueError(f"update weight must be > 0, got {weight}")
         with self._guard:
@@ -36,12 +38,16 @@ class RoundSums:
         with lock:
             acc = self._sums.get(block)
             total = self._weights.get(block, 0.0) + weight
+            adopted = acc is None and adopt
             if acc is None:
                 self._sums[block] = {n: d.detach().float() if adopt else d.detach().float().clone() for n, d in delta.items()}
+                if adopted and owner is not None:
+                    self.owners.append(owner)
             else:
                 for n, d in delta.items():
                     acc[n].lerp_(d.detach().float(), weight / total)
             self._weights[block] = total
+            return adopted
 
     @property
     def blocks(self) -> list[str]:

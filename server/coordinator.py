@@ -123,6 +123,7 @@ class Coordinator:
         self._uploads: dict[tuple[str, int, str, bytes], wire.Assembly] = {}
         self._uploads_lock = threading.Lock()
         self._in_memory = 0  # assemblies held in memory (at most --upload-slots)
+        self._pool = wire.BufferPool(keep=max(1, config.upload_slots))
         self._decode_slots = threading.BoundedSemaphore(MAX_CONCURRENT_DECODES)
         self._stop = threading.Event()
         self._round_started: dict[int, float] = {}
@@ -238,11 +239,17 @@ class Coordinator:
                 raise self._reject("malformed", f"cannot decode the update: {e}") from None
             finally:
                 self._discard_upload(name, manifest)
-            if not is_finite(delta):
-                raise self._reject("non_finite", f"update for {manifest.block} contains NaN or Inf")
-            # The delta views the assembly's buffer, which is ours alone now: an in-memory one can
-            # become the round's accumulator as it is.
-            return self._accumulate(name, manifest, delta, adopt=assembly.path is None)
+            try:
+                if not is_finite(delta):
+                    raise self._reject("non_finite", f"update for {manifest.block} contains NaN or Inf")
+                # The delta views the assembly's buffer, which is ours alone now: an in-memory one can
+                # become the round's accumulator as it is (and goes back to the pool with the round).
+                status, adopted = self._accumulate(name, manifest, delta, assembly.memory)
+            finally:
+                del delta
+            if assembly.memory is not None and not adopted:
+                self._pool.give(assembly.memory)
+            return status
 
     def abandon(self, name: str, session: str, round: int, reason: str) -> None:
         """The worker gives up its part in `round` (its update was refused for good)."""
@@ -424,7 +431,7 @@ class Coordinator:
             if assembly is None:
                 if self._in_memory < self.config.upload_slots:
                     self._in_memory += 1
-                    assembly = wire.Assembly(m)
+                    assembly = wire.Assembly(m, pool=self._pool)
                 else:
                     path = self.store.incoming_dir / f"{name}.r{m.round}.{m.block}.{m.blob_sha256.hex()[:16]}.part"
                     assembly = wire.Assembly(m, path)
@@ -448,20 +455,21 @@ class Coordinator:
             for key in [k for k in self._uploads if k[1] <= self.rounds.version]:
                 self._release(self._uploads.pop(key))
 
-    def _accumulate(self, name: str, m: Manifest, delta: Tensors, adopt: bool = False) -> str:
+    def _accumulate(self, name: str, m: Manifest, delta: Tensors, memory) -> tuple[str, bool]:
+        """Fold a checked delta into its round; ("accepted" or "late", whether its memory was adopted)."""
         with self._cv:
             try:
                 plan = self.rounds.begin_accumulate(name, m.round, m.block, m.base_version)
             except Refused as e:
                 if e.reason == "late":
                     self._late(name, m.round)
-                    return "late"
+                    return "late", False
                 self.metrics.updates.labels("rejected", e.reason).inc()
                 raise
-        ok = False
+        ok = adopted = False
         try:
             t = time.perf_counter()
-            plan.sums.add(m.block, delta, float(m.num_tokens), adopt=adopt)
+            adopted = plan.sums.add(m.block, delta, float(m.num_tokens), adopt=memory is not None, owner=memory)
             self.metrics.aggregation_duration.observe(time.perf_counter() - t)
             ok = True
         finally:
@@ -479,7 +487,7 @@ class Coordinator:
             f"{self.totals.bytes_up / 1e6:.1f} MB up, {self.totals.bytes_down / 1e6:.1f} MB down",
             force=True,
         )
-        return "accepted"
+        return "accepted", adopted
 
     def _deliver(self) -> None:
         """Under the lock: send every assignment that may go out now."""
@@ -518,6 +526,8 @@ class Coordinator:
         """Aggregate a closed round into a new global version, checkpoint it, then announce it."""
         g = self.global_model
         new_tensors = {b: apply_mean(g.tensors[b], plan.sums.mean(b)) for b in plan.sums.blocks}
+        for memory in plan.sums.owners:  # the round's means are folded in: their memory can serve again
+            self._pool.give(memory)
         versions = {**g.block_versions, **{b: plan.round for b in new_tensors}}
         t = time.perf_counter()
         shas = dict(g.block_sha256)
