@@ -138,6 +138,7 @@ class Assembly:
         self._hasher_thread = threading.Thread(target=self._hash_chunks, daemon=True, name="hash")
         self._hasher_thread.start()
         self._fd = -1
+        self._blob = None  # the whole blob, once complete
         self._buffer: memoryview | None = None
         self.memory: mmap.mmap | None = None  # the memory buffer, to give back to its pool when done
         if path is None:
@@ -191,24 +192,35 @@ class Assembly:
         while (piece := self._hash_queue.get()) is not None:
             self._hasher.update(piece)
 
-    def finish(self) -> memoryview | mmap.mmap:
-        """The verified blob, not a copy: the memory buffer or a private map of the file (writable, so
-        tensors can be views of it). Raises IntegrityError when chunks are missing or the hash is wrong."""
+    def blob(self) -> memoryview | mmap.mmap:
+        """The complete blob, not yet verified, not a copy: the memory buffer or a private map of the
+        file (writable, so tensors can be views of it). Raises IntegrityError when chunks are missing."""
         if not self.complete:
             missing = self.manifest.num_chunks - len(self._held)
             raise IntegrityError(f"{missing} of {self.manifest.num_chunks} chunks missing")
-        blob = self._buffer if self._buffer is not None else mmap.mmap(
-            self._fd, self.manifest.wire_bytes, access=mmap.ACCESS_COPY
-        )
-        view = memoryview(blob)
-        while self._hashed_upto in self._held:  # chunks that came out of order (file)
-            a, b = self._span(self._hashed_upto)
-            self._hash_queue.put(view[a:b])
-            self._hashed_upto += 1
-        self._hash_queue.put(None)
+        if self._blob is None:
+            self._blob = self._buffer if self._buffer is not None else mmap.mmap(
+                self._fd, self.manifest.wire_bytes, access=mmap.ACCESS_COPY
+            )
+            view = memoryview(self._blob)
+            while self._hashed_upto in self._held:  # chunks that came out of order (file)
+                a, b = self._span(self._hashed_upto)
+                self._hash_queue.put(view[a:b])
+                self._hashed_upto += 1
+            self._hash_queue.put(None)
+        return self._blob
+
+    def verify(self) -> None:
+        """Wait for the hash of the whole blob; IntegrityError if it is not the manifest's."""
+        self.blob()
         self._hasher_thread.join()
         if self._hasher.digest() != self.manifest.blob_sha256:
             raise IntegrityError("blob SHA-256 does not match the manifest (corrupted chunk)")
+
+    def finish(self) -> memoryview | mmap.mmap:
+        """The verified blob (see `blob`). Raises IntegrityError when chunks are missing or the hash is wrong."""
+        blob = self.blob()
+        self.verify()
         return blob
 
     def close(self, remove: bool = True) -> None:

@@ -231,17 +231,24 @@ class Coordinator:
             missing = assembly.manifest.num_chunks - len(assembly.held)
             raise self._reject("incomplete", f"stream ended with {missing} chunks missing; resume it")
         with self._decode_slots:
+            # Decoding and the finite check read the blob while the tail of its hash is still being
+            # computed; nothing is used before the hash has been checked.
+            delta, problem = None, None
             try:
-                delta = self.codec.decode(assembly.finish(), self.specs[manifest.block].tensors)
-            except wire.IntegrityError as e:
-                raise self._reject("hash_mismatch", str(e)) from None
+                delta = self.codec.decode(assembly.blob(), self.specs[manifest.block].tensors)
+                if not is_finite(delta):
+                    problem = ("non_finite", f"update for {manifest.block} contains NaN or Inf")
             except ValueError as e:
-                raise self._reject("malformed", f"cannot decode the update: {e}") from None
+                problem = ("malformed", f"cannot decode the update: {e}")
+            try:
+                assembly.verify()  # a corrupted chunk is reported as such, whatever it did to the decoding
+            except wire.IntegrityError as e:
+                problem = ("hash_mismatch", str(e))
             finally:
                 self._discard_upload(name, manifest)
             try:
-                if not is_finite(delta):
-                    raise self._reject("non_finite", f"update for {manifest.block} contains NaN or Inf")
+                if problem is not None:
+                    raise self._reject(*problem)
                 # The delta views the assembly's buffer, which is ours alone now: an in-memory one can
                 # become the round's accumulator as it is (and goes back to the pool with the round).
                 status, adopted = self._accumulate(name, manifest, delta, assembly.memory)
