@@ -6,7 +6,9 @@ CPU) with `BlockTrainer` for a few AdamW steps on real data, once per mode:
 * `full`: every block trained (= AdamW over every parameter, plain full fine-tuning);
 * one block: `layers.0` (the lowest decoder layer: the worst case for activations, as backprop runs
   through every layer above it), the middle and the top decoder layer, and `embed` (the tied
-  embedding/output head: backprop through everything plus the 28M-parameter block's AdamW state).
+  embedding/output head: backprop through everything plus the 28M-parameter block's AdamW state);
+* `+gc`: the same with the worker's `--gradient-checkpointing` (the layers above the block keep only
+  their inputs and are recomputed in the backward pass).
 
 How: each mode runs in a fresh subprocess (this script with `--child`), so peaks do not mix. The child
 loads the model (`fedblock.common.models.load_model`) and copies the weights out of the safetensors
@@ -46,8 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import parser, report  # noqa: E402
 
 TARGET = 0.5
-MODES = ("full", "embed", "bottom", "middle", "top")
-QUICK_MODES = ("full", "bottom", "top")
+MODES = ("full", "embed", "bottom", "middle", "top", "embed+gc", "bottom+gc")
+QUICK_MODES = ("full", "bottom", "top", "bottom+gc")
 RESULT = "MEMORY-RESULT "
 
 
@@ -102,7 +104,7 @@ def child(args) -> None:
     from fedblock.common.blocks import partition
     from fedblock.common.data import IGNORE_INDEX, collate, load_examples, tokenize
     from fedblock.common.models import load_model, load_tokenizer, resolve_model
-    from fedblock.common.training import BlockTrainer
+    from fedblock.common.training import BlockTrainer, OptimConfig
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -114,7 +116,8 @@ def child(args) -> None:
     load_peak = _maxrss_mib()
     blocks = partition(model)
     names = [b.name for b in blocks]
-    trained = _block_for(args.child, names)
+    mode, _, option = args.child.partition("+")
+    trained = _block_for(mode, names)
     by_name = {b.name: b for b in blocks}
     params = dict(model.named_parameters())
     trained_params = sum(params[n].numel() for b in trained for n in by_name[b].params)
@@ -136,8 +139,9 @@ def child(args) -> None:
             "attention_mask": F.pad(b["attention_mask"], (0, pad), value=0),
             "labels": F.pad(b["labels"], (0, pad), value=IGNORE_INDEX),
         })
-    trainer = BlockTrainer(model, blocks)
-    begin = getattr(trainer, "begin_round", None) or trainer.set_blocks  # the API's newer and older name
+    # "+gc": the worker's --gradient-checkpointing (recompute the layers above the block in the backward)
+    trainer = BlockTrainer(model, blocks, OptimConfig(gradient_checkpointing=option == "gc"))
+    begin = trainer.begin_round
     gc.collect()
     rss_load = _status_mib("VmRSS") or _maxrss_mib()
     reset = _reset_peak()
@@ -149,7 +153,8 @@ def child(args) -> None:
         seconds.append(time.perf_counter() - t)
     result = {
         "mode": args.child,
-        "blocks": trained[0] if len(trained) == 1 else f"full ({len(trained)} blocks)",
+        "blocks": (trained[0] if len(trained) == 1 else f"full ({len(trained)} blocks)")
+        + (", gradient checkpointing" if option == "gc" else ""),
         "trained_params": trained_params,
         "peak_mib": _maxrss_mib(),
         "rss_after_load_mib": rss_load,
@@ -229,7 +234,8 @@ def main() -> None:
             "rss_end_mib": r["rss_end_mib"],
             "process_seconds": r["process_seconds"],
         })
-    layer_rows = [(r, row) for r, row in zip(results, rows, strict=True) if r["blocks"].startswith("layers.")]
+    layer_rows = [(r, row) for r, row in zip(results, rows, strict=True)
+                  if r["blocks"].startswith("layers.") and "checkpointing" not in r["blocks"]]
     extra = {
         "settings": f"{args.model}, fp32, CPU, {args.threads} threads, batch {args.batch_size} x {args.seq_len} tokens "
                     f"({args.data}, padded/truncated to {args.seq_len}), {args.steps} AdamW step(s) per mode, "

@@ -117,11 +117,15 @@ def main() -> None:
     rounds = 5 if args.quick else args.rounds
     model, data = make_inputs(workdir)
 
-    calib = run(workdir, model, data, "fedbcd", rounds, args.local_steps, 0)
-    compute_s = per_round(calib["events"])["compute s"]
-    # Bytes that cross the worker's link per round, without the first delta sync (the whole model).
-    model_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
-    bytes_per_round = (calib["summary"]["bytes_up"] + calib["summary"]["bytes_down"] - model_bytes) / rounds
+    # Calibration: the compute time per round T (no link limit), then the link time per round at a
+    # trial rate, which gives the bytes a round really moves through the limiter (the token bucket's
+    # burst lets the start of each transfer through at once): B = comm time × rate.
+    free = run(workdir, model, data, "fedbcd", rounds, args.local_steps, 0)
+    compute_s = per_round(free["events"])["compute s"]
+    model_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))  # the first sync, not a round's
+    trial_rate = int((free["summary"]["bytes_up"] + free["summary"]["bytes_down"] - model_bytes) / rounds / compute_s)
+    trial = run(workdir, model, data, "fedbcd", rounds, args.local_steps, trial_rate)
+    bytes_per_round = per_round(trial["events"])["comm s"] * trial_rate
     rows, timelines = [], {}
     for r in ratios:
         rate = int(bytes_per_round / (r * compute_s))
