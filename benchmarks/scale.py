@@ -1,11 +1,17 @@
 """One coordinator, many workers: 256 lightweight workers for 3 rounds, and the coordinator's peak
 memory aggregating 32 vs 8 updates of one block.
 
-Workers are the real worker code (`fedblock.client.worker.Worker`, all its threads), many per
-"swarm" process, on a tiny model; the coordinator is a real `fedblock coordinator` process; all on
-loopback. Targets (DESIGN §9): 256 workers, 3 rounds, no error; the coordinator's peak RSS with 32
-updates of one block within 10 % of its peak with 8 (streaming aggregation: one running mean per
-block, concurrent uploads beyond --upload-slots assembled in files).
+All on loopback, the coordinator a real `fedblock coordinator` process.
+- Many workers: the real worker code (`fedblock.client.worker.Worker`, all its threads), many per
+  "swarm" process, on a tiny model.
+- Memory: the coordinator runs the real SmolLM2-135M (blocks of 14 MB); N clients (real `Session`s,
+  threads of one process, no model of their own so that 32 of them fit in memory) are all assigned
+  `layers.0` and upload their deltas at the same moment. The coordinator's peak RSS while running
+  rounds (summary.json's rounds_peak_rss_bytes: the peak is reset once the model is loaded) with 32
+  such updates against 8.
+Targets (DESIGN §9): 256 workers, 3 rounds, no error; the peak with 32 updates within 10 % of the
+peak with 8 (streaming aggregation: one running mean per block; concurrent uploads beyond
+--upload-slots assembled in files).
 
     python benchmarks/scale.py [--quick] [--workers 256] [--json out.json]
 """
@@ -63,15 +69,52 @@ def swarm(address: str, prefix: str, count: int, data: Path) -> None:
     sys.exit(1 if failed else 0)
 
 
+def uploaders(address: str, count: int) -> None:
+    """`count` clients that join, wait for their assignment, all upload a delta of it at once, and wait
+    for the end of the run."""
+    import torch
+
+    from fedblock.client.session import Session
+    from fedblock.common import wire
+    from fedblock.common.codecs import CodecPipeline
+    from fedblock.common.messages import Assignment, RunEnd
+
+    sessions = [Session(address, f"u{i:03d}") for i in range(count)]
+    infos = [s.join(num_examples=1, device="cpu", timeout=600) for s in sessions]
+    streams = [s.events() for s in sessions]
+    assignments = [next(e for e in stream if isinstance(e, Assignment)) for stream in streams]
+    spec = next(b for b in infos[0].blocks if b.name == assignments[0].blocks[0])
+    delta = {t.name: torch.randn(t.shape) * 1e-3 for t in spec.tensors}
+    manifest, blob = wire.pack(spec.name, delta, CodecPipeline("none"), round=assignments[0].round, base_version=0,
+                               chunk_size=infos[0].chunk_size, num_tokens=1)
+    barrier = threading.Barrier(count)
+    results = []
+
+    def send(session):
+        barrier.wait()
+        results.append(session.upload(manifest, blob))
+
+    threads = [threading.Thread(target=send, args=(s,)) for s in sessions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for stream in streams:
+        next(e for e in stream if isinstance(e, RunEnd))
+    print(json.dumps({"uploads": results}), flush=True)
+    sys.exit(0 if results.count("accepted") == count else 1)
+
+
 def cli(*args: object, **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen([sys.executable, *map(str, args)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def federation(workdir: Path, name: str, model: Path, data: Path, workers: int, swarms: int, rounds: int,
+def federation(workdir: Path, name: str, model: Path | str, data: Path | None, workers: int, swarms: int, rounds: int,
                extra: list[str]) -> dict:
-    """A coordinator process and `workers` workers in `swarms` processes; returns summary and timings."""
+    """A coordinator process and `workers` workers in `swarms` processes (`data` None: upload-only
+    clients); returns summary and timings."""
     port = free_port()
     state = workdir / name
     subprocess.run(["rm", "-rf", str(state)], check=True)
@@ -80,8 +123,11 @@ def federation(workdir: Path, name: str, model: Path, data: Path, workers: int, 
                       "--min-workers", workers, "--threads", 1, "--heartbeat-interval", 5, *extra)
     per = [workers // swarms + (1 if i < workers % swarms else 0) for i in range(swarms)]
     t0 = time.monotonic()
-    procs = [cli(__file__, "--_swarm", n, "--_address", f"127.0.0.1:{port}", "--_prefix", f"s{i}", "--_data", data)
-             for i, n in enumerate(per) if n]
+    if data is None:  # upload-only clients, all in one process
+        procs = [cli(__file__, "--_uploaders", workers, "--_address", f"127.0.0.1:{port}")]
+    else:
+        procs = [cli(__file__, "--_swarm", n, "--_address", f"127.0.0.1:{port}", "--_prefix", f"s{i}", "--_data", data)
+                 for i, n in enumerate(per) if n]
     outs = [p.communicate(timeout=3600)[0] for p in procs]
     coordinator_out = coordinator.communicate(timeout=600)[0]
     wall = time.monotonic() - t0
@@ -101,9 +147,14 @@ def main() -> None:
     p.add_argument("--_address")
     p.add_argument("--_prefix")
     p.add_argument("--_data", type=Path)
+    p.add_argument("--_uploaders", type=int)
+    p.add_argument("--memory-model", default="smollm2-135m-instruct")
     args = p.parse_args()
     if args._swarm:
         swarm(args._address, args._prefix, args._swarm, args._data)
+        return
+    if args._uploaders:
+        uploaders(args._address, args._uploaders)
         return
 
     from fedblock.common.data import Example, write_jsonl
@@ -114,8 +165,6 @@ def main() -> None:
     data = workdir / "data.jsonl"
     write_jsonl([Example((("user", f"{i}+1?"), ("assistant", f"{i + 1}."))) for i in range(64)], data)
     tiny = make_tiny_model(workdir / "tiny", "llama", seed=0, num_layers=2, hidden_size=32)
-    # One layer of hidden 512 (about 12 MB of float32 per update) for the memory comparison.
-    wide = make_tiny_model(workdir / "wide", "llama", seed=0, num_layers=1, hidden_size=512)
 
     rows, errors = [], []
     n = 64 if args.quick else args.workers
@@ -125,17 +174,20 @@ def main() -> None:
     errors += run["errors"]
     rows.append({"experiment": f"{n} workers", "workers": s.get("workers"), "rounds": s.get("rounds_completed"),
                  "updates": s.get("updates_accepted"), "errors": len(run["errors"]), "wall s": run["wall"],
-                 "coordinator peak RSS MiB": s.get("coordinator_peak_rss_bytes", 0) / 2**20})
+                 "coordinator peak RSS MiB": s.get("coordinator_peak_rss_bytes", 0) / 2**20,
+                 "peak while running rounds MiB": s.get("rounds_peak_rss_bytes", 0) / 2**20})
     peaks = {}
     for k in ((4, 16) if args.quick else (8, 32)):
-        run = federation(workdir, f"agg{k}", wide, data, k, min(k, args.swarms), 1,
-                         ["--local-steps", 1, "--block-schedule", "round-robin", "--train-blocks", "layers.0"])
+        run = federation(workdir, f"agg{k}", args.memory_model, None, k, 1, 1,
+                         ["--block-schedule", "round-robin", "--train-blocks", "layers.0"])
         s = run["summary"]
         errors += run["errors"]
-        peaks[k] = s.get("coordinator_peak_rss_bytes", 0)
-        rows.append({"experiment": f"{k} updates of one 12 MB block", "workers": s.get("workers"),
+        peaks[k] = s.get("rounds_peak_rss_bytes", 0)
+        rows.append({"experiment": f"{k} concurrent updates of layers.0 ({args.memory_model})", "workers": s.get("workers"),
                      "rounds": s.get("rounds_completed"), "updates": s.get("updates_accepted"),
-                     "errors": len(run["errors"]), "wall s": run["wall"], "coordinator peak RSS MiB": peaks[k] / 2**20})
+                     "errors": len(run["errors"]), "wall s": run["wall"],
+                     "coordinator peak RSS MiB": s.get("coordinator_peak_rss_bytes", 0) / 2**20,
+                     "peak while running rounds MiB": peaks[k] / 2**20})
     small, large = sorted(peaks)
     growth = peaks[large] / peaks[small] - 1 if peaks[small] else float("nan")
     ok = rows[0]["errors"] == 0 and rows[0]["rounds"] == args.rounds and rows[0]["workers"] == n

@@ -123,6 +123,41 @@ class BufferPool:
                 self._free.pop(0)  # the smallest go first; an unmapped buffer dies with its last reference
 
 
+class RunningHash:
+    """SHA-256 of pieces fed in order. `threaded`: computed on a thread of its own (hashlib releases
+    the GIL), so that receiving the next chunk does not wait for it; the pieces must stay valid until
+    hashed (views of a buffer that lives on)."""
+
+    def __init__(self, threaded: bool):
+        self._sha = hashlib.sha256()
+        self._queue: queue.Queue | None = None
+        if threaded:
+            self._queue = queue.Queue(maxsize=64)  # bounded: a slow hash holds back receiving
+            self._thread = threading.Thread(target=self._run, daemon=True, name="hash")
+            self._thread.start()
+
+    def _run(self) -> None:
+        while (piece := self._queue.get()) is not None:
+            self._sha.update(piece)
+
+    def feed(self, piece) -> None:
+        if self._queue is None:
+            self._sha.update(piece)
+        else:
+            self._queue.put(piece)
+
+    def digest(self) -> bytes:
+        """The hash of everything fed (no more may be fed after)."""
+        self.stop()
+        if self._queue is not None:
+            self._thread.join()
+        return self._sha.digest()
+
+    def stop(self) -> None:
+        if self._queue is not None and self._thread.is_alive():
+            self._queue.put(None)
+
+
 class Assembly:
     """Collects the chunks of one blob: in memory, or written to the file `path` (so that a coordinator's
     memory does not grow with the number of uploads in progress; the file is only mapped to read it once
@@ -132,11 +167,10 @@ class Assembly:
         self.manifest = manifest
         self.path = path
         self._held: set[int] = set()
-        self._hasher = hashlib.sha256()
-        self._hashed_upto = 0  # chunks [0, _hashed_upto) are queued for the running hash
-        self._hash_queue: queue.Queue = queue.Queue(maxsize=64)  # bounded: a slow hash holds back receiving
-        self._hasher_thread = threading.Thread(target=self._hash_chunks, daemon=True, name="hash")
-        self._hasher_thread.start()
+        # In memory the hash runs on its own thread over views of the buffer; for a file it runs inline
+        # over each chunk as it comes (a queue would keep chunks alive: memory growing with uploads).
+        self._hash = RunningHash(threaded=path is None)
+        self._hashed_upto = 0  # chunks [0, _hashed_upto) are fed to the hash
         self._fd = -1
         self._blob = None  # the whole blob, once complete
         self._buffer: memoryview | None = None
@@ -180,17 +214,12 @@ class Assembly:
         else:
             os.pwrite(self._fd, data, start)
         self._held.add(index)
-        # Hash on the fly while chunks arrive in order, on a thread of its own (hashlib releases the
-        # GIL): receiving the next chunk does not wait for it. Chunks that came early join the hash
-        # once the gap before them is filled (in memory) or at finish (in a file).
+        # Hash while chunks arrive in order; chunks that came early join once the gap before them is
+        # filled (in memory) or when the blob is complete (in a file).
         while self._hashed_upto in self._held and (self._buffer is not None or index == self._hashed_upto):
             a, b = self._span(self._hashed_upto)
-            self._hash_queue.put(self._buffer[a:b] if self._buffer is not None else data)
+            self._hash.feed(self._buffer[a:b] if self._buffer is not None else data)
             self._hashed_upto += 1
-
-    def _hash_chunks(self) -> None:
-        while (piece := self._hash_queue.get()) is not None:
-            self._hasher.update(piece)
 
     def blob(self) -> memoryview | mmap.mmap:
         """The complete blob, not yet verified, not a copy: the memory buffer or a private map of the
@@ -205,16 +234,14 @@ class Assembly:
             view = memoryview(self._blob)
             while self._hashed_upto in self._held:  # chunks that came out of order (file)
                 a, b = self._span(self._hashed_upto)
-                self._hash_queue.put(view[a:b])
+                self._hash.feed(view[a:b])
                 self._hashed_upto += 1
-            self._hash_queue.put(None)
         return self._blob
 
     def verify(self) -> None:
         """Wait for the hash of the whole blob; IntegrityError if it is not the manifest's."""
         self.blob()
-        self._hasher_thread.join()
-        if self._hasher.digest() != self.manifest.blob_sha256:
+        if self._hash.digest() != self.manifest.blob_sha256:
             raise IntegrityError("blob SHA-256 does not match the manifest (corrupted chunk)")
 
     def finish(self) -> memoryview | mmap.mmap:
@@ -225,8 +252,7 @@ class Assembly:
 
     def close(self, remove: bool = True) -> None:
         """Release the file and the hashing thread (tensors that view the blob keep their memory)."""
-        if self._hasher_thread.is_alive():
-            self._hash_queue.put(None)
+        self._hash.stop()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

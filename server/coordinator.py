@@ -128,6 +128,7 @@ class Coordinator:
         self._stop = threading.Event()
         self._round_started: dict[int, float] = {}
         self._t0 = time.monotonic()
+        self._startup_peak = 0  # peak RSS before the first round (loading, first checkpoint)
         self.state = "waiting"
         self.progress = Progress()
         self.export_path: Path | None = None
@@ -361,6 +362,8 @@ class Coordinator:
                     if self.rounds.plan(self.rounds.version + 1, connected) is not None:
                         started = True
                         self.state = "running"
+                        self._startup_peak = _peak_rss()
+                        _reset_peak_rss()  # from here on the peak is that of running rounds
                 if started:
                     self.rounds.top_up(connected)
                 self._deliver()
@@ -630,11 +633,33 @@ class Coordinator:
             "bytes_down": self.totals.bytes_down,
             "wall_seconds": round(self._wall_seconds(), 3),
             "export_path": str(self.export_path) if self.export_path else None,
-            "coordinator_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "coordinator_peak_rss_bytes": max(self._startup_peak, _peak_rss()),
+            "rounds_peak_rss_bytes": _peak_rss(),
         }
         self.store.write_summary(summary)
         return summary
 
+
+
+def _peak_rss() -> int:
+    """Peak resident memory (bytes) since the last reset (Linux VmHWM), else since the start."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak_rss() -> None:
+    """Start a new peak (Linux: writing 5 to clear_refs resets VmHWM); a no-op elsewhere."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def _label(reason: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
 import threading
@@ -100,7 +101,20 @@ class Running:
             self.metrics_server.shutdown()
 
 
+def tune_malloc() -> None:
+    """glibc: few malloc arenas and a fixed mmap threshold. Many gRPC threads each receiving 1 MiB
+    chunks otherwise leave megabytes in per-thread arenas, so memory grew with the number of concurrent
+    uploads (+13 % from 8 to 32 updates of a SmolLM2 block; +5 % with this). A no-op elsewhere."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: chunk-sized buffers are mapped and given back
+    except (OSError, AttributeError):
+        pass
+
+
 def start(config: CoordinatorConfig) -> Running:
+    tune_malloc()
     coordinator = build(config)
     server, port = serve(coordinator, config)
     metrics_server = None
