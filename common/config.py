@@ -107,15 +107,21 @@ def _convert(f: dataclasses.Field, tp: Any, value: Any) -> Any:
     return value
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml_mapping(path: str | Path, flag: str, what: str) -> dict[Any, Any]:
+    """The mapping in a YAML file, or a ConfigError naming `flag` (`what`: what it should map)."""
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
-        raise ConfigError(f"--config: no such file {path}") from None
+        raise ConfigError(f"{flag}: no such file {path}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"--config: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{flag}: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"--config: {path} must hold a mapping of option names to values")
+        raise ConfigError(f"{flag}: {path} must {what}")
+    return data
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    data = read_yaml_mapping(path, "--config", "hold a mapping of option names to values")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import yaml
 
-from .config import ConfigError
+from .config import ConfigError, read_yaml_mapping
 
 TOKEN_KEY = "authorization"  # gRPC metadata: "Bearer <token>"
 
@@ -34,13 +33,8 @@ def new_token() -> str:
 
 def load_tokens(path: Path) -> dict[str, str]:
     """{worker name: "sha256:<hex>"} from a tokens file; ConfigError names what is wrong."""
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"--auth-tokens: no such file {path}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--auth-tokens: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict) or not data:
+    data = read_yaml_mapping(path, "--auth-tokens", "map worker names to tokens")
+    if not data:
         raise ConfigError(f"--auth-tokens: {path} must map worker names to tokens")
     tokens = {}
     for name, value in data.items():

@@ -38,14 +38,6 @@ Tensors = dict[str, Tensor]
 MAX_CONCURRENT_DECODES = 2  # bounds the memory of finishing uploads (one blob + one delta each)
 
 
-class Rejected(Exception):
-    """An update refused for a reason that is the sender's fault; `reason` is the metric label."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
-
 @dataclass(frozen=True)
 class GlobalModel:
     """One immutable version of the global model. Block tensors are never changed in place."""
@@ -207,7 +199,7 @@ class Coordinator:
         self._drop(name, "left")
 
     def upload(self, name: str, session: str, manifest: Manifest, chunks: Iterable[tuple[int, bytes]]) -> str:
-        """Receive one block delta. Returns "accepted" or "late"; raises Rejected, Refused or UnknownWorker."""
+        """Receive one block delta. Returns "accepted" or "late"; raises Refused or UnknownWorker."""
         self.registry.check(name, session)
         self._check_manifest(manifest)
         with self._cv:
@@ -423,9 +415,9 @@ class Coordinator:
         except wire.IntegrityError as e:
             raise self._reject("bad_manifest", str(e)) from None
 
-    def _reject(self, reason: str, message: str) -> Rejected:
+    def _reject(self, reason: str, message: str) -> Refused:
         self.metrics.updates.labels("rejected", reason).inc()
-        return Rejected(reason, message)
+        return Refused(reason, message)
 
     def _late(self, name: str, round: int) -> None:
         """Under the lock: a worker handed in a closed round; it may get its next assignment."""

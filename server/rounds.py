@@ -27,7 +27,8 @@ from .scheduler import assign_blocks, learning_rate, select_workers
 
 
 class Refused(Exception):
-    """An update that may not enter the round. `reason` is a short metric label; `late` is not an error."""
+    """An update that may not enter the round, or that the coordinator refuses (bad manifest, hash,
+    decoding, NaN). `reason` is a short metric label; `late` is not an error."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)

@@ -19,7 +19,7 @@ from ..common.messages import Manifest
 from ..common.pb import coordinator_pb2 as pb
 from ..common.pb import coordinator_pb2_grpc as pb_grpc
 from ..common.security import Authenticator
-from .coordinator import Coordinator, Rejected
+from .coordinator import Coordinator
 from .registry import UnknownWorker
 from .rounds import Refused
 
@@ -123,7 +123,7 @@ def _identity(context: grpc.ServicerContext) -> tuple[str, str]:
 def _abort(context: grpc.ServicerContext, error: Exception):
     if isinstance(error, UnknownWorker):
         context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
-    if isinstance(error, (Rejected, Refused)):
+    if isinstance(error, Refused):
         context.abort(_REJECT_CODES.get(error.reason, grpc.StatusCode.INVALID_ARGUMENT), f"{error.reason}: {error}")
     raise error
 
@@ -185,7 +185,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
         try:
             status = self.c.upload(name, session, Manifest.from_pb(first.header.manifest), chunks())
-        except (UnknownWorker, Rejected, Refused) as e:
+        except (UnknownWorker, Refused) as e:
             _abort(context, e)
         return pb.UploadReply(status=status)
 
