@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 
 DEMO_DIR ?= runs/demo
 DEMO_FLAGS ?= --rounds 6 --local-steps 8 --batch-size 8 --max-seq-len 128 --lr 1e-4 \
-	--block-schedule staggered --train-blocks 'layers.*' --eval-max-examples 64 --threads 1
+	--block-schedule striped --train-blocks 'layers.*' --eval-max-examples 64 --threads 1
 
 .PHONY: install test demo bench proto lint clean
 

@@ -5,7 +5,8 @@ algorithm (`fedbcd`, `parablock`, `fedavg`): a coordinator and 4 worker processe
 real gRPC, the data split Dirichlet(0.5) over the workers (10 % held out), the same seed, rounds,
 local steps, batch, sequence length and learning rate for all three. Every run trains the decoder
 layers only (`--train-blocks 'layers.*'`): fedbcd and parablock give each worker one layer per round
-(`--block-schedule staggered`: worker i trains layer (i + t) mod 30, so a round covers 4 layers), and
+(`--block-schedule striped`: worker i trains layer (i + 4(t - 1)) mod 30, so a round covers 4 layers and
+consecutive rounds different ones: see server/scheduler.py for why `staggered` hurts parablock), and
 fedavg, whose nature is to train everything, trains all 30 decoder layers on every worker and moves
 them all; the 28M-parameter tied embedding stays frozen in all three so that they optimise the same
 parameters.
@@ -25,8 +26,8 @@ wall time with and without a link limit; at that rate the first model download a
 Target (DESIGN.md §9): parablock's final eval loss ≤ 1.02 × fedbcd's, per data set, after the same
 number of rounds (the unlimited runs).
 
-The staggered schedule gives layer (i + t) mod 30 to the i-th participant by name, so the same
-settings give the same schedule; fedbcd is deterministic, parablock depends on when global blocks
+The schedule gives layers to the i-th participant by name, so the same settings give the same
+schedule; fedbcd is deterministic, parablock depends on when global blocks
 arrive. Wall times on a 2-core machine with 4 workers measure CPU sharing as much as communication
 (benchmarks/overlap.py isolates the overlap).
 
@@ -196,7 +197,7 @@ def main() -> None:
     p.add_argument("--eval-max-examples", type=int,
                    help=f"held-out examples per evaluation (default {FULL['eval_max_examples']}; --quick {QUICK['eval_max_examples']})")
     p.add_argument("--train-blocks", default="layers.*", help="blocks trained, for every algorithm (default layers.*)")
-    p.add_argument("--block-schedule", default="staggered", help="block schedule of fedbcd and parablock (default staggered)")
+    p.add_argument("--block-schedule", default="striped", help="block schedule of fedbcd and parablock (default striped)")
     p.add_argument("--run-timeout", type=float, default=1200, help="seconds after which one run is stopped as failed (default 1200)")
     p.add_argument("--keep-state", action="store_true", help="keep the runs' weights and exports")
     args = p.parse_args()

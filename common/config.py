@@ -22,7 +22,7 @@ import yaml
 
 from .algorithms import ALGORITHMS
 
-BLOCK_SCHEDULES = ("round-robin", "random", "staggered")
+BLOCK_SCHEDULES = ("round-robin", "random", "staggered", "striped")
 LR_SCHEDULES = ("constant", "cosine")
 REQUIRED: Any = dataclasses.MISSING
 

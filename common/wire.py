@@ -31,6 +31,10 @@ class IntegrityError(ValueError):
     """Chunks do not fit the manifest, or the assembled blob does not hash to it."""
 
 
+class AssemblyClosed(IntegrityError):
+    """A chunk came for an assembly already closed (its upload was discarded meanwhile)."""
+
+
 def sha256(data: bytes | bytearray | memoryview) -> bytes:
     return hashlib.sha256(data).digest()
 
@@ -130,6 +134,7 @@ class RunningHash:
 
     def __init__(self, threaded: bool):
         self._sha = hashlib.sha256()
+        self._stopped = False
         self._queue: queue.Queue | None = None
         if threaded:
             self._queue = queue.Queue(maxsize=64)  # bounded: a slow hash holds back receiving
@@ -141,6 +146,8 @@ class RunningHash:
             self._sha.update(piece)
 
     def feed(self, piece) -> None:
+        if self._stopped:  # nobody reads the queue any more: a put could block forever
+            raise RuntimeError("hash already stopped")
         if self._queue is None:
             self._sha.update(piece)
         else:
@@ -154,8 +161,9 @@ class RunningHash:
         return self._sha.digest()
 
     def stop(self) -> None:
-        if self._queue is not None and self._thread.is_alive():
+        if self._queue is not None and not self._stopped:
             self._queue.put(None)
+        self._stopped = True
 
 
 class Assembly:
@@ -167,6 +175,7 @@ class Assembly:
         self.manifest = manifest
         self.path = path
         self._held: set[int] = set()
+        self._closed = False
         # In memory the hash runs on its own thread over views of the buffer; for a file it runs inline
         # over each chunk as it comes (a queue would keep chunks alive: memory growing with uploads).
         self._hash = RunningHash(threaded=path is None)
@@ -202,6 +211,8 @@ class Assembly:
 
     def add(self, index: int, data: bytes | memoryview) -> None:
         """Store chunk `index`; a chunk already held is checked for size and ignored."""
+        if self._closed:  # its buffer may already serve another upload
+            raise AssemblyClosed("upload already closed")
         if not 0 <= index < self.manifest.num_chunks:
             raise IntegrityError(f"chunk index {index} outside 0..{self.manifest.num_chunks - 1}")
         start, end = self._span(index)
@@ -251,7 +262,9 @@ class Assembly:
         return blob
 
     def close(self, remove: bool = True) -> None:
-        """Release the file and the hashing thread (tensors that view the blob keep their memory)."""
+        """Release the file and the hashing thread (tensors that view the blob keep their memory);
+        `add` fails from now on."""
+        self._closed = True
         self._hash.stop()
         if self._fd >= 0:
             os.close(self._fd)

@@ -23,7 +23,7 @@ from torch import Tensor
 from ..common import wire
 from ..common.algorithms import ALGORITHMS
 from ..common.codecs import CodecPipeline
-from ..common.config import CoordinatorConfig
+from ..common.config import ConfigError, CoordinatorConfig
 from ..common.messages import BlockSpec, Event, Manifest, ModelFile, ModelNotice, RunEnd, RunInfo
 from ..common.progress import Progress
 from .aggregator import apply_mean, is_finite
@@ -79,7 +79,8 @@ class Coordinator:
         patterns = [p.strip() for p in config.train_blocks.split(",") if p.strip()]
         self.trainable = tuple(b for b in self.block_order if any(fnmatch.fnmatchcase(b, p) for p in patterns))
         if not self.trainable:
-            raise ValueError(f"--train-blocks {config.train_blocks!r} matches none of {self.block_order}")
+            raise ConfigError(f"--train-blocks {config.train_blocks!r} matches none of the blocks "
+                              f"({', '.join(self.block_order[:3])}, ..., {self.block_order[-1]})")
         self.codec = CodecPipeline(config.codec)
         self.metrics = metrics or CoordinatorMetrics()
         self._evaluate = evaluate
@@ -217,6 +218,12 @@ class Coordinator:
         for index, data in chunks:
             try:
                 assembly.add(index, data)
+            except wire.AssemblyClosed as e:  # discarded meanwhile: its round closed, or another stream ended it
+                with self._cv:
+                    if manifest.round <= self.rounds.version:
+                        self._late(name, manifest.round)
+                        return "late"
+                raise self._reject("bad_chunk", str(e)) from None
             except wire.IntegrityError as e:
                 self._discard_upload(name, manifest)
                 raise self._reject("bad_chunk", str(e)) from None

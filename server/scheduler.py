@@ -4,6 +4,11 @@ Schedules (`--block-schedule`), for round t (1-based) and B trainable blocks:
 - `round-robin`: every worker trains block (t - 1) mod B, so a round moves one block with all workers.
 - `staggered`:   worker i (its stable join index) trains block (i + t - 1) mod B, so one round covers
                  many blocks and consecutive rounds give each worker a different block.
+- `striped`:     worker i trains block (i + P·(t - 1)) mod B with P workers in the round: like
+                 `staggered`, but consecutive rounds train disjoint blocks (while P <= B/2). With
+                 ParaBlock a worker starts round t before round t-1's result has arrived; under
+                 `staggered` it would train exactly the block a neighbour changed in round t-1, from
+                 the value before that change, and the two deltas would overlap. `striped` avoids that.
 - `random`:      each worker draws a block uniformly, seeded by (seed, round, worker name).
 """
 
@@ -29,6 +34,8 @@ def assign_blocks(
         return {w: (blocks[(round - 1) % n],) for w in workers}
     if schedule == "staggered":
         return {w: (blocks[(i + round - 1) % n],) for w, i in workers.items()}
+    if schedule == "striped":
+        return {w: (blocks[(i + len(workers) * (round - 1)) % n],) for w, i in workers.items()}
     if schedule == "random":
         return {w: (random.Random(f"{seed}/{round}/{w}").choice(list(blocks)),) for w in workers}
     raise ValueError(f"unknown block schedule {schedule!r}")

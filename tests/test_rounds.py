@@ -47,6 +47,15 @@ def test_staggered_spreads_workers_over_blocks():
     assert assign_blocks("staggered", 2, WORKERS, BLOCKS, 0)["a"] == ("layers.0",)
 
 
+def test_striped_keeps_consecutive_rounds_on_disjoint_blocks():
+    blocks = tuple(f"layers.{i}" for i in range(12))
+    rounds = [assign_blocks("striped", t, WORKERS, blocks, 0) for t in range(1, 6)]
+    covered = [{b for (b,) in r.values()} for r in rounds]
+    assert all(len(c) == 3 for c in covered)  # one block per worker, all different
+    assert all(not (a & b) for a, b in zip(covered, covered[1:], strict=False))
+    assert covered[0] | covered[1] | covered[2] | covered[3] == set(blocks)  # a sweep every B/P rounds
+
+
 def test_random_is_seeded():
     a = [assign_blocks("random", t, WORKERS, BLOCKS, 7) for t in range(1, 30)]
     assert a == [assign_blocks("random", t, WORKERS, BLOCKS, 7) for t in range(1, 30)]

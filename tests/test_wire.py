@@ -144,6 +144,21 @@ def test_chunk_checks():
         assembly.finish()
 
 
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_a_closed_assembly_refuses_chunks_without_blocking(tmp_path, on_disk):
+    # More chunks than the hash queue holds: once closed, nothing may wait on the stopped hash thread.
+    manifest, blob = pack(chunk_size=64)
+    assert manifest.num_chunks > 64
+    assembly = wire.Assembly(manifest, tmp_path / "x.part" if on_disk else None)
+    chunks = list(wire.iter_chunks(blob, manifest.chunk_size))
+    assembly.add(*chunks[0])
+    assembly.close()
+    for i, data in chunks[1:]:
+        with pytest.raises(wire.AssemblyClosed):
+            assembly.add(i, bytes(data))
+    assert assembly.held == {0}
+
+
 def test_skip_resends_only_missing_chunks():
     manifest, blob = pack()
     held = frozenset(range(0, manifest.num_chunks, 2))
