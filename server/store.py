@@ -33,6 +33,8 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
+from ..common.codecs import load_safetensors
+
 Tensors = dict[str, Tensor]
 _CKPT = re.compile(r"round-(\d{6})\.json$")
 
@@ -137,12 +139,14 @@ class StateStore:
     def read_block(self, block: str, version: int, sha256_hex: str) -> Tensors:
         path = self.block_path(block, version)
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:  # into a writable buffer: the tensors are views of it, not copies
+                data = bytearray(os.fstat(f.fileno()).st_size)
+                f.readinto(data)
         except FileNotFoundError:
             raise StateError(f"checkpoint references missing block file {path.name}") from None
         if hashlib.sha256(data).hexdigest() != sha256_hex:
             raise StateError(f"block file {path.name} does not match its checkpoint hash")
-        return safetensors.torch.load(data)
+        return load_safetensors(data)[0]
 
     # ---- checkpoints ------------------------------------------------------------------------------
 
