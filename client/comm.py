@@ -83,6 +83,11 @@ class Comm:
         self._requested = book.version  # newest version downloaded (or being applied)
         self._resync = False  # the next delta sync asks for every block we changed
         self._pending: Update | None = None  # the update being sent; kept across a re-join
+        # Updates accepted for rounds that have not closed yet: a coordinator killed before it checkpointed
+        # such a round has lost them, and gets them again after the re-join (deterministic rounds plan the
+        # same assignment again; a coordinator that still has them answers "duplicate").
+        self._unclosed: list[Update] = []
+        self._resend: list[Update] = []
         self._lock = threading.Lock()
 
     # ---- events -----------------------------------------------------------------------------
@@ -115,12 +120,19 @@ class Comm:
     def _transfer_once(self) -> None:
         while not self.stop.is_set():
             if self._pending is None:
+                with self._lock:
+                    self._pending = self._resend.pop(0) if self._resend else None
+            if self._pending is None:
                 try:
                     self._pending = self.outbox.get_nowait()
                 except queue.Empty:
                     pass
             if self._pending is not None:
-                self._upload(self._pending)  # raises to _loop (which re-joins) if the link is gone
+                accepted = self._upload(self._pending)  # raises to _loop (which re-joins) if the link is gone
+                with self._lock:
+                    self._unclosed = [u for u in self._unclosed if u.round > self._announced]
+                    if accepted:
+                        self._unclosed.append(self._pending)
                 self._pending = None
                 continue
             with self._lock:
@@ -134,8 +146,10 @@ class Comm:
     def notify_handover(self) -> None:
         self.wake.set()
 
-    def _upload(self, update: Update) -> None:
+    def _upload(self, update: Update) -> bool:
+        """Send every block of the update; True if the coordinator accepted them all."""
         t0 = time.perf_counter()
+        status = "accepted"
         with self.timeline.span("upload", update.round, blocks=len(update.deltas)):
             for block, delta in update.deltas.items():
                 manifest, blob = wire.pack(
@@ -147,16 +161,19 @@ class Comm:
                 except grpc.RpcError as e:
                     if e.code() in RECONNECT:
                         raise
+                    if e.code() == grpc.StatusCode.ALREADY_EXISTS:  # sent again after a re-join: it has it
+                        log.info("round %d %s: the coordinator already has it", update.round, block)
+                        continue
                     # Refused for what it is: sending it again cannot help. Say so, so that the round does
                     # not wait for us, and go on with the next one.
                     log.error("round %d %s refused: %s: %s", update.round, block, e.code().name, e.details())
-                    if e.code() != grpc.StatusCode.ALREADY_EXISTS:
-                        self.session.abandon(update.round, e.details() or e.code().name)
+                    self.session.abandon(update.round, e.details() or e.code().name)
                     status = "refused"
                 if status != "accepted":
                     log.info("round %d %s: %s", update.round, block, status)
                     break  # the other blocks of the round would share its fate
         self.metrics.comm_seconds.inc(time.perf_counter() - t0)
+        return status == "accepted"
 
     def _download(self, announced: int) -> None:
         t0 = time.perf_counter()
@@ -243,6 +260,9 @@ class Comm:
                 self._announced = info.model_version
                 self._requested = -1  # sync now, and ask for everything we changed
                 self._resync = True
+                lost = [u for u in self._unclosed if u.round > info.model_version and u is not self._pending]
+                self._resend = sorted({id(u): u for u in self._resend + lost}.values(), key=lambda u: u.round)
+                self._unclosed = []
             self.wake.set()
             log.info("joined again (session %d), coordinator at model version %d", self._generation, info.model_version)
 

@@ -31,7 +31,7 @@ TRANSIENT = {
     grpc.StatusCode.ABORTED,
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,  # gRPC's own: a server at its concurrent-call limit
     grpc.StatusCode.INTERNAL,
 }
 

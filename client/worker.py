@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import shutil
@@ -21,10 +22,10 @@ from ..common.metrics import serve as serve_metrics
 from ..common.models import build_model_from_files, load_tokenizer
 from ..common.security import channel_credentials
 from ..common.training import BlockTrainer, OptimConfig
-from .comm import Comm
+from .comm import RECONNECT, Comm
 from .compute import ComputeLoop
 from .metrics import WorkerMetrics
-from .session import Session
+from .session import Session, backoff_delays
 from .state import ModelBook, Patch
 from .timeline import Timeline
 
@@ -55,11 +56,11 @@ class Worker:
         self.config = config
         self.metrics = metrics or WorkerMetrics()
         self.stop = threading.Event()
-        self.timeline = Timeline(config.name)
         self.training = False  # True once the compute and communication threads run
         # Fail on a bad data path or format before touching the network.
         self.examples = load_examples(config.data)
         self.device = pick_device(config.device)
+        self.timeline = Timeline(config.name, config.timeline)
         if config.insecure:
             log.warning("connecting without TLS (--insecure): only on a network you trust")
 
@@ -80,37 +81,55 @@ class Worker:
         )
         work_dir = c.work_dir or Path(tempfile.mkdtemp(prefix=f"fedblock-{c.name}-"))
         try:
-            try:
-                info = session.join(len(self.examples), str(self.device), c.connect_timeout)
-            except grpc.RpcError as e:
-                raise ConnectionError(f"cannot join the run at {c.coordinator}: {e.code().name}: {e.details()}") from None
-            log.info("%s joined run %s (%s, depth %d, %d blocks, model version %d)",
-                     c.name, info.run_id, info.algorithm, info.pipeline_depth, len(info.blocks), info.model_version)
-            try:
-                model_dir = Path(work_dir) / "model"
-                session.fetch_model_files(model_dir)
-                tokenizer = load_tokenizer(model_dir)
-                data = tokenize(self.examples, tokenizer, c.max_seq_len)
-                stream = BatchStream(data, c.batch_size, c.seed, tokenizer.pad_token_id)
-                dtype = torch.bfloat16 if c.dtype == "bfloat16" else torch.float32
-                model = build_model_from_files(model_dir, dtype=dtype, device=self.device)
-                blocks = B.partition(model, info.layers_per_block)
-                self._check_partition(model, blocks, info)
-                book = ModelBook()
-                self._initial_sync(session, model, blocks, book)
-            except BaseException:
-                session.leave("failed to start")  # so the coordinator does not wait for us
-                raise
+            delays = backoff_delays(base=0.5, cap=c.max_backoff)
+            for attempt in itertools.count(1):
+                try:
+                    info, data, stream, model, blocks, book = self._start(session, Path(work_dir) / "model")
+                    break
+                except grpc.RpcError as e:
+                    # The coordinator went away while we fetched the model (a restart): start over.
+                    if e.code() not in RECONNECT or (c.max_retries and attempt >= c.max_retries) or self.stop.is_set():
+                        raise
+                    log.warning("lost the coordinator while starting (%s); joining again", e.code().name)
+                    self.stop.wait(next(delays))
             log.info("%s: %d training examples, model version %d", c.name, len(data), book.version)
             trainer = BlockTrainer(model, blocks, OptimConfig(grad_clip=c.grad_clip,
                                                               gradient_checkpointing=c.gradient_checkpointing))
             return self._loop(session, model, blocks, trainer, stream, book, info.pipeline_depth)
         finally:
             session.close()
-            if c.timeline is not None:
-                self.timeline.write(c.timeline)
+            self.timeline.close()
             if c.work_dir is None:
                 shutil.rmtree(work_dir, ignore_errors=True)
+
+    def _start(self, session: Session, model_dir: Path):
+        """Join, fetch the model's files and every block: (info, data, batches, model, blocks, book)."""
+        c = self.config
+        try:
+            info = session.join(len(self.examples), str(self.device), c.connect_timeout)
+        except grpc.RpcError as e:  # it waited --connect-timeout for the coordinator
+            raise ConnectionError(f"cannot join the run at {c.coordinator}: {e.code().name}: {e.details()}") from None
+        log.info("%s joined run %s (%s, depth %d, %d blocks, model version %d)",
+                 c.name, info.run_id, info.algorithm, info.pipeline_depth, len(info.blocks), info.model_version)
+        try:
+            session.fetch_model_files(model_dir)
+            tokenizer = load_tokenizer(model_dir)
+            data = tokenize(self.examples, tokenizer, c.max_seq_len)
+            stream = BatchStream(data, c.batch_size, c.seed, tokenizer.pad_token_id)
+            dtype = torch.bfloat16 if c.dtype == "bfloat16" else torch.float32
+            model = build_model_from_files(model_dir, dtype=dtype, device=self.device)
+            blocks = B.partition(model, info.layers_per_block)
+            self._check_partition(model, blocks, info)
+            book = ModelBook()
+            self._initial_sync(session, model, blocks, book)
+        except grpc.RpcError as e:
+            if e.code() not in RECONNECT:
+                session.leave("failed to start")
+            raise
+        except BaseException:
+            session.leave("failed to start")  # so the coordinator does not wait for us
+            raise
+        return info, data, stream, model, blocks, book
 
     def _check_partition(self, model, blocks: list[B.Block], info) -> None:
         params = dict(model.named_parameters())

@@ -176,6 +176,7 @@ class Assembly:
         self.path = path
         self._held: set[int] = set()
         self._closed = False
+        self._lock = threading.Lock()  # close() may come from another thread (its round closed)
         # In memory the hash runs on its own thread over views of the buffer; for a file it runs inline
         # over each chunk as it comes (a queue would keep chunks alive: memory growing with uploads).
         self._hash = RunningHash(threaded=path is None)
@@ -211,7 +212,11 @@ class Assembly:
 
     def add(self, index: int, data: bytes | memoryview) -> None:
         """Store chunk `index`; a chunk already held is checked for size and ignored."""
-        if self._closed:  # its buffer may already serve another upload
+        with self._lock:
+            self._add(index, data)
+
+    def _add(self, index: int, data: bytes | memoryview) -> None:
+        if self._closed:  # its file is gone, or its buffer may already serve another upload
             raise AssemblyClosed("upload already closed")
         if not 0 <= index < self.manifest.num_chunks:
             raise IntegrityError(f"chunk index {index} outside 0..{self.manifest.num_chunks - 1}")
@@ -238,7 +243,13 @@ class Assembly:
         if not self.complete:
             missing = self.manifest.num_chunks - len(self._held)
             raise IntegrityError(f"{missing} of {self.manifest.num_chunks} chunks missing")
+        with self._lock:
+            return self._map_blob()
+
+    def _map_blob(self) -> memoryview | mmap.mmap:
         if self._blob is None:
+            if self._closed:
+                raise AssemblyClosed("upload closed before it was read")
             self._blob = self._buffer if self._buffer is not None else mmap.mmap(
                 self._fd, self.manifest.wire_bytes, access=mmap.ACCESS_COPY
             )
@@ -263,14 +274,15 @@ class Assembly:
 
     def close(self, remove: bool = True) -> None:
         """Release the file and the hashing thread (tensors that view the blob keep their memory);
-        `add` fails from now on."""
-        self._closed = True
-        self._hash.stop()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-            if remove and self.path is not None:
-                self.path.unlink(missing_ok=True)
+        `add` fails from now on, and so does `blob` if it was not read before."""
+        with self._lock:
+            self._closed = True
+            self._hash.stop()
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+                if remove and self.path is not None:
+                    self.path.unlink(missing_ok=True)
 
 
 def check_specs(manifest_specs: Sequence[TensorSpec], expected: Sequence[TensorSpec]) -> None:

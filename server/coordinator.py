@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from ..common import wire
@@ -196,7 +197,7 @@ class Coordinator:
         return self.global_model.version
 
     def leave(self, name: str, session: str) -> None:
-        self.registry.check(name, session)
+        self.registry.check(name, session).told_end = True  # gone for good: nobody to tell the end
         self._drop(name, "left")
 
     def upload(self, name: str, session: str, manifest: Manifest, chunks: Iterable[tuple[int, bytes]]) -> str:
@@ -215,15 +216,22 @@ class Coordinator:
             self.rounds.hand_in(name, manifest.round, self.registry.connected())
             self._deliver()
         assembly = self._assembly(name, manifest)
+        try:
+            return self._receive(name, manifest, assembly, chunks)
+        except wire.AssemblyClosed as e:  # discarded meanwhile: its round closed, or another stream ended it
+            with self._cv:
+                if manifest.round <= self.rounds.version:
+                    self._late(name, manifest.round)
+                    return "late"
+            raise self._reject("bad_chunk", str(e)) from None
+
+    def _receive(self, name: str, manifest: Manifest, assembly: wire.Assembly, chunks: Iterable[tuple[int, bytes]]) -> str:
+        """The chunks of an admitted upload; then decode, check and fold it in (see `upload`)."""
         for index, data in chunks:
             try:
                 assembly.add(index, data)
-            except wire.AssemblyClosed as e:  # discarded meanwhile: its round closed, or another stream ended it
-                with self._cv:
-                    if manifest.round <= self.rounds.version:
-                        self._late(name, manifest.round)
-                        return "late"
-                raise self._reject("bad_chunk", str(e)) from None
+            except wire.AssemblyClosed:
+                raise
             except wire.IntegrityError as e:
                 self._discard_upload(name, manifest)
                 raise self._reject("bad_chunk", str(e)) from None
@@ -234,8 +242,9 @@ class Coordinator:
             # Decoding and the finite check read the blob while the tail of its hash is still being
             # computed; nothing is used before the hash has been checked.
             delta, problem = None, None
+            blob = assembly.blob()  # AssemblyClosed if its round closed while it waited for a slot
             try:
-                delta = self.codec.decode(assembly.blob(), self.specs[manifest.block].tensors)
+                delta = self.codec.decode(blob, self.specs[manifest.block].tensors)
                 if not is_finite(delta):
                     problem = ("non_finite", f"update for {manifest.block} contains NaN or Inf")
             except ValueError as e:
@@ -249,12 +258,13 @@ class Coordinator:
             try:
                 if problem is not None:
                     raise self._reject(*problem)
-                # The delta views the assembly's buffer, which is ours alone now: an in-memory one can
-                # become the round's accumulator as it is (and goes back to the pool with the round).
-                status, adopted = self._accumulate(name, manifest, delta, assembly.memory)
+                # A delta that views the in-memory buffer (codec "none"), which is ours alone now, can
+                # become the round's accumulator as it is (the buffer goes back to the pool with the round).
+                owner = assembly.memory if assembly.memory is not None and _views(delta, assembly.memory) else None
+                status, adopted = self._accumulate(name, manifest, delta, owner)
             finally:
                 del delta
-            if assembly.memory is not None and not adopted:
+            if assembly.memory is not None and not (owner is not None and adopted):
                 self._pool.give(assembly.memory)
             return status
 
@@ -358,7 +368,7 @@ class Coordinator:
                 self._expire_silent_workers()
                 connected = self.registry.connected()
                 if self.rounds.head is None and (started or len(connected) >= self.config.min_workers):
-                    if self.rounds.plan(self.rounds.version + 1, connected) is not None:
+                    if self.rounds.plan(self.rounds.version + 1, connected) is not None and self.state == "waiting":
                         started = True
                         self.state = "running"
                         self._startup_peak = _peak_rss()
@@ -491,6 +501,7 @@ class Coordinator:
                             w.updates_accepted += 1
                 self._cv.notify_all()
         self.metrics.updates.labels("accepted", "").inc()
+        log.debug("round %d: %s from %s accepted", plan.round, m.block, name)
         self.progress.show(
             f"round {plan.round}/{self.config.rounds}: {plan.workers_done}/{len(plan.assignments)} workers delivered, "
             f"{self.totals.bytes_up / 1e6:.1f} MB up, {self.totals.bytes_down / 1e6:.1f} MB down",
@@ -659,6 +670,13 @@ def _reset_peak_rss() -> None:
             f.write("5")
     except OSError:
         pass
+
+
+def _views(tensors: Tensors, buffer) -> bool:
+    """Whether every tensor lives in `buffer` (a writable buffer such as an anonymous map)."""
+    start = torch.frombuffer(buffer, dtype=torch.uint8).data_ptr()
+    end = start + len(buffer)
+    return all(start <= t.untyped_storage().data_ptr() < end for t in tensors.values())
 
 
 def _label(reason: str) -> str:

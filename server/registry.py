@@ -49,6 +49,7 @@ class Registry:
                 record.events = queue.Queue(EVENT_QUEUE_SIZE)
             record.session = secrets.token_hex(16)
             record.connected = True
+            record.told_end = False
             record.last_seen = self._clock()
             return record
 

@@ -62,6 +62,7 @@ class RoundPlan:
     handed_in: set[str] = field(default_factory=set)
     reported: dict[str, set[str]] = field(default_factory=dict)
     accumulating: set[tuple[str, str]] = field(default_factory=set)
+    abandoned: set[str] = field(default_factory=set)  # gave up their part: never assigned this round again
     sums: RoundSums = field(default_factory=RoundSums)
     trained: dict[str, tuple[int, float]] = field(default_factory=dict)  # worker -> (tokens, train loss)
 
@@ -155,13 +156,16 @@ class Rounds:
                 plan.delivered.discard(worker)
 
     def departed(self, worker: str) -> None:
-        """Drop a gone worker from every round it has not completed."""
+        """Drop a gone worker from every round it has not completed (it may be given them again when it
+        comes back: what it was sending is still on its way)."""
         for round in list(self.plans):
-            self.abandon(worker, round)
+            self.abandon(worker, round, for_good=False)
 
-    def abandon(self, worker: str, round: int) -> bool:
+    def abandon(self, worker: str, round: int, for_good: bool = True) -> bool:
         """The worker's part in `round` ends without (more of) its update; True if it had one.
-        Blocks it already delivered stay in the round's means."""
+        Blocks it already delivered stay in the round's means. `for_good`: its update was refused and
+        a new try would be refused again, so the round is never given to it again (others may take
+        its place through `top_up`, or the round closes without it)."""
         plan = self.plans.get(round)
         if plan is None or worker not in plan.assignments or plan.done(worker):
             return False
@@ -169,7 +173,9 @@ class Rounds:
             return False  # an update of it is being folded in right now: let that finish
         del plan.assignments[worker]
         plan.delivered.discard(worker)
-        if not plan.assignments:
+        if for_good:
+            plan.abandoned.add(worker)
+        elif not plan.assignments and not plan.abandoned:
             del self.plans[round]  # nobody left: plan it again when workers are there
         return True
 
@@ -181,7 +187,7 @@ class Rounds:
         short = self.rules.min_updates - len(plan.assignments)
         if short <= 0:
             return
-        busy = {w for p in self.plans.values() for w in p.assignments}
+        busy = {w for p in self.plans.values() for w in p.assignments} | plan.abandoned
         extra = [w for w in available if w not in busy]
         if not extra:
             return
@@ -203,6 +209,9 @@ class Rounds:
         if round <= self.version:
             raise Refused("late", f"round {round} is already closed (model version {self.version})")
         plan = self.plans.get(round)
+        if plan is None and round <= min(self.version + 2, self.rules.rounds):
+            # Not planned yet (a restarted coordinator waits for its workers): worth sending again later.
+            raise Refused("not_planned", f"round {round} is not planned yet; send it again later")
         if plan is None or worker not in plan.assignments:
             raise Refused("not_assigned", f"worker {worker!r} has no assignment in round {round}")
         if block not in plan.assignments[worker]:
@@ -248,7 +257,9 @@ class Rounds:
         if done >= self.rules.min_updates and self._clock() >= plan.deadline:
             return plan
         pending = [w for w in plan.assignments if not plan.done(w) and w in connected]
-        if not pending and done >= self.rules.min_updates:
+        # Nobody left to wait for: close with what there is, or with less than --min-updates when
+        # participants gave up their part (waiting would be forever if nobody else comes).
+        if not pending and (done >= self.rules.min_updates or plan.abandoned):
             return plan
         return None
 

@@ -27,10 +27,10 @@ WORKER_KEY = "fedblock-worker"
 SESSION_KEY = "fedblock-session"
 
 _REJECT_CODES = {
-    "too_large": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "hash_mismatch": grpc.StatusCode.DATA_LOSS,
     "bad_chunk": grpc.StatusCode.DATA_LOSS,
     "incomplete": grpc.StatusCode.ABORTED,
+    "not_planned": grpc.StatusCode.ABORTED,  # workers retry ABORTED with back-off
     "duplicate": grpc.StatusCode.ALREADY_EXISTS,
     "not_assigned": grpc.StatusCode.FAILED_PRECONDITION,
     "wrong_block": grpc.StatusCode.FAILED_PRECONDITION,

@@ -87,6 +87,52 @@ def test_a_returning_worker_resumes_under_its_name(federation, data_file):
     assert record.name == "site" and record.index == 0 and record.updates_accepted >= 5
 
 
+def test_updates_accepted_by_a_coordinator_that_died_before_its_checkpoint_are_sent_again(tmp_path, tiny_model, data_file):
+    """fedbcd, two workers, one of them on a slow uplink. The coordinator accepts the fast worker's
+    round-1 update and is killed (-9) while the slow one still uploads: round 1 was never checkpointed,
+    so the restarted coordinator has lost an update that the fast worker was told it accepted. The
+    fast worker must send it again (it keeps accepted updates until their round has closed); without
+    that, round 1 would wait for it forever."""
+    port, state = free_port(), tmp_path / "state"
+    coordinator_args = ["--log-level", "DEBUG", "coordinator", "--model", tiny_model, "--state-dir", state,
+                        "--listen", f"127.0.0.1:{port}", "--insecure", "--algorithm", "fedbcd", "--rounds", 2,
+                        "--local-steps", 2, "--lr", 1e-3, "--train-blocks", "layers.*", "--min-workers", 2,
+                        "--threads", 1, "--heartbeat-interval", 0.5]
+    common = ["--coordinator", f"127.0.0.1:{port}", "--data", data_file, "--insecure", "--batch-size", 4,
+              "--max-seq-len", 64, "--threads", 1, "--max-backoff", 1]
+    coordinator = cli(*coordinator_args)
+    workers = {name: cli("worker", "--name", name, *common, *extra)
+               for name, extra in (("fast", ()), ("slow", ("--max-upload-rate", "40KB/s")))}
+    try:
+        for line in coordinator.stdout:
+            if "round 1: layers." in line and "from fast accepted" in line:
+                break
+        else:
+            pytest.fail("the coordinator ended before it accepted the fast worker's update")
+        time.sleep(1.0)  # the reply reaches the fast worker; round 1 waits for the slow one (~5 s)
+        coordinator.send_signal(signal.SIGKILL)
+        coordinator.communicate()
+        assert not (state / "checkpoints" / "round-000001.json").exists()  # round 1 is lost with it
+        coordinator = cli(*coordinator_args)
+        out = coordinator.communicate(timeout=120)[0]
+        assert coordinator.returncode == 0, out[-4000:]
+        logs = {name: w.communicate(timeout=60)[0] for name, w in workers.items()}
+    finally:
+        for p in (coordinator, *workers.values()):
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert all(w.returncode == 0 for w in workers.values()), {n: log[-3000:] for n, log in logs.items()}
+    assert "joined again" in logs["fast"]
+    # It had the reply before the kill (the update was kept, not in flight), and sent it again once the
+    # new coordinator had planned round 1 (before that: ABORTED, not_planned, and a retry).
+    assert "round 1 interrupted (UNAVAILABLE)" not in logs["fast"]
+    assert "from fast accepted" in out.split("round 2/2 started")[0], out[-4000:]  # round 1's, again
+    summary = json.loads((state / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2
+    assert [r["workers"] for r in summary["round_history"]] == [2, 2]
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

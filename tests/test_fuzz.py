@@ -689,7 +689,7 @@ class Upload:
         lie("a base version too old", (C.FAILED_PRECONDITION, "stale_base"), base_version=-2)
         lie("another codec", (C.INVALID_ARGUMENT, "wrong_codec"), codec="zstd")
         lie("no tokens", (C.INVALID_ARGUMENT, "no_weight"), num_tokens=0)
-        lie("too many bytes", (C.RESOURCE_EXHAUSTED, "too_large"), wire_bytes=config.max_update_bytes + 1)
+        lie("too many bytes", (C.INVALID_ARGUMENT, "too_large"), wire_bytes=config.max_update_bytes + 1)
         lie("chunks too large", (C.INVALID_ARGUMENT, "bad_manifest"), chunk_size=config.chunk_size + 1)
         lie("another chunk size", (C.INVALID_ARGUMENT, "bad_manifest"), chunk_size=config.chunk_size // 2)
         lie("raw bytes that are not the block's", (C.INVALID_ARGUMENT, "bad_manifest"), raw_bytes=12)

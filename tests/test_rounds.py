@@ -215,6 +215,35 @@ def test_top_up_brings_in_idle_workers_when_too_few_remain():
     assert set(r.plans[1].assignments) == {"a", "c"}
 
 
+def test_an_abandoned_round_is_not_given_back_and_closes_without_its_worker():
+    # A lone worker whose update was refused for good: the round must not wait for it, nor hand it the
+    # same assignment again (it would be refused again); it closes with no update.
+    r = Rounds(rules())
+    r.plan(1, {"a": 0})
+    r.deliveries()
+    r.hand_in("a", 1, {"a": 0})
+    assert r.abandon("a", 1)
+    r.top_up({"a": 0})
+    assert r.plan(1, {"a": 0}) is None and not r.plans[1].assignments and r.deliveries() == [("a", r.plans[2].assignment("a", 1))]
+    plan = r.closable(["a"])
+    assert plan is not None and plan.workers_done == 0
+    r.close(plan, {"a": 0})
+    assert r.version == 1
+
+
+def test_an_abandoned_round_goes_to_an_idle_worker():
+    r = Rounds(rules(min_updates=1, clients_per_round=1))
+    r.plan(1, {"a": 0, "b": 1})
+    (first,) = r.plans[1].assignments
+    other = "b" if first == "a" else "a"
+    r.abandon(first, 1)
+    r.top_up({"a": 0, "b": 1})
+    assert set(r.plans[1].assignments) == {other}
+    assert r.closable(["a", "b"]) is None  # waits for the one who took it over
+    report(r, other, 1)
+    assert r.closable(["a", "b"]).workers_done == 1
+
+
 def test_no_rounds_beyond_the_total():
     r = Rounds(rules(rounds=1))
     r.plan(1, WORKERS)
