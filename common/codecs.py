@@ -141,7 +141,7 @@ class CodecPipeline:
             return self._decode(blob, expected)
         except CodecError:
             raise
-        except (Exception, RecursionError) as e:  # overflowing shapes, hostile nesting, failed allocations...
+        except Exception as e:  # overflowing shapes, hostile nesting, failed allocations...
             raise CodecError(f"malformed blob: {type(e).__name__}: {str(e)[:200]}") from None
 
     def _decode(self, blob, expected: Sequence[TensorSpec]) -> Tensors:
@@ -346,5 +346,5 @@ def load_safetensors(blob) -> tuple[Tensors, dict[str, str]]:
             else:
                 tensors[name] = torch.frombuffer(blob, dtype=dtype, count=numel, offset=base + start).reshape(shape)
         return tensors, {str(k): v for k, v in meta.items()}
-    except (Exception, RecursionError) as e:  # JSON nesting, overflowing numbers, impossible shapes...
+    except Exception as e:  # JSON nesting, overflowing numbers, impossible shapes...
         raise CodecError(f"malformed safetensors blob: {type(e).__name__}: {str(e)[:200]}") from None

@@ -134,9 +134,7 @@ class Coordinator:
 
     def join(self, name: str) -> RunInfo:
         record = self.registry.join(name)
-        with self._cv:
-            self.rounds.rejoined(name)
-            self._deliver()
+        with self._cv:  # its assignments go out when it opens its event stream (`events`)
             self.metrics.workers_connected.set(len(self.registry.connected()))
             self._cv.notify_all()
         log.info("worker %s joined (%d connected)", name, len(self.registry.connected()))

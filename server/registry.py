@@ -20,7 +20,7 @@ class UnknownWorker(LookupError):
 @dataclass
 class WorkerRecord:
     name: str
-    index: int  # stable join order; the staggered schedule uses it
+    index: int  # stable join order (kept in checkpoints; schedules number participants by name)
     session: str = ""
     connected: bool = False
     last_seen: float = 0.0

@@ -2,7 +2,7 @@
 
 Schedules (`--block-schedule`), for round t (1-based) and B trainable blocks:
 - `round-robin`: every worker trains block (t - 1) mod B, so a round moves one block with all workers.
-- `staggered`:   worker i (its stable join index) trains block (i + t - 1) mod B, so one round covers
+- `staggered`:   worker i (the i-th participant by name) trains block (i + t - 1) mod B, so one round covers
                  many blocks and consecutive rounds give each worker a different block.
 - `striped`:     worker i trains block (i + P·(t - 1)) mod B with P workers in the round: like
                  `staggered`, but consecutive rounds train disjoint blocks (while P <= B/2). With
@@ -26,7 +26,7 @@ def assign_blocks(
     blocks: Sequence[str],
     seed: int,
 ) -> dict[str, tuple[str, ...]]:
-    """{worker: (block,)} for `round`. `workers` maps each participant to its stable join index."""
+    """{worker: (block,)} for `round`. `workers` maps each participant to its number i."""
     if not blocks:
         raise ValueError("no trainable blocks")
     n = len(blocks)
