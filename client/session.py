@@ -22,7 +22,7 @@ from ..common.messages import Event, Manifest, RunInfo, event_from_pb
 from ..common.pb import coordinator_pb2 as pb
 from ..common.pb import coordinator_pb2_grpc as pb_grpc
 from ..common.ratelimit import TokenBucket
-from ..common.rpc import channel_options
+from ..common.rpc import open_channel
 
 log = logging.getLogger("fedblock.worker")
 
@@ -75,13 +75,7 @@ class Session:
         self.address = address
         self.name = name
         self.token = token
-        options = channel_options()
-        if server_name:
-            options.append(("grpc.ssl_target_name_override", server_name))
-        if credentials is None:
-            self.channel = grpc.insecure_channel(address, options=options)
-        else:
-            self.channel = grpc.secure_channel(address, credentials, options=options)
+        self.channel = open_channel(address, credentials, server_name)
         self.stub = pb_grpc.CoordinatorStub(self.channel)
         # The bulk paths serialize and parse chunk messages themselves (wire.py): the same bytes as
         # protobuf, without its copies. Requests are pre-serialized bytes; responses may be RawChunks.

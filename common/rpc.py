@@ -7,6 +7,8 @@ notice a dead peer.
 
 from __future__ import annotations
 
+import grpc
+
 MAX_MESSAGE_BYTES = 64 << 20  # chunks are at most 64 MiB (config limit) plus a small header
 
 _KEEPALIVE = [
@@ -33,3 +35,13 @@ def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str
         ("grpc.http2.max_ping_strikes", 0),
         *_KEEPALIVE,
     ]
+
+
+def open_channel(address: str, credentials: grpc.ChannelCredentials | None = None,
+                 server_name: str | None = None) -> grpc.Channel:
+    """A channel to the coordinator: TLS with `credentials`, plaintext without (the caller asked for
+    --insecure); `server_name` is the name expected in the coordinator's certificate."""
+    options = channel_options() + ([("grpc.ssl_target_name_override", server_name)] if server_name else [])
+    if credentials is None:
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(address, credentials, options=options)

@@ -83,15 +83,11 @@ def status(config: StatusConfig) -> int:
 
     from .pb import coordinator_pb2 as pb
     from .pb import coordinator_pb2_grpc as pb_grpc
-    from .rpc import channel_options
+    from .rpc import open_channel
     from .security import channel_credentials
 
-    options = channel_options() + ([("grpc.ssl_target_name_override", config.tls_server_name)] if config.tls_server_name else [])
-    if config.insecure:
-        channel = grpc.insecure_channel(config.coordinator, options=options)
-    else:
-        channel = grpc.secure_channel(config.coordinator, channel_credentials(config.tls_ca, None, None), options=options)
-    with channel:
+    credentials = None if config.insecure else channel_credentials(config.tls_ca, None, None)
+    with open_channel(config.coordinator, credentials, config.tls_server_name) as channel:
         try:
             s = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=10)
         except grpc.RpcError as e:
