@@ -88,6 +88,7 @@ class Comm:
         # same assignment again; a coordinator that still has them answers "duplicate").
         self._unclosed: list[Update] = []
         self._resend: list[Update] = []
+        self._fresh = False  # _pending came from the compute thread and has not been tried yet
         self._lock = threading.Lock()
 
     # ---- events -----------------------------------------------------------------------------
@@ -100,9 +101,7 @@ class Comm:
             if isinstance(event, Assignment):
                 self._put(self.inbox, event)
             elif isinstance(event, ModelNotice):
-                with self._lock:
-                    self._announced = max(self._announced, event.version)
-                self.wake.set()
+                self._announce(event.version)
             elif isinstance(event, RunEnd):
                 log.info("run ended (%s) at model version %d", event.reason, event.final_version)
                 self.run_end = event
@@ -125,13 +124,16 @@ class Comm:
             if self._pending is None:
                 try:
                     self._pending = self.outbox.get_nowait()
+                    self._fresh = True
                 except queue.Empty:
                     pass
             if self._pending is not None:
-                accepted = self._upload(self._pending)  # raises to _loop (which re-joins) if the link is gone
+                # Sent before (interrupted, or accepted by a coordinator that may have lost it): ask first
+                # what the coordinator has, so that nothing crosses the link twice.
+                resume, self._fresh = not self._fresh, False
+                accepted = self._upload(self._pending, resume)  # raises to _loop (which re-joins) if the link is gone
                 with self._lock:
-                    self._unclosed = [u for u in self._unclosed if u.round > self._announced]
-                    if accepted:
+                    if accepted and self._pending.round > self._announced:
                         self._unclosed.append(self._pending)
                 self._pending = None
                 continue
@@ -143,10 +145,19 @@ class Comm:
             self.wake.wait(timeout=0.5)
             self.wake.clear()
 
+    def _announce(self, version: int) -> None:
+        """The coordinator's model is at `version` (or newer): sync to it; updates of rounds up to it
+        are folded in for good (a whole-model fedavg delta is not held a moment longer)."""
+        with self._lock:
+            if version > self._announced:
+                self._announced = version
+                self._unclosed = [u for u in self._unclosed if u.round > version]
+                self.wake.set()
+
     def notify_handover(self) -> None:
         self.wake.set()
 
-    def _upload(self, update: Update) -> bool:
+    def _upload(self, update: Update, resume: bool = False) -> bool:
         """Send every block of the update; True if the coordinator accepted them all."""
         t0 = time.perf_counter()
         status = "accepted"
@@ -157,7 +168,7 @@ class Comm:
                     chunk_size=self.info.chunk_size, num_tokens=max(1, update.tokens), train_loss=update.loss,
                 )
                 try:
-                    status = self.session.upload(manifest, blob)
+                    status = self.session.upload(manifest, blob, resume=resume)
                 except grpc.RpcError as e:
                     if e.code() in RECONNECT:
                         raise
@@ -195,11 +206,8 @@ class Comm:
         while not self.stop.wait(interval):
             generation = self._generation
             try:
-                version = self.session.heartbeat(self.book.version, self.steps_done())
-                with self._lock:  # a missed notice is caught up through the heartbeat reply
-                    if version > self._announced:
-                        self._announced = version
-                        self.wake.set()
+                # A missed notice is caught up through the heartbeat reply.
+                self._announce(self.session.heartbeat(self.book.version, self.steps_done()))
             except grpc.RpcError as e:
                 log.warning("heartbeat failed: %s", e.code().name)
                 if e.code() == grpc.StatusCode.UNAUTHENTICATED:  # the coordinator forgot us

@@ -166,9 +166,10 @@ class Session:
                 raise wire.IntegrityError(f"refusing model file name {f.name!r}")
             (dest / f.name).write_bytes(data)
 
-    def upload(self, manifest: Manifest, blob: bytes, max_attempts: int = 8) -> str:
-        """Send one block delta; resumes after transient failures. Returns "accepted" or "late"."""
-        skip: frozenset[int] = frozenset()
+    def upload(self, manifest: Manifest, blob: bytes, max_attempts: int = 8, resume: bool = False) -> str:
+        """Send one block delta; resumes after transient failures. Returns "accepted" or "late".
+        `resume`: a second try (after a re-join): ask first what the coordinator already has."""
+        skip = self._held_chunks(manifest) if resume else frozenset()
         delays = backoff_delays()
         for attempt in range(max_attempts):
             try:
@@ -205,7 +206,8 @@ class Session:
                 metadata=self._metadata,
                 timeout=30,
             )
-            return frozenset(reply.held_chunks)
+            # Complete: only the header goes, and the answer says what became of the update.
+            return frozenset(range(manifest.num_chunks)) if reply.complete else frozenset(reply.held_chunks)
         except grpc.RpcError:
             return frozenset()
 

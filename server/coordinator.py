@@ -280,9 +280,10 @@ class Coordinator:
         self.registry.check(name, session)
         with self._uploads_lock:
             assembly = self._uploads.get((name, round, block, sha))
-            if assembly is None:
-                return [], False
-            return sorted(assembly.held), assembly.complete
+            if assembly is not None:
+                return sorted(assembly.held), assembly.complete
+        with self._cv:
+            return [], self.rounds.has_update(name, round, block)
 
     def download(self, name: str, session: str, held: Mapping[str, int]) -> tuple[GlobalModel, list[str]]:
         """The current global version and the blocks (in model order) newer than what the worker holds."""

@@ -225,6 +225,11 @@ class Rounds:
             )
         return plan
 
+    def has_update(self, worker: str, round: int, block: str) -> bool:
+        """Whether the worker's update of `block` for `round` is in, or no longer wanted (round closed)."""
+        plan = self.plans.get(round)
+        return round <= self.version or (plan is not None and block in plan.reported.get(worker, ()))
+
     def hand_in(self, worker: str, round: int, available: Mapping[str, int]) -> None:
         """A worker started delivering round `round`: it is ready for its next assignment."""
         plan = self.plans.get(round)

@@ -96,11 +96,14 @@ def test_round_closes_when_everyone_reported_and_version_advances():
     r.plan(1, WORKERS)
     for w in WORKERS:
         assert r.closable(list(WORKERS)) is None
+        assert not r.has_update(w, 1, "embed")
         report(r, w, 1)
+        assert r.has_update(w, 1, "embed")  # a worker sending it again is told so (UploadStatus)
     plan = r.closable(list(WORKERS))
     assert plan is not None and plan.tokens == 30
     r.close(plan, WORKERS)
     assert r.version == 1 and r.head.round == 2
+    assert r.has_update("a", 1, "layers.0") and not r.has_update("a", 2, "layers.0")  # closed: nothing wanted
 
 
 def test_admission_rules():
