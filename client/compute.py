@@ -124,7 +124,8 @@ class ComputeLoop:
                 raise Stopped
             if self._drain():
                 base_version = self.book.version
-            result = self.trainer.step(next(batches), a.learning_rate)
+            # Dropout seeded from (worker seed, round, step): a round run again gives the same update.
+            result = self.trainer.step(next(batches), a.learning_rate, seed=(self.stream.seed, a.round, k))
             tokens += result.tokens
             loss_sum += result.loss * result.tokens
             self.steps_done += 1

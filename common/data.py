@@ -27,6 +27,7 @@ import itertools
 import json
 import logging
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,7 @@ def extract_answer(text: str) -> str | None:
 def load_examples(source: str | Path) -> list[Example]:
     """Load a data set: a JSONL file path or a built-in name (`builtin:chatterbot`, `builtin:champ`).
 
+    Files are read as UTF-8, with or without a byte-order mark.
     Raises DataError for a missing file, a bad record (message "FILE:LINE: what is wrong"), an empty
     result, an unknown built-in name or a built-in whose package is not installed.
     """
@@ -131,7 +133,8 @@ def _load_jsonl(path: Path) -> list[Example]:
         raise DataError(f"{path}: no such file")
     examples = []
     try:
-        with open(path, encoding="utf-8") as f:
+        # utf-8-sig: files saved by Windows editors and Excel start with a byte-order mark, which json refuses.
+        with open(path, encoding="utf-8-sig") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -216,7 +219,7 @@ def _load_chatterbot(folder: Path) -> list[Example]:
     examples = []
     for file in files:
         try:
-            doc = yaml.safe_load(file.read_text(encoding="utf-8"))
+            doc = yaml.safe_load(file.read_text(encoding="utf-8-sig"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
             raise DataError(f"{file}: cannot read ({_one_line(e)})") from None
         conversations = doc.get("conversations") if isinstance(doc, dict) else None
@@ -235,7 +238,7 @@ def _load_chatterbot(folder: Path) -> list[Example]:
 def _load_champ(folder: Path) -> list[Example]:
     file = folder / "dataset_files" / "v0.json"
     try:
-        with open(file, encoding="utf-8") as f:
+        with open(file, encoding="utf-8-sig") as f:
             problems = json.load(f)["problems"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"{file}: cannot read the CHAMP problems ({_one_line(e)})") from None
@@ -283,22 +286,30 @@ def tokenize(examples: Sequence[Example], tokenizer, max_seq_len: int) -> list[T
 
     With a chat template every assistant turn is trained, together with the end-of-turn token that
     closes it; the template's scaffolding (role headers, the newline after the end token), system and
-    user turns are masked. The reply spans come from rendering prefixes of the conversation
-    (messages[:i] with the generation prompt against messages[:i+1]); when the template does not render
-    prefixes as prefixes of the whole chat, only the last reply is trained. Without a chat template the
-    text is `[bos]{system}\\n\\n### Instruction:\\n{user}\\n\\n### Response:\\n{reply}{eos}` (the
-    Alpaca layout; repeated per turn) and the replies plus eos are trained.
+    user turns are masked. The turns come from rendering prefixes of the conversation (messages[:i]
+    with the generation prompt against messages[:i+1]); a turn is trained from its start through the
+    first control token that the template writes after the reply (through its last control token when
+    the template rewrote the reply, the whole turn when it writes none). When the template does not
+    render prefixes as prefixes of the whole chat, only the last reply is trained. Without a chat
+    template the text is `[bos]{system}\\n\\n### Instruction:\\n{user}\\n\\n### Response:\\n{reply}{eos}`
+    (the Alpaca layout; repeated per turn) and the replies plus eos are trained.
+
+    Message text is always plain text: a special token's text inside a message (say `<|im_end|>` typed
+    by a user) is encoded as ordinary characters, never as the control token, the way
+    `apply_chat_template(..., sanitize_control_tokens=True)` encodes it; only the template's (or the
+    Alpaca layout's) own control tokens are control tokens.
 
     Sequences are cut to `max_seq_len` tokens (the beginning is kept); an example left with no
     trained token that the shifted causal-LM loss can use is dropped.
     """
     if max_seq_len < 2:
         raise DataError(f"max_seq_len must be at least 2, got {max_seq_len}")
-    rendered = [_render(ex, tokenizer, k) for k, ex in enumerate(examples)]
+    control = _control_tokens(tokenizer)
+    rendered = [_render(ex, tokenizer, k, control) for k, ex in enumerate(examples)]
     out = []
-    for (_, spans), ids, offsets in zip(rendered, *_encode(rendered, tokenizer), strict=True):
+    for r, ids, offsets in zip(rendered, *_encode(rendered, tokenizer), strict=True):
         # A token is trained if its characters touch a trained span (an empty offset counts as one char).
-        labels = [t if _overlaps(a, max(b, a + 1), spans) else IGNORE_INDEX for t, (a, b) in zip(ids, offsets, strict=True)]
+        labels = [t if _overlaps(a, max(b, a + 1), r.spans) else IGNORE_INDEX for t, (a, b) in zip(ids, offsets, strict=True)]
         ids, labels = ids[:max_seq_len], labels[:max_seq_len]
         if any(label != IGNORE_INDEX for label in labels[1:]):
             out.append(TokenizedExample(ids, labels))
@@ -311,84 +322,133 @@ def tokenize(examples: Sequence[Example], tokenizer, max_seq_len: int) -> list[T
 def encode_prompt(example: Example, tokenizer) -> list[int]:
     """Token ids of everything before the final assistant reply, as `tokenize` renders it: the input
     from which a model generates its answer (for accuracy evaluation)."""
-    text, spans = _render(example, tokenizer, 0)
-    return list(tokenizer.encode(text[: spans[-1][0]], add_special_tokens=False))
+    r = _render(example, tokenizer, 0, _control_tokens(tokenizer))
+    cut = r.spans[-1][0]
+    ids, _ = _encode([_Rendered(r.text[:cut], [], [(a, b) for a, b in r.plain if b <= cut])], tokenizer)
+    return ids[0]
 
 
-def _render(example: Example, tokenizer, index: int) -> tuple[str, list[tuple[int, int]]]:
-    """The example as one text plus the character spans (start, end) to train on, in order."""
+@dataclass(frozen=True)
+class _Rendered:
+    """An example as one text: the character spans (start, end) to train on, in order, and the spans
+    of message text that looks like a control token, to be encoded as plain text (an empty span only
+    separates the text on its two sides)."""
+
+    text: str
+    spans: list[tuple[int, int]]
+    plain: list[tuple[int, int]]
+
+
+# Private-use characters wrapped around control-token text in messages before the template renders
+# them, so that it can be told apart from the control tokens the template writes (transformers'
+# `mark_control_tokens` uses the same two).
+_MARK_START, _MARK_END = "\U000f0000", "\U000f0001"
+
+
+def _control_tokens(tokenizer) -> re.Pattern:
+    """A pattern matching any of the tokenizer's special tokens, the longest first (as the tokenizer
+    matches them)."""
+    tokens = sorted(_special_tokens(tokenizer), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, tokens)) or "(?!)")  # (?!) never matches
+
+
+def _render(example: Example, tokenizer, index: int, control: re.Pattern) -> _Rendered:
     if getattr(tokenizer, "chat_template", None):
-        return _render_chat(example, tokenizer, index)
+        return _render_chat(example, tokenizer, index, control)
     if tokenizer.eos_token is None:
         raise DataError("the tokenizer has neither a chat template nor an eos token")
     text = tokenizer.bos_token or ""
-    spans = []
+    spans: list[tuple[int, int]] = []
+    plain: list[tuple[int, int]] = []
+
+    def add(content: str) -> None:  # message text: what looks like a control token in it is plain text
+        nonlocal text
+        plain.extend((len(text) + m.start(), len(text) + m.end()) for m in control.finditer(content))
+        text += content
+
     for role, content in example.messages:
         if role == "system":
-            text += f"{content}\n\n"
+            add(content)
+            text += "\n\n"
         elif role == "user":
-            text += f"### Instruction:\n{content}\n\n"
+            text += "### Instruction:\n"
+            add(content)
+            text += "\n\n"
         else:
             text += "### Response:\n"
             spans.append((len(text), len(text) + len(content) + len(tokenizer.eos_token)))
-            text += content + tokenizer.eos_token
-    return text, spans
+            add(content)
+            text += tokenizer.eos_token
+    return _Rendered(text, spans, plain)
 
 
-def _render_chat(example: Example, tokenizer, index: int) -> tuple[str, list[tuple[int, int]]]:
-    messages = [{"role": role, "content": content} for role, content in example.messages]
+def _render_chat(example: Example, tokenizer, index: int, control: re.Pattern) -> _Rendered:
+    # Control-token text in the messages is wrapped in markers, which survive the template (it sees the
+    # message text otherwise unchanged) and show in the rendered text which control tokens are not its own.
+    def mark(content: str) -> str:
+        content = content.replace(_MARK_START, "").replace(_MARK_END, "")  # so that no message can forge a mark
+        return control.sub(lambda m: f"{_MARK_START}{m.group()}{_MARK_END}", content)
 
-    def render(msgs: list[dict], generation_prompt: bool) -> str:
+    messages = [{"role": role, "content": mark(content)} for role, content in example.messages]
+    marks = re.compile(f"{_MARK_START}({control.pattern}){_MARK_END}|[{_MARK_START}{_MARK_END}]")
+
+    def render(msgs: list[dict], generation_prompt: bool) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered text without the markers, and the spans of marked text in it."""
         # tokenize=False: transformers 5 otherwise returns a BatchEncoding, not ids or text. Templates
         # raise whatever their authors chose (e.g. "roles must alternate"), hence the broad except.
         try:
-            text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+            marked = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
         except Exception as e:
             raise DataError(f"example {index}: the chat template failed: {_one_line(e)}") from None
-        if not isinstance(text, str):
-            raise DataError(f"example {index}: apply_chat_template(tokenize=False) returned {type(text).__name__}")
-        return text
+        if not isinstance(marked, str):
+            raise DataError(f"example {index}: apply_chat_template(tokenize=False) returned {type(marked).__name__}")
+        text, plain, pos = "", [], 0
+        for m in marks.finditer(marked):
+            text += marked[pos : m.start()]
+            token = m.group(1) or ""  # a lone marker (the template split a marked token) still separates
+            plain.append((len(text), len(text) + len(token)))
+            text += token
+            pos = m.end()
+        return text + marked[pos:], plain
 
-    specials = _special_tokens(tokenizer)
-    full = render(messages, False)
-    spans = []
+    full, plain = render(messages, False)
+    spans: list[tuple[int, int]] = []
     for i, (role, content) in enumerate(example.messages):
         if role != "assistant" or i == 0:
             continue
-        prompt = render(messages[:i], True)
-        upto = render(messages[: i + 1], False)
+        prompt, _ = render(messages[:i], True)
+        upto, _ = render(messages[: i + 1], False)
         after_last = len(prompt) >= (spans[-1][1] if spans else 0)
         if not (full.startswith(upto) and upto.startswith(prompt) and after_last):
             break
-        spans.append(_reply_span(full, len(prompt), len(upto), content, specials))
+        spans.append(_reply_span(full, len(prompt), len(upto), content, control, plain))
     else:
-        return full, spans
+        return _Rendered(full, spans, plain)
     # The template renders earlier turns differently once the chat goes on (some drop reasoning text from
     # old replies): train only the last reply, which is still a suffix of the rendered prompt.
-    prompt = render(messages[:-1], True)
+    prompt, _ = render(messages[:-1], True)
     if not full.startswith(prompt):
         raise DataError(
             f"example {index}: the chat template does not render the prompt as a prefix of the conversation, "
             "so the prompt cannot be masked"
         )
-    return full, [_reply_span(full, len(prompt), len(full), example.response, specials)]
+    return _Rendered(full, [_reply_span(full, len(prompt), len(full), example.response, control, plain)], plain)
 
 
-def _reply_span(text: str, start: int, end: int, content: str, specials: list[str]) -> tuple[int, int]:
-    """The trained part of the rendered reply text[start:end]: up to the reply's content and the first
-    special token after it (the end-of-turn token); what the template adds after that is masked."""
-    content_end = start
-    if content:
-        pos = text.rfind(content, start, end)
-        if pos < 0:  # the template rewrote the content (e.g. stripped it): train the whole rendered turn
-            return start, end
-        content_end = pos + len(content)
-    hits = [(text.find(s, content_end, end), s) for s in specials]
-    hits = [(p, s) for p, s in hits if p >= 0]
-    if not hits:
-        return start, end
-    p, s = min(hits)
-    return start, p + len(s)
+def _reply_span(
+    text: str, start: int, end: int, content: str, control: re.Pattern, plain: list[tuple[int, int]]
+) -> tuple[int, int]:
+    """The trained part of the rendered turn text[start:end]: from its start through the end-of-turn
+    token, the first control token the template wrote after the reply's content; what the template adds
+    after that is masked. Control-token text from a message (in `plain`) is not the template's and ends
+    nothing. If the template rewrote the content (it is not in the turn as given), the span ends with
+    the template's last control token in the turn; if the turn holds none, the whole turn is trained."""
+    own = [m.span() for m in control.finditer(text, start, end) if not _overlaps(*m.span(), plain)]
+    pos = text.rfind(content, start, end) if content else start
+    if pos < 0:
+        return start, own[-1][1] if own else end
+    after = [e for s, e in own if s >= pos + len(content)]
+    return start, after[0] if after else end
 
 
 def _special_tokens(tokenizer) -> list[str]:
@@ -397,30 +457,55 @@ def _special_tokens(tokenizer) -> list[str]:
     return sorted(t for t in tokens if t)
 
 
-def _encode(rendered: list[tuple[str, list[tuple[int, int]]]], tokenizer) -> tuple[list, list]:
+def _encode(rendered: Sequence[_Rendered], tokenizer) -> tuple[list, list]:
     """Token ids of each text (no special tokens added) and each token's character span (start, end)."""
-    if not rendered:
-        return [], []
-    texts = [text for text, _ in rendered]
-    if getattr(tokenizer, "is_fast", False):
+    n = len(rendered)
+    all_ids: list = [None] * n
+    all_offsets: list = [None] * n
+    fast = getattr(tokenizer, "is_fast", False)
+    whole = [k for k, r in enumerate(rendered) if fast and not r.plain]
+    if whole:
         # One pass over the whole text, so that tokens at the prompt/reply border are the ones the model
         # sees at inference (encoding pieces separately adds a word-start marker to SentencePiece pieces).
-        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = [[tuple(o) for o in offs] for offs in enc["offset_mapping"]]
-        return [list(ids) for ids in enc["input_ids"]], offsets
-    # Tokenizers without offsets: encode the trained and untrained pieces one by one, each token
-    # carrying its piece's span.
-    all_ids, all_offsets = [], []
-    for text, spans in rendered:
-        cuts = sorted({0, len(text), *(x for span in spans for x in span)})
+        enc = tokenizer([rendered[k].text for k in whole], add_special_tokens=False, return_offsets_mapping=True)
+        for k, ids, offs in zip(whole, enc["input_ids"], enc["offset_mapping"], strict=True):
+            all_ids[k], all_offsets[k] = list(ids), [tuple(o) for o in offs]
+    for k, r in enumerate(rendered):
+        if all_ids[k] is not None:
+            continue
+        # In pieces: plain-text pieces without matching special tokens, the rest as usual. Tokenizers
+        # without offsets also cut at the trained spans, each token carrying its piece's span.
+        plain = {(a, b) for a, b in r.plain}
+        cuts = sorted({0, len(r.text), *(x for span in r.plain for x in span),
+                       *(() if fast else (x for span in r.spans for x in span))})
         ids, offsets = [], []
         for a, b in itertools.pairwise(cuts):
-            piece = tokenizer.encode(text[a:b], add_special_tokens=False)
-            ids += piece
-            offsets += [(a, b)] * len(piece)
-        all_ids.append(ids)
-        all_offsets.append(offsets)
+            piece_ids, piece_offsets = _encode_piece(tokenizer, r.text[a:b], (a, b) in plain, a == 0, fast)
+            ids += piece_ids
+            offsets += [(a + s, a + e) for s, e in piece_offsets] if fast else [(a, b)] * len(piece_ids)
+        all_ids[k], all_offsets[k] = ids, offsets
     return all_ids, all_offsets
+
+
+def _encode_piece(tokenizer, piece: str, as_text: bool, at_start: bool, fast: bool) -> tuple[list, list]:
+    """Ids of a piece of a text, and with `fast` their character spans in it; `as_text`: no special tokens."""
+    if not fast:
+        return tokenizer.encode(piece, add_special_tokens=False, split_special_tokens=as_text), []
+
+    def encode(s: str) -> tuple[list, list]:
+        enc = tokenizer(s, add_special_tokens=False, split_special_tokens=as_text, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+    if at_start:
+        return encode(piece)
+    # A piece from inside the text is encoded after a newline, which is then dropped, so that a
+    # SentencePiece tokenizer does not add the word-start marker of a text's start (transformers'
+    # `encode_marked_chat` does the same for sanitized chats).
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    ids, offsets = encode("\n" + piece)
+    if ids[: len(newline)] == newline:
+        return ids[len(newline) :], [(max(s - 1, 0), max(e - 1, 0)) for s, e in offsets[len(newline) :]]
+    return encode(piece)
 
 
 def _overlaps(a: int, b: int, spans: list[tuple[int, int]]) -> bool:

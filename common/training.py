@@ -2,17 +2,22 @@
 
 `BlockTrainer` is the whole of a worker's optimisation: `requires_grad` only on the assigned blocks and
 an AdamW state only for them, new for every round. With the round's batches fixed by (seed, round)
-(data.BatchStream), a round's update is a function of the global model and the assignment alone: a
-round run twice gives the same delta, which is what makes a resumed run equal an uninterrupted one.
+(data.BatchStream) and every random draw of a step (dropout, which stays on where the model has it)
+seeded from (seed, round, step), a round's update is a function of the global model and the assignment
+alone: a round run twice gives the same delta, which is what makes a resumed run equal an
+uninterrupted one.
 The same class drives centralised block-coordinate training in tests, which is how we check that
 federation adds no error of its own.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +95,33 @@ def _head_is_separable(model: nn.Module) -> bool:
     return separable
 
 
+# torch's generators are global to the process: seeded steps of workers that share one (tests run
+# several as threads) take turns, so that no step draws from another step's seeded stream.
+_RNG_LOCK = threading.Lock()
+
+
+def step_seed(key: Sequence[int]) -> int:
+    """A 64-bit seed from a key such as (worker seed, round, step); different keys, unrelated seeds."""
+    digest = hashlib.blake2b(repr(tuple(int(k) for k in key)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+@contextmanager
+def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Run the block with torch's global generators seeded with `seed`: the CPU's, and the device's
+    for a CUDA device (dropout draws from these). Their previous states are restored afterwards, so
+    nothing outside the block sees the seeding; other threads' seeded blocks wait for this one."""
+    cuda = device.type == "cuda"
+    index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
+    # fork_rng saves and restores the CPU generator and those of the CUDA devices listed (none on CPU).
+    with _RNG_LOCK, torch.random.fork_rng(devices=[index] if cuda else [], device_type="cuda"):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
 @dataclass(frozen=True)
 class StepResult:
     loss: float
@@ -126,16 +158,23 @@ class BlockTrainer:
         self._optimizer = torch.optim.AdamW(self._params, lr=0.0, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
         self.active = names
 
-    def step(self, batch: dict[str, torch.Tensor], lr: float) -> StepResult:
-        """One optimiser step on the active blocks; returns the batch loss and its trained token count."""
+    def step(self, batch: dict[str, torch.Tensor], lr: float, seed: Sequence[int] | None = None) -> StepResult:
+        """One optimiser step on the active blocks; returns the batch loss and its trained token count.
+
+        With `seed`, a key such as (worker seed, round, step), every random draw of the forward and
+        backward pass (dropout) comes from torch's generators seeded from that key (`seeded_rng`), so
+        the step is a function of the model, the batch and the key. Without it they draw from torch's
+        global generators as they are.
+        """
         if self._optimizer is None:
             raise RuntimeError("begin_round() first")
         device = self._params[0].device
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        loss, tokens = causal_lm_loss(self.model, batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss.item()}")
-        loss.backward()
+        with nullcontext() if seed is None else seeded_rng(step_seed(seed), device):
+            loss, tokens = causal_lm_loss(self.model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss is {loss.item()}")
+            loss.backward()
         if self.optim_config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self._params, self.optim_config.grad_clip)
         for group in self._optimizer.param_groups:

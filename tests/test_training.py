@@ -1,0 +1,112 @@
+"""Local training is deterministic with dropout on: every random draw of a step is seeded from
+(worker seed, round, step), so a round's update is a function of the global model and the assignment."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import queue
+import threading
+
+import pytest
+import torch
+
+from fedblock.client.compute import ComputeLoop
+from fedblock.client.metrics import WorkerMetrics
+from fedblock.client.state import ModelBook
+from fedblock.client.timeline import Timeline
+from fedblock.common import blocks as B
+from fedblock.common.data import BatchStream, Example, tokenize
+from fedblock.common.messages import Assignment
+from fedblock.common.models import load_model, load_tokenizer, make_tiny_model
+from fedblock.common.training import BlockTrainer, OptimConfig
+
+LR = 3e-3
+EXAMPLES = [Example((("user", f"What is {i} plus {i}?"), ("assistant", f"It is {2 * i}."))) for i in range(16)]
+
+
+@pytest.fixture(scope="module", params=["gpt2", "opt"])  # both have dropout 0.1
+def tiny(request, tmp_path_factory):
+    """(model folder, tokenized data) of a tiny model of a family with dropout."""
+    path = make_tiny_model(tmp_path_factory.mktemp(request.param) / "m", request.param, num_layers=2, hidden_size=32)
+    tokenizer = load_tokenizer(path)
+    return path, tokenize(EXAMPLES, tokenizer, 64), tokenizer.pad_token_id
+
+
+def compute_loop(tiny, dropout: bool = True) -> ComputeLoop:
+    """A worker's compute loop on freshly loaded weights (worker seed 7); `dropout=False`: in eval mode."""
+    path, data, pad_id = tiny
+    model = load_model(path)
+    model_blocks = B.partition(model)
+    trainer = BlockTrainer(model, model_blocks, OptimConfig())  # puts the model in train mode
+    if not dropout:
+        model.eval()
+    return ComputeLoop(model, model_blocks, trainer, BatchStream(data, 4, 7, pad_id), ModelBook(), queue.Queue(),
+                       queue.Queue(), 0, WorkerMetrics(), threading.Event(), Timeline("w"))
+
+
+def worker_round(tiny, round: int, steps: int = 3, dropout: bool = True, loop: ComputeLoop | None = None) -> dict:
+    """The delta of one assignment (block layers.0) run through a worker's compute loop."""
+    update = (loop or compute_loop(tiny, dropout))._local_steps(Assignment(round, ("layers.0",), steps, LR, 0))
+    return {n: t for tensors in update.deltas.values() for n, t in tensors.items()}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+
+
+def test_a_round_run_twice_gives_the_same_delta(tiny):
+    torch.manual_seed(1)
+    first = worker_round(tiny, round=3)
+    torch.rand(1000)  # the global generator is elsewhere now: the round must not depend on it
+    second = worker_round(tiny, round=3)
+    assert max(t.abs().max().item() for t in first.values()) > 0
+    assert_same(first, second)
+
+
+def test_seeded_steps_draw_their_own_dropout_masks(tiny):
+    """With lr 0 the weights stay put, so a step's loss on a fixed batch differs only by its dropout masks."""
+    path, data, pad_id = tiny
+    model = load_model(path)
+    trainer = BlockTrainer(model, B.partition(model), OptimConfig())
+    trainer.begin_round(["layers.0"])
+    batch = next(BatchStream(data, 4, 0, pad_id).round(1))
+
+    def loss(key):
+        return trainer.step(batch, 0.0, seed=key).loss
+
+    state = torch.get_rng_state()
+    keys = [(0, 1, 0), (0, 1, 1), (0, 2, 0), (1, 1, 0)]  # (worker seed, round, step)
+    losses = [loss(k) for k in keys]
+    assert torch.equal(torch.get_rng_state(), state)  # seeding leaves the global generator as it was
+    assert [loss(k) for k in keys] == losses  # the same key, the same masks
+    assert len(set(losses)) == len(keys)  # another step, round or worker seed: other masks
+    model.eval()
+    no_dropout = [loss(k) for k in keys]
+    assert len(set(no_dropout)) == 1 and no_dropout[0] not in losses  # dropout really was on
+
+
+def test_dropout_stays_on_in_a_round(tiny):
+    on, off = worker_round(tiny, round=3), worker_round(tiny, round=3, dropout=False)
+    assert any(not torch.equal(on[n], off[n]) for n in on)
+
+
+def test_workers_training_in_threads_of_one_process_keep_their_own_masks(tiny):
+    """torch's generators are global: concurrent seeded steps (workers as threads, as in the tests)
+    must not draw from each other's seeded streams."""
+    alone = worker_round(tiny, round=3, steps=20)
+    loops = [compute_loop(tiny) for _ in range(3)]  # loading models is not thread-safe; training is
+    out = [None] * len(loops)
+
+    def run(i):
+        out[i] = worker_round(tiny, round=3, steps=20, loop=loops[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(loops))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for delta in out:
+        assert_same(delta, alone)
