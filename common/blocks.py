@@ -192,8 +192,9 @@ def rebase_(current: Mapping[str, Tensor], start: Mapping[str, Tensor], new_glob
     with torch.no_grad():
         for n, g in new_global.items():
             w, s = current[n], start[n]
-            progress = w - s
-            w.copy_(g).add_(progress)
+            # w + (g − s), not g + (w − s): the same in exact arithmetic, but g − s is exactly 0 when the
+            # patch carries the block unchanged (a resync), so such a patch changes nothing at all.
+            w.add_(g - s)
             s.copy_(g)
 
 

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +23,82 @@ def global_params(coordinator):
     return {n: t for tensors in coordinator.global_model.tensors.values() for n, t in tensors.items()}
 
 
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
+    """Poll `predicate()` (state only observable by looking) until it returns something true, and
+    return that; AssertionError naming `what` once `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = predicate()
+        if got:
+            return got
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"gave up after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Output:
+    """A process's output, read on a thread as it comes: a test waits for a line with a deadline (and
+    the pipe never fills up while nobody reads it)."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self._lines: list[str] = []
+        self._cv = threading.Condition()
+        self.ended = threading.Event()  # the process closed its output: it exited
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        try:
+            for line in self.proc.stdout:
+                with self._cv:
+                    self._lines.append(line)
+                    self._cv.notify_all()
+        finally:
+            with self._cv:
+                self.ended.set()
+                self._cv.notify_all()
+
+    def text(self) -> str:
+        with self._cv:
+            return "".join(self._lines)
+
+    def wait_for(self, pattern: str, timeout: float, what: str) -> re.Match:
+        """The first line that matches the regex `pattern`; AssertionError if none has come after
+        `timeout` seconds, or the output ended without one."""
+        rx, seen = re.compile(pattern), 0
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while True:
+                for line in self._lines[seen:]:
+                    m = rx.search(line)
+                    if m:
+                        return m
+                seen = len(self._lines)
+                if self.ended.is_set():
+                    raise AssertionError(f"the process ended (exit {self.proc.poll()}) before {what}:\n{self.text()[-4000:]}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"gave up after {timeout:.0f} s waiting for {what}:\n{self.text()[-4000:]}")
+                self._cv.wait(left)
+
+    def finish(self, timeout: float) -> str:
+        """Wait for the process to exit (AssertionError after `timeout` seconds); its whole output."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running after {timeout:.0f} s:\n{self.text()[-4000:]}") from None
+        self._reader.join(30)
+        return self.text()
+
+
+def reap(proc: subprocess.Popen) -> None:
+    """Kill `proc` if it still runs, and wait for it."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(30)
+
+
 def test_worker_rejoins_after_link_cuts_and_the_result_is_unchanged(federation, data_file):
     """The link drops again and again mid-run; the worker joins again each time, resends what the
     coordinator lacks, and the final model is bit for bit the uninterrupted one."""
@@ -36,20 +113,28 @@ def test_worker_rejoins_after_link_cuts_and_the_result_is_unchanged(federation, 
     worker = fed.add_worker(fed.worker_config("solo", data_file).__class__(
         **{**fed.worker_config("solo", data_file).__dict__, "coordinator": f"127.0.0.1:{link.port}"}))
 
+    done = threading.Event()
+
     def saboteur():
-        while not worker.stop.is_set():
-            time.sleep(random.uniform(0.05, 0.3))
+        # Load, not synchronisation: a cut at random moments until the worker is done (or the test).
+        while not done.wait(random.uniform(0.05, 0.3)) and not worker.stop.is_set():
             link.cut()
 
-    threading.Thread(target=saboteur, daemon=True).start()
-    summary = fed.run(timeout=120)
+    cutter = threading.Thread(target=saboteur, daemon=True)
+    cutter.start()
+    try:
+        summary = fed.run(timeout=120)
+    finally:
+        done.set()
+        cutter.join(10)
+        link.close()
+    assert not cutter.is_alive()
     assert summary["rounds_completed"] == 6 and link.cuts >= 3
     outcome = fed.outcomes["solo"]
     assert outcome.finished and outcome.error is None
     got = global_params(fed.coordinator)
     for name, t in reference.items():
         assert torch.equal(got[name], t), name
-    link.close()
 
 
 def test_a_silent_worker_is_dropped_and_the_round_closes_without_it(federation, data_file):
@@ -74,14 +159,15 @@ def test_a_returning_worker_resumes_under_its_name(federation, data_file):
     first = fed.add_worker(fed.worker_config("site", data_file))
     runner = threading.Thread(target=fed.run, daemon=True)
     runner.start()
-    while fed.coordinator.global_model.version < 2:
-        time.sleep(0.02)
+    wait_for(lambda: fed.coordinator.global_model.version >= 2, 60, "round 2 to close")
     first.stop.set()  # the process "dies" ...
     fed.threads[0].join(10)
-    while fed.coordinator.registry.all()[0].connected:
-        time.sleep(0.05)  # ... and the coordinator notices (heartbeat timeout)
+    assert not fed.threads[0].is_alive(), "the stopped worker did not stop"
+    # ... and the coordinator notices (its Leave, or the heartbeat timeout) ...
+    wait_for(lambda: not fed.coordinator.registry.all()[0].connected, 30, "the coordinator to let the worker go")
     fed.add_worker(fed.worker_config("site", data_file))  # ... and comes back under its name
     runner.join(60)
+    assert not runner.is_alive(), f"the run did not finish (model version {fed.coordinator.global_model.version})"
     assert fed.coordinator.global_model.version == 6
     (record,) = fed.coordinator.registry.all()
     assert record.name == "site" and record.index == 0 and record.updates_accepted >= 5
@@ -100,28 +186,34 @@ def test_updates_accepted_by_a_coordinator_that_died_before_its_checkpoint_are_s
                         "--threads", 1, "--heartbeat-interval", 0.5]
     common = ["--coordinator", f"127.0.0.1:{port}", "--data", data_file, "--insecure", "--batch-size", 4,
               "--max-seq-len", 64, "--threads", 1, "--max-backoff", 1]
+    timeline = tmp_path / "fast.timeline.jsonl"
+
+    def fast_has_the_reply() -> bool:
+        """The fast worker's round-1 upload span is written when its Upload call has returned."""
+        text = timeline.read_text() if timeline.exists() else ""
+        events = [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+        return any(e["kind"] == "upload" and e["round"] == 1 for e in events)
+
     coordinator = cli(*coordinator_args)
+    first = Output(coordinator)
     workers = {name: cli("worker", "--name", name, *common, *extra)
-               for name, extra in (("fast", ()), ("slow", ("--max-upload-rate", "40KB/s")))}
+               for name, extra in (("fast", ("--timeline", timeline)), ("slow", ("--max-upload-rate", "40KB/s")))}
+    outputs = {name: Output(w) for name, w in workers.items()}
     try:
-        for line in coordinator.stdout:
-            if "round 1: layers." in line and "from fast accepted" in line:
-                break
-        else:
-            pytest.fail("the coordinator ended before it accepted the fast worker's update")
-        time.sleep(1.0)  # the reply reaches the fast worker; round 1 waits for the slow one (~5 s)
+        first.wait_for(r"round 1: layers\.\S+ from fast accepted", 120, "the fast worker's round-1 update accepted")
+        # The reply reaches the fast worker; round 1 waits for the slow one (~5 s).
+        wait_for(fast_has_the_reply, 30, "the fast worker to have the reply to its round-1 upload")
+        assert "from slow accepted" not in first.text()
         coordinator.send_signal(signal.SIGKILL)
-        coordinator.communicate()
+        first.finish(30)
         assert not (state / "checkpoints" / "round-000001.json").exists()  # round 1 is lost with it
         coordinator = cli(*coordinator_args)
-        out = coordinator.communicate(timeout=120)[0]
+        out = Output(coordinator).finish(120)
         assert coordinator.returncode == 0, out[-4000:]
-        logs = {name: w.communicate(timeout=60)[0] for name, w in workers.items()}
+        logs = {name: outputs[name].finish(60) for name in workers}
     finally:
         for p in (coordinator, *workers.values()):
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
+            reap(p)
     assert all(w.returncode == 0 for w in workers.values()), {n: log[-3000:] for n, log in logs.items()}
     assert "joined again" in logs["fast"]
     # It had the reply before the kill (the update was kept, not in flight), and sent it again once the
@@ -164,32 +256,42 @@ def test_coordinator_killed_at_random_moments_resumes_to_the_same_model(tmp_path
     worker = cli("worker", "--coordinator", f"127.0.0.1:{port}", "--name", "solo", "--data", data_file, "--insecure",
                  "--batch-size", 4, "--max-seq-len", 64, "--threads", 1, "--max-upload-rate", "2MB/s",
                  "--max-backoff", 1)
+    worker_output = Output(worker)
     rng = random.Random(7)
     kills, moments = 0, []
+    coordinator = None
     try:
         while True:
             coordinator = cli(*coordinator_args)
+            output = Output(coordinator)
             if kills < 4:
-                # Wait until a round is under way, then strike at a random moment within the next
-                # round or two: training, an upload in flight, aggregation or a checkpoint.
-                for line in coordinator.stdout:
-                    if " started: " in line:
-                        moments.append(line.split(" INFO ")[-1].strip())
-                        break
-                time.sleep(rng.uniform(0.0, 1.2))
+                # Wait until the worker is in this coordinator's run (past its own start-up, joined to
+                # this coordinator: each kill then costs it a session) and a round is under way, then
+                # strike at a random moment within the next round or two: training, an upload in
+                # flight, aggregation or a checkpoint. (The pause is the dice, not a wait for
+                # something; it ends early only if the coordinator does.)
+                worker_output.wait_for(r"training examples, model version", 120, "the worker to start")
+                output.wait_for(r"worker solo joined", 120, f"the worker to join coordinator {kills + 1}")
+                line = output.wait_for(r" started: ", 120, "a round to start").string
+                moments.append(line.split(" INFO ")[-1].strip())
+                ended = output.ended.wait(rng.uniform(0.0, 1.2))
+                early = f"the coordinator ended before kill {kills + 1}:\n{output.text()[-3000:]}"
+                assert not ended and coordinator.poll() is None, early
                 coordinator.send_signal(signal.SIGKILL)
-                coordinator.communicate()
+                output.finish(30)
+                assert coordinator.returncode == -signal.SIGKILL
                 kills += 1
                 continue
-            out = coordinator.communicate(timeout=240)[0]
+            out = output.finish(240)
             if coordinator.returncode == 0:
                 break
             raise AssertionError(out[-3000:])
-        worker_out = worker.communicate(timeout=60)[0]
+        worker_out = worker_output.finish(60)
         assert worker.returncode == 0, worker_out[-3000:]
     finally:
-        if worker.poll() is None:
-            worker.kill()
+        for p in (coordinator, worker):
+            if p is not None:
+                reap(p)
     summary = json.loads((state / "summary.json").read_text())
     assert kills == 4 and summary["rounds_completed"] == rounds
     store = StateStore(state)
