@@ -160,8 +160,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         return simulate(sim, args)
     if command == "export":
         (config,) = parse_configs(command, args)
+        from ..server.store import check_export_dir
         from .tools import export
 
+        try:
+            check_export_dir(config.out, config.state_dir)  # before the checkpoint is loaded
+        except ConfigError as e:
+            raise ConfigError(f"--out: {e}") from None
         print(export(config))
         return 0
     if command == "eval":

@@ -1,15 +1,28 @@
 """gRPC channel and server options shared by both ends.
 
 Message limits are set explicitly on both sides (gRPC's 4 MiB default fails on a 4 MiB chunk plus its
-header). Keepalive pings keep the long-lived event stream open through idle NATs and let both ends
-notice a dead peer.
+header). The coordinator's follow its --chunk-size (`message_limit`); a worker opens its channel
+before it learns the chunk size, so it allows the largest chunk there may be (MAX_MESSAGE_BYTES).
+Keepalive pings keep the long-lived event stream open through idle NATs and let both ends notice a
+dead peer.
 """
 
 from __future__ import annotations
 
 import grpc
 
-MAX_MESSAGE_BYTES = 64 << 20  # chunks are at most 64 MiB (config limit) plus a small header
+MIN_CHUNK_SIZE = 1 << 10
+MAX_CHUNK_SIZE = 64 << 20  # the largest --chunk-size (config.py checks against these two)
+# Room for everything in a message besides a chunk's data (field tags, lengths, index, a file name:
+# a few dozen bytes), and for the largest message that carries no chunk: the join reply lists every
+# tensor of the model (~60 bytes each), so 1 MiB covers models with over 15 000 tensors.
+MESSAGE_ALLOWANCE = 1 << 20
+MAX_MESSAGE_BYTES = MAX_CHUNK_SIZE + MESSAGE_ALLOWANCE
+
+
+def message_limit(chunk_size: int) -> int:
+    """The gRPC message limit (send and receive) for transfers cut into `chunk_size` chunks."""
+    return chunk_size + MESSAGE_ALLOWANCE
 
 _KEEPALIVE = [
     ("grpc.keepalive_time_ms", 30_000),

@@ -19,8 +19,10 @@ def export(config: ExportConfig) -> str:
     if not (config.state_dir / "checkpoints").is_dir():
         raise StateError(f"{config.state_dir} is not a fedblock state dir (no checkpoints/)")
     store = StateStore(config.state_dir)
+    blocks = None
     if config.round is None:
-        ckpt = store.latest()
+        intact = store.latest_intact()  # past a damaged newest checkpoint, as a resume does
+        ckpt, blocks = intact if intact is not None else (None, None)
     else:
         path = store.ckpt_dir / f"round-{config.round:06d}.json"
         if not path.exists():
@@ -29,7 +31,7 @@ def export(config: ExportConfig) -> str:
         ckpt = Checkpoint(**json.loads(path.read_text()))
     if ckpt is None:
         raise StateError(f"{config.state_dir} holds no checkpoint")
-    return str(export_model(store.model_dir, store.load_blocks(ckpt), config.out))
+    return str(export_model(store.model_dir, blocks if blocks is not None else store.load_blocks(ckpt), config.out))
 
 
 def evaluate(config: EvalConfig) -> dict:

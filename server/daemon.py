@@ -17,12 +17,12 @@ from ..common.config import ConfigError, CoordinatorConfig
 from ..common.messages import BlockSpec, TensorSpec
 from ..common.metrics import serve as serve_metrics
 from ..common.models import load_model, model_files, model_fingerprint, resolve_model
-from ..common.rpc import server_options
+from ..common.rpc import message_limit, server_options
 from ..common.security import Authenticator, load_tokens, server_credentials
 from .coordinator import Coordinator, GlobalModel
 from .metrics import CoordinatorMetrics
 from .service import CoordinatorService, add_to_server
-from .store import Checkpoint, StateStore
+from .store import Checkpoint, StateStore, check_export_dir
 
 log = logging.getLogger("fedblock.coordinator")
 GRPC_THREADS = 1024  # every connected worker holds one event stream (one thread); threads start lazily
@@ -34,6 +34,11 @@ def build(config: CoordinatorConfig) -> Coordinator:
         torch.set_num_threads(config.threads)
     model_path = resolve_model(config.model)
     store = StateStore(config.state_dir, keep=config.keep_checkpoints)
+    store.remove_leftovers()  # of a killed coordinator: nothing else writes this state dir
+    try:  # refused now rather than after the last round, when the run exports there
+        check_export_dir(config.export_dir or store.root / "export", store.root)
+    except ConfigError as e:
+        raise ConfigError(f"--export-dir: {e}") from None
     model = load_model(model_path, dtype=torch.float32)
     blocks = partition(model, config.layers_per_block)
     params = dict(model.named_parameters())
@@ -47,9 +52,10 @@ def build(config: CoordinatorConfig) -> Coordinator:
         }
     )
     store.install_model_files(model_files(model_path))
-    ckpt = store.latest()
-    if ckpt is not None:
-        tensors = store.load_blocks(ckpt)
+    intact = store.latest_intact()  # falls back past a damaged newest checkpoint, with a warning
+    ckpt = None
+    if intact is not None:
+        ckpt, tensors = intact
         initial = GlobalModel(ckpt.round, ckpt.block_versions, ckpt.block_sha256, tensors)
         log.info("resuming run %s from the checkpoint of round %d", run_id, ckpt.round)
     else:
@@ -73,7 +79,8 @@ def serve(coordinator: Coordinator, config: CoordinatorConfig) -> tuple[grpc.Ser
         tokens=load_tokens(config.auth_tokens) if config.auth_tokens else None,
         bind_certificate_names=config.tls_client_ca is not None,
     )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=GRPC_THREADS, thread_name_prefix="grpc"), options=server_options())
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=GRPC_THREADS, thread_name_prefix="grpc"),
+                         options=server_options(message_limit(config.chunk_size)))
     add_to_server(CoordinatorService(coordinator, auth), server)
     if config.tls_cert is not None:
         port = server.add_secure_port(config.listen, server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca))

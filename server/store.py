@@ -14,16 +14,21 @@ Every file is written atomically (temporary file, fsync, rename, fsync of the di
 any point leaves the previous checkpoint intact. A checkpoint only references block files that were
 complete before it was written; loading verifies each file's hash. Only blocks that changed in a round
 are written, so a checkpoint costs in proportion to what changed.
+
+Block files that a download is streaming are pinned: pruning leaves them until the download ends.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+import threading
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,13 +39,21 @@ import torch
 from torch import Tensor
 
 from ..common.codecs import load_safetensors
+from ..common.config import ConfigError
+
+log = logging.getLogger("fedblock.store")
 
 Tensors = dict[str, Tensor]
 _CKPT = re.compile(r"round-(\d{6})\.json$")
+EXPORT_MARKER = ".fedblock-export"  # in every export folder: only such a folder is ever replaced
 
 
 class StateError(RuntimeError):
     """The state directory is unusable (corrupt, or belongs to a different run)."""
+
+
+class BlockFileMissing(StateError):
+    """A block file that a checkpoint names is not on disk (pruned, or removed by someone)."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -79,6 +92,26 @@ class Checkpoint:
     counters: dict[str, float] = field(default_factory=dict)  # bytes, updates, wall time so far
     eval_history: list[list[float]] = field(default_factory=list)  # [round, loss]
     round_history: list[dict] = field(default_factory=list)  # per round: timing, updates, bytes
+    plans: list[dict] = field(default_factory=list)  # the open rounds' plans (RoundPlan.to_record)
+    present: list[str] = field(default_factory=list)  # workers connected when it was written
+
+
+class Pin:
+    """Block files held on disk for one reader until `release()`; releasing again does nothing."""
+
+    def __init__(self, store: StateStore, names: tuple[str, ...]):
+        self._store = store
+        self.names = names
+        self.released = False
+
+    def release(self) -> None:
+        self._store._unpin(self)
+
+    def __enter__(self) -> Pin:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class StateStore:
@@ -91,6 +124,26 @@ class StateStore:
         self.incoming_dir = self.root / "incoming"
         for d in (self.root, self.blocks_dir, self.ckpt_dir, self.incoming_dir):
             d.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()  # pinning and pruning of block files
+        self._pins: Counter[str] = Counter()  # block file name -> readers holding it
+        self._live: set[str] | None = None  # block files the kept checkpoints name (None: not pruned yet)
+
+    def remove_leftovers(self) -> int:
+        """Remove what a killed coordinator left behind: partial uploads (incoming/*.part) and the
+        temporary files of unfinished atomic writes (.*.tmp). Returns how many files went. Only for the
+        coordinator that owns the state dir, before it serves: a running one is still writing these."""
+        stale = list(self.incoming_dir.glob("*.part"))
+        for d in (self.root, self.blocks_dir, self.ckpt_dir):  # where atomic_write writes
+            stale += d.glob(".*.tmp")
+        removed = 0
+        for path in stale:
+            if path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            log.info("removed %d leftover files of an interrupted run from %s (incoming/*.part, .*.tmp)",
+                     removed, self.root)
+        return removed
 
     # ---- run identity ---------------------------------------------------------------------------
 
@@ -143,7 +196,7 @@ class StateStore:
                 data = bytearray(os.fstat(f.fileno()).st_size)
                 f.readinto(data)
         except FileNotFoundError:
-            raise StateError(f"checkpoint references missing block file {path.name}") from None
+            raise BlockFileMissing(f"checkpoint references missing block file {path.name}") from None
         if hashlib.sha256(data).hexdigest() != sha256_hex:
             raise StateError(f"block file {path.name} does not match its checkpoint hash")
         return load_safetensors(data)[0]
@@ -171,6 +224,62 @@ class StateStore:
     def load_blocks(self, ckpt: Checkpoint) -> dict[str, Tensors]:
         return {b: self.read_block(b, v, ckpt.block_sha256[b]) for b, v in ckpt.block_versions.items()}
 
+    def latest_intact(self) -> tuple[Checkpoint, dict[str, Tensors]] | None:
+        """The newest checkpoint that reads and whose block files all load and match their hashes, with
+        its tensors; None for a fresh state dir. Damaged newer checkpoints are skipped with a warning
+        that says what is wrong with each; StateError when there are checkpoints but none is intact."""
+        problems = []
+        for path in reversed(self.checkpoints()):
+            try:
+                ckpt = Checkpoint(**json.loads(path.read_text()))
+            except (ValueError, TypeError) as e:
+                problems.append(f"{path.name} is unreadable ({e})")
+                continue
+            try:
+                tensors = self.load_blocks(ckpt)
+            except KeyError as e:
+                problems.append(f"{path.name} has no hash for block {e}")
+                continue
+            except (StateError, OSError) as e:
+                problems.append(f"{path.name}: {e}")
+                continue
+            if problems:
+                log.warning("falling back to the older checkpoint %s: %s", path.name, "; ".join(problems))
+            return ckpt, tensors
+        if problems:
+            raise StateError(f"no intact checkpoint in {self.ckpt_dir}: {'; '.join(problems)}")
+        return None
+
+    def pin(self, versions: Mapping[str, int]) -> Pin:
+        """Keep the files of these block versions on disk until the pin is released: pruning skips
+        them, and the last release of a file that no kept checkpoint names removes it. Raises
+        BlockFileMissing, pinning nothing, when one of them is gone already."""
+        names = tuple(self.block_path(b, v).name for b, v in versions.items())
+        with self._lock:
+            for name in names:
+                if not (self.blocks_dir / name).is_file():
+                    raise BlockFileMissing(f"block file {name} is not on disk")
+            self._pins.update(names)
+        return Pin(self, names)
+
+    def pinned(self) -> set[str]:
+        """Names of the block files pinned now."""
+        with self._lock:
+            return set(self._pins)
+
+    def _unpin(self, pin: Pin) -> None:
+        with self._lock:
+            if pin.released:
+                return
+            pin.released = True
+            for name in pin.names:
+                self._pins[name] -= 1
+                if self._pins[name] > 0:
+                    continue
+                del self._pins[name]
+                if self._live is not None and name not in self._live:  # pruning skipped it for us
+                    (self.blocks_dir / name).unlink(missing_ok=True)
+
     def _prune(self) -> None:
         paths = self.checkpoints()
         for old in paths[: -self.keep]:
@@ -182,9 +291,11 @@ class StateStore:
             except ValueError:
                 continue
             live.update(self.block_path(b, v).name for b, v in ckpt["block_versions"].items())
-        for f in self.blocks_dir.iterdir():
-            if f.suffix == ".safetensors" and f.name not in live:
-                f.unlink(missing_ok=True)
+        with self._lock:
+            self._live = live
+            for f in self.blocks_dir.iterdir():
+                if f.suffix == ".safetensors" and f.name not in live and f.name not in self._pins:
+                    f.unlink(missing_ok=True)
 
     # ---- end of run -------------------------------------------------------------------------------
 
@@ -194,24 +305,54 @@ class StateStore:
         return path
 
 
+def check_export_dir(out: Path, state_dir: Path | None = None) -> None:
+    """Raise ConfigError unless `out` may receive an export: it does not exist, is an empty folder,
+    or is an earlier export (it holds EXPORT_MARKER). Anything else would be deleted by the export.
+    With `state_dir`, `out` may also neither hold the state dir nor lie inside it (but for its own
+    `export/`): the export replaces the folder whole."""
+    out = Path(out)
+    if state_dir is not None:
+        state, target = Path(state_dir).resolve(), out.resolve()
+        if state.is_relative_to(target) or (target.is_relative_to(state) and target != state / "export"):
+            raise ConfigError(f"export folder {out} would replace part of the state dir {state_dir}; "
+                              f"use {Path(state_dir) / 'export'} or a folder outside it")
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise ConfigError(f"export folder {out} exists and is not a folder; choose a new or empty folder")
+    if (out / EXPORT_MARKER).is_file() or not any(out.iterdir()):
+        return
+    raise ConfigError(f"export folder {out} is not empty and is not an earlier fedblock export "
+                      f"(it has no {EXPORT_MARKER}); refusing to replace it: choose a new or empty folder")
+
+
 def export_model(model_dir: Path, blocks: Mapping[str, Mapping[str, Tensor]], out: Path) -> Path:
-    """Write the model (architecture from `model_dir`, weights from `blocks`) as a Hugging Face folder."""
+    """Write the model (architecture from `model_dir`, weights from `blocks`) as a Hugging Face folder.
+    `out` is replaced only if check_export_dir allows it (ConfigError otherwise, before any work);
+    `model_dir` is the state dir's model/ folder, so that the state dir itself is never replaced."""
     from ..common.models import build_model_from_files
 
+    out = Path(out)
+    check_export_dir(out, model_dir.parent)
     model = build_model_from_files(model_dir, dtype=torch.float32)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for tensors in blocks.values():
             for name, t in tensors.items():
                 params[name].copy_(t)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    model.save_pretrained(tmp)
-    for f in model_dir.iterdir():
-        if f.is_file() and not f.name.startswith(".") and not (tmp / f.name).exists():
-            shutil.copy2(f, tmp / f.name)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    try:
+        model.save_pretrained(tmp)
+        for f in model_dir.iterdir():
+            if f.is_file() and not f.name.startswith(".") and not (tmp / f.name).exists():
+                shutil.copy2(f, tmp / f.name)
+        (tmp / EXPORT_MARKER).write_text("written by fedblock; the next export replaces this folder\n")
+        check_export_dir(out, model_dir.parent)  # again: something may have been put there while the model was written
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out

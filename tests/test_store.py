@@ -7,8 +7,16 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from fedblock.common import blocks as B
+from fedblock.common.config import ConfigError
 from fedblock.common.models import load_model, model_files
-from fedblock.server.store import Checkpoint, StateError, StateStore, export_model
+from fedblock.server.store import (
+    EXPORT_MARKER,
+    BlockFileMissing,
+    Checkpoint,
+    StateError,
+    StateStore,
+    export_model,
+)
 
 
 def tensors(seed):
@@ -86,3 +94,173 @@ def test_export_writes_a_loadable_model_with_the_given_weights(tmp_path, tiny_mo
             assert torch.equal(params[n], t)
     assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
     assert (out / "tokenizer.json").exists()
+
+
+# ---- pinned block files (a download in flight) ----------------------------------------------------
+
+
+def _advance(store, versions, shas, rounds):
+    """Close `rounds` rounds that change every block: new block files and checkpoints, which prune."""
+    for r in rounds:
+        for i, b in enumerate(versions):
+            shas[b] = store.write_block(b, r, tensors(100 * r + i))
+            versions[b] = r
+        store.write_checkpoint(Checkpoint(r, dict(versions), dict(shas)))
+
+
+def test_pinned_block_files_outlive_pruning_until_released(tmp_path):
+    store = StateStore(tmp_path, keep=1)
+    versions, shas = {"a": 0, "b": 0}, {}
+    _advance(store, versions, shas, [0])
+    pin = store.pin({"a": 0, "b": 0})
+    second = store.pin({"a": 0})
+    _advance(store, versions, shas, [1, 2])
+    assert store.block_path("a", 0).exists() and store.block_path("b", 0).exists()
+    assert not store.block_path("a", 1).exists()  # unpinned versions are pruned as before
+    pin.release()
+    pin.release()  # again: nothing
+    assert store.block_path("a", 0).exists() and not store.block_path("b", 0).exists()
+    second.release()
+    assert not store.block_path("a", 0).exists() and store.pinned() == set()
+    assert sorted(p.name for p in store.blocks_dir.iterdir()) == ["a@2.safetensors", "b@2.safetensors"]
+
+
+def test_releasing_a_pin_keeps_files_that_checkpoints_name(tmp_path):
+    store = StateStore(tmp_path, keep=2)
+    versions, shas = {"a": 0}, {}
+    _advance(store, versions, shas, [0, 1])
+    with store.pin({"a": 1}):
+        pass
+    assert store.block_path("a", 1).exists() and store.block_path("a", 0).exists()
+
+
+def test_pinning_a_file_that_is_gone_pins_nothing(tmp_path):
+    store = StateStore(tmp_path, keep=1)
+    versions, shas = {"a": 0, "b": 0}, {}
+    _advance(store, versions, shas, [0])
+    store.block_path("b", 0).unlink()
+    with pytest.raises(BlockFileMissing, match="b@0"):
+        store.pin({"a": 0, "b": 0})
+    assert store.pinned() == set()
+
+
+# ---- resume from the newest intact checkpoint ---------------------------------------------------
+
+
+def _three_rounds(tmp_path):
+    store = StateStore(tmp_path, keep=3)
+    versions, shas = {"a": 0, "b": 0}, {}
+    _advance(store, versions, shas, [1, 2, 3])
+    return store
+
+
+def test_latest_intact_is_the_newest_checkpoint_when_all_are_fine(tmp_path):
+    store = _three_rounds(tmp_path)
+    ckpt, loaded = store.latest_intact()
+    assert ckpt.round == 3 and torch.equal(loaded["a"]["w"], tensors(300)["w"])
+    assert StateStore(tmp_path / "fresh").latest_intact() is None
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_a_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog, damage):
+    store = _three_rounds(tmp_path)
+    path = store.block_path("b", 3)
+    if damage == "missing":
+        path.unlink()
+    else:
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 1
+        path.write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        ckpt, loaded = store.latest_intact()
+    assert ckpt.round == 2 and torch.equal(loaded["b"]["w"], tensors(201)["w"])
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "round-000002.json" in warning and "round-000003.json" in warning and "b@3.safetensors" in warning
+    assert ("missing" if damage == "missing" else "does not match") in warning
+
+
+def test_no_intact_checkpoint_is_a_clear_error(tmp_path):
+    store = _three_rounds(tmp_path)
+    (store.ckpt_dir / "round-000003.json").write_text("{ truncated")
+    store.block_path("a", 2).unlink()
+    store.block_path("a", 1).unlink()
+    with pytest.raises(StateError, match="no intact checkpoint") as error:
+        store.latest_intact()
+    message = str(error.value)
+    assert "round-000003.json is unreadable" in message and "a@2.safetensors" in message and "a@1" in message
+
+
+# ---- leftovers of a killed coordinator -------------------------------------------------------------
+
+
+def test_leftover_partial_and_temporary_files_are_removed(tmp_path, caplog):
+    store = _three_rounds(tmp_path)
+    leftovers = [store.incoming_dir / "w1.r4.a.0123456789abcdef.part", store.blocks_dir / ".a@4.safetensors.x1y2.tmp",
+                 store.ckpt_dir / ".round-000004.json.abc.tmp", tmp_path / ".summary.json.q.tmp"]
+    kept = [store.incoming_dir / "notes.txt", tmp_path / "keep.tmp", store.model_dir / ".x.tmp"]
+    store.model_dir.mkdir()
+    for p in leftovers + kept:
+        p.write_bytes(b"x")
+    (store.incoming_dir / "dir.part").mkdir()
+    before = {p.name for p in store.blocks_dir.iterdir()} - {leftovers[1].name}
+    with caplog.at_level("INFO"):
+        assert StateStore(tmp_path).remove_leftovers() == 4
+    assert not any(p.exists() for p in leftovers) and all(p.exists() for p in kept)
+    assert (store.incoming_dir / "dir.part").is_dir()
+    assert {p.name for p in store.blocks_dir.iterdir()} == before
+    assert any("removed 4 leftover files" in r.getMessage() for r in caplog.records)
+    assert store.latest_intact()[0].round == 3
+
+
+# ---- export replaces only an earlier export --------------------------------------------------------
+
+
+def _export_args(tmp_path, tiny_model):
+    model = load_model(tiny_model)
+    by_block = {b.name: {n: p.detach().clone() for n, p in B.block_params(model, b).items()} for b in B.partition(model)}
+    store = StateStore(tmp_path / "state")
+    store.install_model_files(model_files(tiny_model))
+    return store, by_block
+
+
+def test_export_refuses_a_folder_that_is_not_an_earlier_export(tmp_path, tiny_model):
+    store, by_block = _export_args(tmp_path, tiny_model)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("years of work")
+    with pytest.raises(ConfigError, match="not an earlier fedblock export"):
+        export_model(store.model_dir, by_block, precious)
+    assert (precious / "thesis.txt").read_text() == "years of work"
+    with pytest.raises(ConfigError, match="part of the state dir"):
+        export_model(store.model_dir, by_block, store.root)  # --out $STATE_DIR
+    assert store.checkpoints() == [] and (store.model_dir / ".complete").exists()
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(ConfigError, match="not a folder"):
+        export_model(store.model_dir, by_block, a_file)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+def test_export_replaces_an_earlier_export_and_fills_an_empty_folder(tmp_path, tiny_model):
+    store, by_block = _export_args(tmp_path, tiny_model)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = export_model(store.model_dir, by_block, empty)
+    assert (out / EXPORT_MARKER).is_file() and (out / "config.json").is_file()
+    (out / "stale.txt").write_text("from the first export")
+    out = export_model(store.model_dir, by_block, out)
+    assert not (out / "stale.txt").exists() and (out / EXPORT_MARKER).is_file()
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
+
+
+def test_export_never_replaces_the_state_dir_or_a_folder_holding_it(tmp_path, tiny_model):
+    """An earlier export (with its marker) that now holds a state dir, or an empty folder inside the
+    state dir other than its own export/, is refused: the export replaces the folder whole."""
+    store, by_block = _export_args(tmp_path / "old-export", tiny_model)
+    (tmp_path / "old-export" / EXPORT_MARKER).write_text("")
+    with pytest.raises(ConfigError, match="part of the state dir"):
+        export_model(store.model_dir, by_block, tmp_path / "old-export")
+    with pytest.raises(ConfigError, match="part of the state dir"):
+        export_model(store.model_dir, by_block, store.ckpt_dir)  # empty now, full of checkpoints later
+    assert store.root.is_dir() and (store.model_dir / ".complete").exists()
+    assert (export_model(store.model_dir, by_block, store.root / "export") / EXPORT_MARKER).is_file()
