@@ -9,9 +9,10 @@ Three small loops, each on its own thread and each ending when `stop` is set:
 
 When the coordinator cannot be reached, or no longer knows this worker's session (it restarted, or
 dropped us after a silence), whichever loop notices first joins again under the same name, with
-exponential back-off and jitter, forever unless --max-retries says otherwise. The update being sent
-is kept and sent again (resuming from the chunks the coordinator holds), and the next delta sync asks
-for every block this worker changed, so its copy is the coordinator's again.
+exponential back-off and jitter, forever unless --max-retries says otherwise. Updates the coordinator
+may not have (the one being sent, and accepted ones of rounds that have not closed) are sent again,
+oldest round first, as the same bytes (resuming from the chunks the coordinator holds), and the next
+delta sync asks for every block this worker changed, so its copy is the coordinator's again.
 """
 
 from __future__ import annotations
@@ -21,25 +22,61 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass, field
 
 import grpc
 
 from ..common import wire
-from ..common.codecs import CodecPipeline
-from ..common.messages import Assignment, ModelNotice, RunEnd
+from ..common.codecs import CodecPipeline, CodecState
+from ..common.messages import Assignment, Manifest, ModelNotice, RunEnd
 from .metrics import WorkerMetrics
-from .session import TRANSIENT, Session, backoff_delays
+from .session import Session, backoff_delays, reconnects, transient
 from .state import ModelBook, Patch, Update
 from .timeline import Timeline
 
 log = logging.getLogger("fedblock.worker")
 
-# Errors after which joining again may help: the link broke, or the coordinator lost our session.
-RECONNECT = TRANSIENT | {grpc.StatusCode.UNAUTHENTICATED}
-
-
 class GiveUp(Exception):
     """Reconnection is impossible (refused, another run) or --max-retries ran out."""
+
+
+@dataclass
+class Outgoing:
+    """An update on its way to the coordinator. Each block is encoded once, when first sent, and the
+    same bytes go again on a resend (so the coordinator's partial upload matches by hash); a stateful
+    codec stage (top-k's residual) advances once, when the coordinator first has the block."""
+
+    update: Update
+    blocks: tuple[str, ...] = field(init=False)
+    tried: bool = False  # sent before: ask the coordinator what it holds before sending again
+    delivered: set[str] = field(default_factory=set)  # blocks the coordinator has, in this attempt
+    _packed: dict[str, tuple[Manifest, bytes, CodecState | None]] = field(default_factory=dict)  # None: committed
+
+    def __post_init__(self) -> None:
+        self.blocks = tuple(self.update.deltas)
+
+    @property
+    def round(self) -> int:
+        return self.update.round
+
+    def pack(self, block: str, codec: CodecPipeline, chunk_size: int) -> tuple[Manifest, bytes]:
+        if block not in self._packed:
+            u = self.update
+            self._packed[block] = wire.pack_pending(
+                block, u.deltas[block], codec, round=u.round, base_version=u.base_version,
+                chunk_size=chunk_size, num_tokens=max(1, u.tokens), train_loss=u.loss,
+            )
+            del u.deltas[block]  # the encoded blob replaces the delta (a whole-model update is big)
+        manifest, blob, _ = self._packed[block]
+        return manifest, blob
+
+    def confirm(self, block: str, codec: CodecPipeline) -> None:
+        """The coordinator has `block` (accepted it, or had it already): the codec state advances, once."""
+        self.delivered.add(block)
+        manifest, blob, state = self._packed[block]
+        if state is not None:
+            codec.commit(state)
+            self._packed[block] = (manifest, blob, None)  # committed: not held twice
 
 
 class Comm:
@@ -78,26 +115,27 @@ class Comm:
         self.error: BaseException | None = None
         self.reconnects = 0
         self._generation = 0  # sessions joined so far; a failure seen in an old one needs no new join
+        # Per loop: events read; blocks delivered and downloads done. What resets that loop's back-off.
+        self._progress = {"events": 0, "transfer": 0}
         self._join_lock = threading.Lock()
         self._announced = book.version  # newest model version announced by the coordinator
         self._requested = book.version  # newest version downloaded (or being applied)
         self._resync = False  # the next delta sync asks for every block we changed
-        self._pending: Update | None = None  # the update being sent; kept across a re-join
         # Updates accepted for rounds that have not closed yet: a coordinator killed before it checkpointed
         # such a round has lost them, and gets them again after the re-join (deterministic rounds plan the
         # same assignment again; a coordinator that still has them answers "duplicate").
-        self._unclosed: list[Update] = []
-        self._resend: list[Update] = []
-        self._fresh = False  # _pending came from the compute thread and has not been tried yet
+        self._unclosed: list[Outgoing] = []
+        self._resend: list[Outgoing] = []  # to send (again) before anything new, oldest round first
         self._lock = threading.Lock()
 
     # ---- events -----------------------------------------------------------------------------
 
     def read_events(self) -> None:
-        self._loop(self._read_events_once)
+        self._loop(self._read_events_once, "events")
 
     def _read_events_once(self) -> None:
         for event in self.session.events():
+            self._progress["events"] += 1
             if isinstance(event, Assignment):
                 self._put(self.inbox, event)
             elif isinstance(event, ModelNotice):
@@ -114,28 +152,23 @@ class Comm:
     # ---- transfers --------------------------------------------------------------------------
 
     def transfer(self) -> None:
-        self._loop(self._transfer_once)
+        self._loop(self._transfer_once, "transfer")
 
     def _transfer_once(self) -> None:
         while not self.stop.is_set():
-            if self._pending is None:
-                with self._lock:
-                    self._pending = self._resend.pop(0) if self._resend else None
-            if self._pending is None:
+            out = self._next_outgoing()
+            if out is not None:
+                generation = self._generation
                 try:
-                    self._pending = self.outbox.get_nowait()
-                    self._fresh = True
-                except queue.Empty:
-                    pass
-            if self._pending is not None:
-                # Sent before (interrupted, or accepted by a coordinator that may have lost it): ask first
-                # what the coordinator has, so that nothing crosses the link twice.
-                resume, self._fresh = not self._fresh, False
-                accepted = self._upload(self._pending, resume)  # raises to _loop (which re-joins) if the link is gone
+                    accepted = self._upload(out)  # raises to _loop (which re-joins) if the link is gone
+                except BaseException:
+                    self._requeue(out)  # the oldest round still goes first after the re-join
+                    raise
                 with self._lock:
-                    if accepted and self._pending.round > self._announced:
-                        self._unclosed.append(self._pending)
-                self._pending = None
+                    if accepted and generation != self._generation:
+                        self._requeue_locked(out)  # a re-join came meanwhile: that coordinator may have lost it
+                    elif accepted and out.round > self._announced:
+                        self._unclosed.append(out)
                 continue
             with self._lock:
                 target = self._announced if self._announced > self._requested else None
@@ -144,6 +177,27 @@ class Comm:
                 continue
             self.wake.wait(timeout=0.5)
             self.wake.clear()
+
+    def _next_outgoing(self) -> Outgoing | None:
+        """The oldest update to send: one to send again first (a round cannot close without it, and
+        a later round cannot be planned before it), else a fresh one from the compute thread."""
+        with self._lock:
+            if self._resend:
+                return self._resend.pop(0)
+        try:
+            return Outgoing(self.outbox.get_nowait())
+        except queue.Empty:
+            return None
+
+    def _requeue(self, out: Outgoing) -> None:
+        with self._lock:
+            self._requeue_locked(out)
+
+    def _requeue_locked(self, out: Outgoing) -> None:
+        out.delivered.clear()  # sent again from the start; UploadStatus tells what the coordinator holds
+        if all(o is not out for o in self._resend):
+            self._resend.append(out)
+            self._resend.sort(key=lambda o: o.round)
 
     def _announce(self, version: int) -> None:
         """The coordinator's model is at `version` (or newer): sync to it; updates of rounds up to it
@@ -157,32 +211,39 @@ class Comm:
     def notify_handover(self) -> None:
         self.wake.set()
 
-    def _upload(self, update: Update, resume: bool = False) -> bool:
-        """Send every block of the update; True if the coordinator accepted them all."""
+    def _upload(self, out: Outgoing) -> bool:
+        """Send every block of the update the coordinator does not have yet; True if it has them all."""
         t0 = time.perf_counter()
         status = "accepted"
-        with self.timeline.span("upload", update.round, blocks=len(update.deltas)):
-            for block, delta in update.deltas.items():
-                manifest, blob = wire.pack(
-                    block, delta, self.codec, round=update.round, base_version=update.base_version,
-                    chunk_size=self.info.chunk_size, num_tokens=max(1, update.tokens), train_loss=update.loss,
-                )
+        # Sent before (interrupted, or accepted by a coordinator that may have lost it): ask first what
+        # the coordinator has, so that nothing crosses the link twice.
+        resume, out.tried = out.tried, True
+        with self.timeline.span("upload", out.round, blocks=len(out.blocks)):
+            for block in out.blocks:
+                if block in out.delivered:
+                    continue
+                manifest, blob = out.pack(block, self.codec, self.info.chunk_size)
                 try:
                     status = self.session.upload(manifest, blob, resume=resume)
                 except grpc.RpcError as e:
-                    if e.code() in RECONNECT:
+                    if reconnects(e):
                         raise
                     if e.code() == grpc.StatusCode.ALREADY_EXISTS:  # sent again after a re-join: it has it
-                        log.info("round %d %s: the coordinator already has it", update.round, block)
-                        continue
-                    # Refused for what it is: sending it again cannot help. Say so, so that the round does
-                    # not wait for us, and go on with the next one.
-                    log.error("round %d %s refused: %s: %s", update.round, block, e.code().name, e.details())
-                    self.session.abandon(update.round, e.details() or e.code().name)
-                    status = "refused"
+                        log.info("round %d %s: the coordinator already has it", out.round, block)
+                        status = "accepted"
+                    elif not transient(e) and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        raise GiveUp(f"cannot send round {out.round} {block}: {e.details()}") from None
+                    else:
+                        # Refused for what it is: sending it again cannot help. Say so, so that the round
+                        # does not wait for us, and go on with the next one.
+                        log.error("round %d %s refused: %s: %s", out.round, block, e.code().name, e.details())
+                        self.session.abandon(out.round, e.details() or e.code().name)
+                        status = "refused"
                 if status != "accepted":
-                    log.info("round %d %s: %s", update.round, block, status)
+                    log.info("round %d %s: %s", out.round, block, status)
                     break  # the other blocks of the round would share its fate
+                out.confirm(block, self.codec)
+                self._progress["transfer"] += 1
         self.metrics.comm_seconds.inc(time.perf_counter() - t0)
         return status == "accepted"
 
@@ -196,6 +257,7 @@ class Comm:
         with self._lock:
             self._requested = version
             self._resync = self._resync and not resync
+            self._progress["transfer"] += 1
         self.metrics.comm_seconds.inc(time.perf_counter() - t0)
         self._put(self.inbox, patch)
 
@@ -215,26 +277,33 @@ class Comm:
 
     # ---- (re)joining ------------------------------------------------------------------------
 
-    def _loop(self, body) -> None:
+    def _loop(self, body, name: str) -> None:
         """Run `body` until stop; re-join whenever the link or the session is lost."""
-        self._guard(lambda: self._run_rejoining(body))
+        self._guard(lambda: self._run_rejoining(body, name))
 
-    def _run_rejoining(self, body) -> None:
+    def _run_rejoining(self, body, name: str) -> None:
+        delays = backoff_delays(base=0.5, cap=self.max_backoff)
         while not self.stop.is_set():
-            generation = self._generation
+            generation, progress = self._generation, self._progress[name]
             try:
                 body()
                 return
             except grpc.RpcError as e:
                 if self.stop.is_set():
                     return
-                if e.code() not in RECONNECT:
+                if not reconnects(e):
                     raise
                 log.warning("lost the coordinator (%s: %s); joining again", e.code().name, e.details())
             except (ConnectionError, wire.IntegrityError) as e:
                 if self.stop.is_set():
                     return
                 log.warning("%s; joining again", e)
+            # A call that fails again and again with nothing done in between (a coordinator that fails on
+            # it) waits longer each time, as joining does; progress starts the back-off afresh.
+            if self._progress[name] != progress:
+                delays = backoff_delays(base=0.5, cap=self.max_backoff)
+            elif generation == self._generation:  # nobody joined again meanwhile: we will
+                self.stop.wait(next(delays))
             self._rejoin(generation)
 
     def _rejoin(self, generation: int) -> None:
@@ -268,8 +337,9 @@ class Comm:
                 self._announced = info.model_version
                 self._requested = -1  # sync now, and ask for everything we changed
                 self._resync = True
-                lost = [u for u in self._unclosed if u.round > info.model_version and u is not self._pending]
-                self._resend = sorted({id(u): u for u in self._resend + lost}.values(), key=lambda u: u.round)
+                for out in self._unclosed:  # what the restarted coordinator may have lost
+                    if out.round > info.model_version:
+                        self._requeue_locked(out)
                 self._unclosed = []
             self.wake.set()
             log.info("joined again (session %d), coordinator at model version %d", self._generation, info.model_version)

@@ -35,6 +35,22 @@ TRANSIENT = {
     grpc.StatusCode.INTERNAL,
 }
 
+
+
+def transient(e: grpc.RpcError) -> bool:
+    """Whether the same call may succeed later. A message over gRPC's size limit never will: it is
+    RESOURCE_EXHAUSTED too, like a server at its call limit, but says so in its details."""
+    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (e.details() or ""):
+        return False
+    return e.code() in TRANSIENT
+
+
+def reconnects(e: grpc.RpcError) -> bool:
+    """Whether joining again may help: the link broke, the coordinator lost our session, or it failed
+    in a way it did not foresee (UNKNOWN: a restart or a fixed coordinator may not fail again)."""
+    return transient(e) or e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNKNOWN)
+
+
 Counter = Callable[[str, int], None]
 
 
@@ -168,19 +184,27 @@ class Session:
 
     def upload(self, manifest: Manifest, blob: bytes, max_attempts: int = 8, resume: bool = False) -> str:
         """Send one block delta; resumes after transient failures. Returns "accepted" or "late".
-        `resume`: a second try (after a re-join): ask first what the coordinator already has."""
-        skip = self._held_chunks(manifest) if resume else frozenset()
+        `resume`: a second try (after a re-join): ask first what the coordinator already has. When it
+        has the block already (or the round closed), nothing is sent at all."""
         delays = backoff_delays()
         for attempt in range(max_attempts):
+            skip: frozenset[int] = frozenset()
+            if resume or attempt:
+                reply = self._upload_status(manifest)
+                if reply is not None and reply.delivered:
+                    return "accepted"
+                if reply is not None and reply.closed:
+                    return "late"
+                if reply is not None:  # complete: only the header goes, and its answer says what became of it
+                    skip = frozenset(range(manifest.num_chunks)) if reply.complete else frozenset(reply.held_chunks)
             try:
                 reply = self._upload(self._upload_messages(manifest, blob, skip), metadata=self._metadata)
                 return reply.status
             except grpc.RpcError as e:
-                if e.code() not in TRANSIENT or attempt == max_attempts - 1:
+                if not transient(e) or attempt == max_attempts - 1:
                     raise
                 log.warning("upload of %s round %d interrupted (%s); resuming", manifest.block, manifest.round, e.code().name)
                 time.sleep(next(delays))
-                skip = self._held_chunks(manifest)
         raise AssertionError("unreachable")
 
     def abandon(self, round: int, reason: str) -> None:
@@ -199,17 +223,16 @@ class Session:
             self._sent("update", size)
             yield message
 
-    def _held_chunks(self, manifest: Manifest) -> frozenset[int]:
+    def _upload_status(self, manifest: Manifest) -> pb.UploadStatusReply | None:
+        """What the coordinator holds of this upload; None when it cannot say (send everything)."""
+        request = pb.UploadStatusRequest(round=manifest.round, block=manifest.block, blob_sha256=manifest.blob_sha256)
         try:
-            reply = self.stub.UploadStatus(
-                pb.UploadStatusRequest(round=manifest.round, block=manifest.block, blob_sha256=manifest.blob_sha256),
-                metadata=self._metadata,
-                timeout=30,
-            )
-            # Complete: only the header goes, and the answer says what became of the update.
-            return frozenset(range(manifest.num_chunks)) if reply.complete else frozenset(reply.held_chunks)
+            reply = self.stub.UploadStatus(request, metadata=self._metadata, timeout=30)
         except grpc.RpcError:
-            return frozenset()
+            return None
+        self._sent("control", _size(request))
+        self._received("control", _size(reply))
+        return reply
 
     def download(self, held: Mapping[str, int]) -> tuple[int, dict[str, int], Iterator[DownloadedBlock]]:
         """Delta sync: (model version, block versions, iterator over the changed blocks, decoded)."""

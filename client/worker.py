@@ -9,6 +9,8 @@ import shutil
 import signal
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,15 +24,37 @@ from ..common.metrics import serve as serve_metrics
 from ..common.models import build_model_from_files, load_tokenizer
 from ..common.security import channel_credentials
 from ..common.training import BlockTrainer, OptimConfig
-from .comm import RECONNECT, Comm
+from .comm import Comm
 from .compute import ComputeLoop
 from .metrics import WorkerMetrics
-from .session import Session, backoff_delays
+from .session import Session, backoff_delays, reconnects
 from .state import ModelBook, Patch
 from .timeline import Timeline
 
 log = logging.getLogger("fedblock.worker")
 INBOX_SIZE = 16  # assignments and patches for the compute thread; a handful per round at most
+
+
+@contextmanager
+def _heartbeating(session: Session, interval: float) -> Iterator[None]:
+    """Heartbeats while the worker starts (model files, tokenising, building the model, the first
+    download can outlast --heartbeat-timeout); the communication thread takes over after."""
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(interval):
+            try:
+                session.heartbeat(-1, 0)
+            except grpc.RpcError as e:  # the start-up itself notices a lost coordinator
+                log.debug("heartbeat while starting failed: %s", e.code().name)
+
+    thread = threading.Thread(target=beat, name="startup-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=1.0)  # at most one heartbeat call in flight, bounded by its own timeout
 
 
 def pick_device(name: str) -> torch.device:
@@ -88,7 +112,7 @@ class Worker:
                     break
                 except grpc.RpcError as e:
                     # The coordinator went away while we fetched the model (a restart): start over.
-                    if e.code() not in RECONNECT or (c.max_retries and attempt >= c.max_retries) or self.stop.is_set():
+                    if not reconnects(e) or (c.max_retries and attempt >= c.max_retries) or self.stop.is_set():
                         raise
                     log.warning("lost the coordinator while starting (%s); joining again", e.code().name)
                     self.stop.wait(next(delays))
@@ -112,24 +136,30 @@ class Worker:
         log.info("%s joined run %s (%s, depth %d, %d blocks, model version %d)",
                  c.name, info.run_id, info.algorithm, info.pipeline_depth, len(info.blocks), info.model_version)
         try:
-            session.fetch_model_files(model_dir)
-            tokenizer = load_tokenizer(model_dir)
-            data = tokenize(self.examples, tokenizer, c.max_seq_len)
-            stream = BatchStream(data, c.batch_size, c.seed, tokenizer.pad_token_id)
-            dtype = torch.bfloat16 if c.dtype == "bfloat16" else torch.float32
-            model = build_model_from_files(model_dir, dtype=dtype, device=self.device)
-            blocks = B.partition(model, info.layers_per_block)
-            self._check_partition(model, blocks, info)
-            book = ModelBook()
-            self._initial_sync(session, model, blocks, book)
+            with _heartbeating(session, info.heartbeat_interval_s):
+                return info, *self._prepare(session, model_dir, info)
         except grpc.RpcError as e:
-            if e.code() not in RECONNECT:
+            if not reconnects(e):
                 session.leave("failed to start")
             raise
         except BaseException:
             session.leave("failed to start")  # so the coordinator does not wait for us
             raise
-        return info, data, stream, model, blocks, book
+
+    def _prepare(self, session: Session, model_dir: Path, info):
+        """Model files, data, model and every block: (data, batches, model, blocks, book)."""
+        c = self.config
+        session.fetch_model_files(model_dir)
+        tokenizer = load_tokenizer(model_dir)
+        data = tokenize(self.examples, tokenizer, c.max_seq_len)
+        stream = BatchStream(data, c.batch_size, c.seed, tokenizer.pad_token_id)
+        dtype = torch.bfloat16 if c.dtype == "bfloat16" else torch.float32
+        model = build_model_from_files(model_dir, dtype=dtype, device=self.device)
+        blocks = B.partition(model, info.layers_per_block)
+        self._check_partition(model, blocks, info)
+        book = ModelBook()
+        self._initial_sync(session, model, blocks, book)
+        return data, stream, model, blocks, book
 
     def _check_partition(self, model, blocks: list[B.Block], info) -> None:
         params = dict(model.named_parameters())

@@ -94,6 +94,10 @@ def _parse_stage(text: str) -> _Stage:
     raise CodecError(f"unknown codec stage {name!r} (known: none, bf16, fp16, int8, topk:F, shuffle, zstd[:L])")
 
 
+# What one encode changes in a pipeline's state, not yet applied: (stage index, (block, tensor)) -> residual.
+CodecState = dict
+
+
 class CodecPipeline:
     """A parsed codec pipeline. Encoders keep per-block state (top-k residuals); use one per worker."""
 
@@ -112,17 +116,28 @@ class CodecPipeline:
     # ---- encode ------------------------------------------------------------------------------
 
     def encode(self, block: str, tensors: Mapping[str, Tensor]) -> bytes:
-        """Encode one block's tensors (any float dtype) to wire bytes."""
+        """Encode one block's tensors (any float dtype) to wire bytes and advance the codec's state."""
+        blob, state = self.encode_pending(block, tensors)
+        self.commit(state)
+        return blob
+
+    def encode_pending(self, block: str, tensors: Mapping[str, Tensor]) -> tuple[bytes, CodecState]:
+        """Encode without advancing the codec's state: the caller passes `state` to `commit` once the
+        receiver has the blob. So an update is encoded once, and a resent or refused one does not count
+        the unsent rest (top-k's residual) twice."""
+        state: CodecState = {}
         out: Tensors = {n: t.detach().float().contiguous() for n, t in tensors.items()}
         meta: dict[str, str] = {}
         compress: _Stage | None = None
-        for stage in self.stages:
+        for i, stage in enumerate(self.stages):
             if stage.name in _CAST:
                 out = {n: t.to(_CAST[stage.name]) if t.is_floating_point() else t for n, t in out.items()}
             elif stage.name == "int8":
                 out = _int8_encode(out)
             elif stage.name == "topk":
-                out = _topk_encode(out, block, stage)
+                residual: dict = {}
+                out = _topk_encode(out, block, float(stage.arg), stage.residual, residual)
+                state.update({(i, key): r for key, r in residual.items()})
             elif stage.name == "shuffle":
                 out = _shuffle_encode(out, meta)
             elif stage.name == "zstd":
@@ -130,7 +145,12 @@ class CodecPipeline:
         blob = safetensors.torch.save({n: t.contiguous() for n, t in out.items()}, metadata=meta or None)
         if compress is not None:
             blob = zstandard.ZstdCompressor(level=int(compress.arg)).compress(blob)
-        return blob
+        return blob, state
+
+    def commit(self, state: CodecState) -> None:
+        """Advance the state as `encode_pending` computed it (the receiver has that blob)."""
+        for (i, key), residual in state.items():
+            self.stages[i].residual[key] = residual
 
     # ---- decode ------------------------------------------------------------------------------
 
@@ -228,7 +248,8 @@ def _int8_decode(tensors: Tensors) -> Tensors:
     return out
 
 
-def _topk_encode(tensors: Tensors, block: str, stage: _Stage) -> Tensors:
+def _topk_encode(tensors: Tensors, block: str, fraction: float, residual: Mapping, new_residual: dict) -> Tensors:
+    """Top-k of delta + `residual`; what is not sent goes into `new_residual` (applied on commit)."""
     out: Tensors = {}
     for name, t in tensors.items():
         if not t.is_floating_point():
@@ -236,14 +257,14 @@ def _topk_encode(tensors: Tensors, block: str, stage: _Stage) -> Tensors:
             continue
         flat = t.reshape(-1).float()
         key = (block, name)
-        if key in stage.residual:
-            flat = flat + stage.residual[key]
-        k = max(1, math.ceil(float(stage.arg) * flat.numel()))
+        if key in residual:
+            flat = flat + residual[key]
+        k = max(1, math.ceil(fraction * flat.numel()))
         idx = torch.topk(flat.abs(), k, sorted=False).indices
         values = flat[idx]
-        residual = flat.clone()
-        residual[idx] = 0.0
-        stage.residual[key] = residual
+        rest = flat.clone()
+        rest[idx] = 0.0
+        new_residual[key] = rest
         out[name + "::idx"] = idx.to(torch.int32 if flat.numel() < 2**31 else torch.int64)
         out[name + "::val"] = values
     return out

@@ -9,6 +9,7 @@ with a message naming the option, which the CLI prints as one line before exitin
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -21,6 +22,7 @@ from typing import Any
 import yaml
 
 from .algorithms import ALGORITHMS
+from .rpc import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
 BLOCK_SCHEDULES = ("round-robin", "random", "staggered", "striped")
 LR_SCHEDULES = ("constant", "cosine")
@@ -195,6 +197,9 @@ class CoordinatorConfig:
     codec: str = opt("codec pipeline for uploads, e.g. none, bf16, topk:0.01,bf16,zstd", "none")
     chunk_size: int = opt("transfer chunk size", 1 << 20, parse=parse_bytes)
     max_update_bytes: int = opt("largest accepted upload (wire bytes)", 16 << 30, parse=parse_bytes)
+    max_update_norm: float = opt("refuse a block update whose L2 norm exceeds this (0: no limit)", 0.0)
+    resume_grace: float = opt("after a restart, seconds to wait for the workers of the open rounds before "
+                              "planning without them", 120.0)
     upload_slots: int = opt("uploads assembled in memory at once; further concurrent uploads go to files under "
                             "STATE_DIR/incoming, so memory does not grow with the number of workers", 2)
     seed: int = opt("seed for client selection and schedules", 0)
@@ -231,7 +236,7 @@ class CoordinatorConfig:
         _require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
         _require(self.layers_per_block >= 1, "--layers-per-block must be >= 1")
         _require(self.pipeline_depth is None or self.pipeline_depth in (0, 1), "--pipeline-depth must be 0 or 1")
-        _require(1024 <= self.chunk_size <= 64 << 20, "--chunk-size must be between 1KiB and 64MiB")
+        _require(MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE, "--chunk-size must be between 1KiB and 64MiB")
         _require(self.eval_every >= 0 and self.eval_max_examples >= 1 and self.eval_batch_size >= 1,
                  "--eval-every must be >= 0, --eval-max-examples and --eval-batch-size >= 1")
         _require(self.max_seq_len >= 8, "--max-seq-len must be >= 8")
@@ -240,6 +245,9 @@ class CoordinatorConfig:
                  "--heartbeat-timeout must be longer than --heartbeat-interval")
         _require(self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1")
         _require(self.upload_slots >= 0, "--upload-slots must be >= 0")
+        _require(self.max_update_norm >= 0 and math.isfinite(self.max_update_norm),
+                 "--max-update-norm must be a finite number >= 0")
+        _require(self.resume_grace >= 0, "--resume-grace must be >= 0")
         _require(self.threads >= 0, "--threads must be >= 0")
         _require(0 <= self.metrics_port < 65536, "--metrics-port must be 0..65535")
         from .codecs import CodecError, CodecPipeline

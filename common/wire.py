@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from .codecs import CodecPipeline
+from .codecs import CodecPipeline, CodecState
 from .messages import Manifest, TensorSpec
 
 GRPC_FRAME_OVERHEAD = 5  # gRPC length-prefixed message header; counted in wire byte metrics
@@ -51,7 +51,15 @@ def iter_chunks(blob: bytes, chunk_size: int, skip: frozenset[int] = frozenset()
             yield index, view[index * chunk_size : (index + 1) * chunk_size]
 
 
-def pack(
+def pack(block: str, tensors: Mapping[str, Tensor], codec: CodecPipeline, **fields) -> tuple[Manifest, bytes]:
+    """Encode one block's tensors, advancing the codec's state, and describe the result (the fields
+    are `pack_pending`'s): for senders that never resend."""
+    manifest, blob, state = pack_pending(block, tensors, codec, **fields)
+    codec.commit(state)
+    return manifest, blob
+
+
+def pack_pending(
     block: str,
     tensors: Mapping[str, Tensor],
     codec: CodecPipeline,
@@ -61,9 +69,10 @@ def pack(
     chunk_size: int,
     num_tokens: int = 0,
     train_loss: float = float("nan"),
-) -> tuple[Manifest, bytes]:
-    """Encode one block's tensors and describe the result. The manifest lists the decoded tensors."""
-    blob = codec.encode(block, tensors)
+) -> tuple[Manifest, bytes, CodecState]:
+    """`pack` without advancing the codec's state: pass the state to `codec.commit` once the receiver
+    has the blob. The manifest lists the decoded tensors."""
+    blob, state = codec.encode_pending(block, tensors)
     specs = tuple(TensorSpec(n, "float32", tuple(t.shape)) for n, t in tensors.items())
     manifest = Manifest(
         round=round,
@@ -79,7 +88,7 @@ def pack(
         num_tokens=num_tokens,
         train_loss=train_loss,
     )
-    return manifest, blob
+    return manifest, blob, state
 
 
 def check_manifest_shape(manifest: Manifest, max_chunk_size: int, max_bytes: int) -> None:
@@ -250,6 +259,8 @@ class Assembly:
         if self._blob is None:
             if self._closed:
                 raise AssemblyClosed("upload closed before it was read")
+            if self._buffer is None and self._fd < 0:  # suspended: open its file again
+                self._fd = os.open(self.path, os.O_RDWR)
             self._blob = self._buffer if self._buffer is not None else mmap.mmap(
                 self._fd, self.manifest.wire_bytes, access=mmap.ACCESS_COPY
             )
@@ -259,6 +270,19 @@ class Assembly:
                 self._hash.feed(view[a:b])
                 self._hashed_upto += 1
         return self._blob
+
+    def suspend(self) -> None:
+        """A checked blob that waits (in a file): give up its descriptors, keep the file; `blob` maps it
+        again. Its tensors must be gone (a map with views of it cannot be closed)."""
+        with self._lock:
+            if self.path is None or self._closed:
+                return
+            if self._blob is not None:
+                self._blob.close()
+                self._blob = None
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
     def verify(self) -> None:
         """Wait for the hash of the whole blob; IntegrityError if it is not the manifest's."""
@@ -281,8 +305,14 @@ class Assembly:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
-                if remove and self.path is not None:
-                    self.path.unlink(missing_ok=True)
+            if self._buffer is None and self._blob is not None:
+                try:  # the map of a file holds a descriptor of its own
+                    self._blob.close()
+                    self._blob = None
+                except BufferError:
+                    pass  # tensors still view it: it goes with them
+            if remove and self.path is not None:
+                self.path.unlink(missing_ok=True)
 
 
 def check_specs(manifest_specs: Sequence[TensorSpec], expected: Sequence[TensorSpec]) -> None:

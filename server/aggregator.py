@@ -71,3 +71,9 @@ def is_finite(tensors: Mapping[str, Tensor]) -> bool:
         if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
             return False
     return True
+
+
+def l2_norm(tensors: Mapping[str, Tensor]) -> float:
+    """The L2 norm of all tensors together, as one vector (in float64: a sum of squares overflows
+    float32 long before the norm does)."""
+    return float(sum(torch.linalg.vector_norm(t, dtype=torch.float64) ** 2 for t in tensors.values()) ** 0.5)

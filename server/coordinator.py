@@ -27,7 +27,8 @@ from ..common.codecs import CodecPipeline
 from ..common.config import ConfigError, CoordinatorConfig
 from ..common.messages import BlockSpec, Event, Manifest, ModelFile, ModelNotice, RunEnd, RunInfo
 from ..common.progress import Progress
-from .aggregator import apply_mean, is_finite
+from ..common.rpc import message_limit
+from .aggregator import apply_mean, is_finite, l2_norm
 from .metrics import CoordinatorMetrics
 from .registry import Registry
 from .rounds import Refused, RoundPlan, RoundRules, Rounds
@@ -37,6 +38,7 @@ log = logging.getLogger("fedblock.coordinator")
 
 Tensors = dict[str, Tensor]
 MAX_CONCURRENT_DECODES = 2  # bounds the memory of finishing uploads (one blob + one delta each)
+OUTCOME_WAIT_S = 300.0  # a resumed stream waits this long for the one checking the same upload
 
 
 @dataclass(frozen=True)
@@ -49,11 +51,42 @@ class GlobalModel:
     tensors: Mapping[str, Tensors]
 
 
+@dataclass(eq=False)
+class _Upload:
+    """The upload of one (worker, round, block) in progress. The coordinator's upload table owns it
+    until one stream claims it to check it; that stream then owns it (and may hand it on to the
+    parking, or its memory to the round's sums). Other streams of the same blob wait for the outcome."""
+
+    key: tuple[str, int, str]
+    manifest: Manifest
+    assembly: wire.Assembly
+    claimed: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+    outcome: str | Refused = "late"
+
+    def wait(self) -> str:
+        """The claiming stream's answer, for another stream of the same upload."""
+        if not self.done.wait(OUTCOME_WAIT_S):
+            raise Refused("in_progress", "the upload is still being checked; ask again")
+        if isinstance(self.outcome, Refused):
+            raise Refused(self.outcome.reason, str(self.outcome))
+        return self.outcome
+
+
+@dataclass(frozen=True)
+class UploadState:
+    held: list[int]  # chunks held of an upload in progress
+    complete: bool  # nothing more to send but the header (or nothing at all, below)
+    delivered: bool = False  # the block is in (or waits for the worker's others): send nothing
+    closed: bool = False  # its round has closed: send nothing
+
+
 @dataclass
 class Totals:
     bytes_up: int = 0  # upload wire bytes received
     bytes_down: int = 0  # download wire bytes sent
     updates_accepted: int = 0
+    refusals: dict[str, int] = field(default_factory=dict)  # updates_rejected, updates_late
     wall_seconds_before: float = 0.0  # wall time of earlier runs of this state dir
     eval_history: list[list[float]] = field(default_factory=list)
     round_history: list[dict] = field(default_factory=list)
@@ -87,6 +120,8 @@ class Coordinator:
         self._evaluate = evaluate
         self.registry = Registry()
         self.global_model = initial
+        self._awaited: set[str] = set()  # after a restart: workers of the open rounds not back yet
+        self._awaited_until = 0.0
         self.rounds = Rounds(
             RoundRules(
                 rounds=config.rounds,
@@ -110,16 +145,29 @@ class Coordinator:
             self.totals.bytes_up = int(checkpoint.counters.get("bytes_up", 0))
             self.totals.bytes_down = int(checkpoint.counters.get("bytes_down", 0))
             self.totals.updates_accepted = int(checkpoint.counters.get("updates_accepted", 0))
+            self.totals.refusals = {k: int(checkpoint.counters.get(k, 0)) for k in ("updates_rejected", "updates_late")}
             self.totals.wall_seconds_before = float(checkpoint.counters.get("wall_seconds", 0.0))
             self.totals.eval_history = [list(e) for e in checkpoint.eval_history]
             self.totals.round_history = [dict(r) for r in checkpoint.round_history]
+            # Plan what the uninterrupted run would have: its open rounds as they were, and, until the
+            # grace period ends, the workers it had counted as present (they are coming back).
+            try:
+                self.rounds.restore(checkpoint.plans)
+                present = {str(w) for w in checkpoint.present} if isinstance(checkpoint.present, list) else set()
+            except ValueError as e:  # plan afresh: what matters is the model, which was checked
+                log.warning("checkpoint of round %d: ignoring its open rounds' plans: %s", checkpoint.round, e)
+                present = set()
+            self._awaited = present | {w for p in self.rounds.plans.values() for w in p.assignments}
+            self._awaited_until = time.monotonic() + config.resume_grace
         self._cv = threading.Condition()
-        self._uploads: dict[tuple[str, int, str, bytes], wire.Assembly] = {}
+        self._uploads: dict[tuple[str, int, str], _Upload] = {}  # (worker, round, block) -> open upload
         self._uploads_lock = threading.Lock()
+        self._parked: dict[tuple[str, int], dict[str, _Upload]] = {}  # (worker, round) -> checked blocks (under _cv)
         self._in_memory = 0  # assemblies held in memory (at most --upload-slots)
         self._pool = wire.BufferPool(keep=max(1, config.upload_slots))
         self._decode_slots = threading.BoundedSemaphore(MAX_CONCURRENT_DECODES)
         self._stop = threading.Event()
+        self._failure: BaseException | None = None  # set by _fail: run() raises it
         self._round_started: dict[int, float] = {}
         self._t0 = time.monotonic()
         self._startup_peak = 0  # peak RSS before the first round (loading, first checkpoint)
@@ -135,6 +183,7 @@ class Coordinator:
     def join(self, name: str) -> RunInfo:
         record = self.registry.join(name)
         with self._cv:  # its assignments go out when it opens its event stream (`events`)
+            self._awaited.discard(name)
             self.metrics.workers_connected.set(len(self.registry.connected()))
             self._cv.notify_all()
         log.info("worker %s joined (%d connected)", name, len(self.registry.connected()))
@@ -147,7 +196,7 @@ class Coordinator:
             heartbeat_interval_s=c.heartbeat_interval,
             codec=self.codec.spec,
             chunk_size=c.chunk_size,
-            max_message_bytes=c.chunk_size + (1 << 16),
+            max_message_bytes=message_limit(c.chunk_size),
             blocks=tuple(self.specs[b] for b in self.block_order),
             layers_per_block=c.layers_per_block,
             model_version=self.global_model.version,
@@ -199,7 +248,9 @@ class Coordinator:
         self._drop(name, "left")
 
     def upload(self, name: str, session: str, manifest: Manifest, chunks: Iterable[tuple[int, bytes]]) -> str:
-        """Receive one block delta. Returns "accepted" or "late"; raises Refused or UnknownWorker."""
+        """Receive one block delta. Returns "accepted" or "late"; raises Refused or UnknownWorker.
+        Streams of the same upload (a worker resuming after a broken link) share its chunks, and all
+        get the answer of the one that checked it."""
         self.registry.check(name, session)
         self._check_manifest(manifest)
         with self._cv:
@@ -207,64 +258,158 @@ class Coordinator:
                 self.rounds.admit(name, manifest.round, manifest.block, manifest.base_version)
             except Refused as e:
                 if e.reason != "late":
-                    self.metrics.updates.labels("rejected", e.reason).inc()
+                    self._count("rejected", e.reason)
                     raise
                 self._late(name, manifest.round)
                 return "late"
-            self.rounds.hand_in(name, manifest.round, self.registry.connected())
+            self.rounds.hand_in(name, manifest.round, self._present())
             self._deliver()
-        assembly = self._assembly(name, manifest)
+        up = self._open_upload(name, manifest)
         try:
-            return self._receive(name, manifest, assembly, chunks)
-        except wire.AssemblyClosed as e:  # discarded meanwhile: its round closed, or another stream ended it
+            for index, data in chunks:
+                try:
+                    up.assembly.add(index, data)
+                except wire.AssemblyClosed:
+                    raise
+                except wire.IntegrityError as e:
+                    self._discard_upload(up)
+                    raise self._reject("bad_chunk", str(e)) from None
+            if not up.assembly.complete:
+                missing = manifest.num_chunks - len(up.assembly.held)
+                raise self._reject("incomplete", f"stream ended with {missing} chunks missing; resume it")
+            mine = self._claim(up)
+        except wire.AssemblyClosed:  # discarded meanwhile: its round closed, or a newer upload replaced it
+            if up.claimed:  # no: another stream of it checked it, and closed it when done
+                return up.wait()
             with self._cv:
                 if manifest.round <= self.rounds.version:
                     self._late(name, manifest.round)
                     return "late"
-            raise self._reject("bad_chunk", str(e)) from None
+            raise self._reject("superseded", "a newer upload of this block replaced this one") from None
+        return self._check_and_fold(name, up) if mine else up.wait()
 
-    def _receive(self, name: str, manifest: Manifest, assembly: wire.Assembly, chunks: Iterable[tuple[int, bytes]]) -> str:
-        """The chunks of an admitted upload; then decode, check and fold it in (see `upload`)."""
-        for index, data in chunks:
+    def _check_and_fold(self, name: str, up: _Upload) -> str:
+        """The one stream that claimed the upload: check it, then park it or fold the worker's update in.
+        It owns the upload's memory from the claim on, and releases it unless parked or adopted."""
+        fate = "done"  # or "parked" (its blocks wait for the worker's others) or "adopted" (by the round's sums)
+        try:
+            with self._decode_slots:
+                up.outcome, fate = self._park_or_fold(name, up, self._decode_checked(up))
+            return up.outcome
+        except Refused as e:
+            up.outcome = e
+            raise
+        except Exception as e:
+            log.exception("round %d: failed on %s's upload of %s", up.manifest.round, name, up.manifest.block)
+            up.outcome = Refused("failed", f"the coordinator failed on this upload ({type(e).__name__}); send it again")
+            raise up.outcome from None
+        finally:
+            with self._uploads_lock:
+                if self._uploads.get(up.key) is up:
+                    del self._uploads[up.key]
+            if fate != "parked":
+                self._release(up, keep_memory=fate == "adopted")
+            up.done.set()
+
+    def _decode_checked(self, up: _Upload) -> Tensors:
+        """The upload's delta, checked: hash, decoding, finite, norm. Raises Refused (counted)."""
+        m = up.manifest
+        # Decoding and the checks read the blob while the tail of its hash is still being computed;
+        # nothing is used before the hash has been checked.
+        delta, problem = None, None
+        blob = up.assembly.blob()
+        try:
+            delta = self.codec.decode(blob, self.specs[m.block].tensors)
+            if not is_finite(delta):
+                problem = ("non_finite", f"update for {m.block} contains NaN or Inf")
+            elif self.config.max_update_norm and (norm := l2_norm(delta)) > self.config.max_update_norm:
+                problem = ("too_large_norm", f"update for {m.block} has L2 norm {norm:.4g} > --max-update-norm "
+                                             f"{self.config.max_update_norm:g}")
+        except ValueError as e:
+            problem = ("malformed", f"cannot decode the update: {e}")
+        try:
+            up.assembly.verify()  # a corrupted chunk is reported as such, whatever it did to the decoding
+        except wire.IntegrityError as e:
+            problem = ("hash_mismatch", str(e))
+        if problem is not None:
+            raise self._reject(*problem)
+        return delta
+
+    def _park_or_fold(self, name: str, up: _Upload, delta: Tensors) -> tuple[str, str]:
+        """Park a checked block until the worker's other blocks of the round are in, then fold all of
+        them in. Returns (status, what became of `up`'s memory: "parked", "adopted" or "done")."""
+        m = up.manifest
+        with self._cv:
             try:
-                assembly.add(index, data)
-            except wire.AssemblyClosed:
+                plan = self.rounds.park(name, m.round, m.block, m.base_version)
+            except Refused as e:
+                if e.reason == "late":
+                    self._late(name, m.round)
+                    return "late", "done"
+                self._count("rejected", e.reason)
                 raise
-            except wire.IntegrityError as e:
-                self._discard_upload(name, manifest)
-                raise self._reject("bad_chunk", str(e)) from None
-        if not assembly.complete:
-            missing = assembly.manifest.num_chunks - len(assembly.held)
-            raise self._reject("incomplete", f"stream ended with {missing} chunks missing; resume it")
-        with self._decode_slots:
-            # Decoding and the finite check read the blob while the tail of its hash is still being
-            # computed; nothing is used before the hash has been checked.
-            delta, problem = None, None
-            blob = assembly.blob()  # AssemblyClosed if its round closed while it waited for a slot
-            try:
-                delta = self.codec.decode(blob, self.specs[manifest.block].tensors)
-                if not is_finite(delta):
-                    problem = ("non_finite", f"update for {manifest.block} contains NaN or Inf")
-            except ValueError as e:
-                problem = ("malformed", f"cannot decode the update: {e}")
-            try:
-                assembly.verify()  # a corrupted chunk is reported as such, whatever it did to the decoding
-            except wire.IntegrityError as e:
-                problem = ("hash_mismatch", str(e))
-            finally:
-                self._discard_upload(name, manifest)
-            try:
-                if problem is not None:
-                    raise self._reject(*problem)
-                # A delta that views the in-memory buffer (codec "none"), which is ours alone now, can
-                # become the round's accumulator as it is (the buffer goes back to the pool with the round).
-                owner = assembly.memory if assembly.memory is not None and _views(delta, assembly.memory) else None
-                status, adopted = self._accumulate(name, manifest, delta, owner)
-            finally:
-                del delta
-            if assembly.memory is not None and not (owner is not None and adopted):
-                self._pool.give(assembly.memory)
-            return status
+            if plan is None:
+                del delta  # its tensors may view a file's map, which waiting gives up (no descriptors held)
+                up.assembly.suspend()
+                self._parked.setdefault((name, m.round), {})[m.block] = up
+                return "accepted", "parked"
+            earlier = list(self._parked.pop((name, m.round), {}).values())
+        return "accepted", "adopted" if self._fold(name, plan, earlier, up, delta) else "done"
+
+    def _fold(self, name: str, plan: RoundPlan, earlier: list[_Upload], last: _Upload, delta: Tensors) -> bool:
+        """Fold a worker's whole update into its round: the parked blocks (`earlier`, which this call now
+        owns and releases) and `last` with its decoded `delta`. Returns whether `last`'s memory was
+        adopted as the round's accumulator. A failure before anything was added leaves the worker free
+        to send it again; one after stops the coordinator (the round's means would hold part of a
+        contribution: it resumes from its checkpoint, and the workers send the round again)."""
+        m = last.manifest
+        added = 0
+        adopted_last = False
+        try:
+            for up in [*earlier, last]:
+                # A parked block was checked when it came; decoding it again reads its buffer or file.
+                d = delta if up is last else self.codec.decode(up.assembly.blob(), self.specs[up.manifest.block].tensors)
+                # A delta that views the upload's memory (codec "none"), which is ours alone, can become
+                # the round's accumulator as it is (the memory goes back to the pool with the round).
+                memory = up.assembly.memory
+                owner = memory if memory is not None and _views(d, memory) else None
+                t = time.perf_counter()
+                adopted = plan.sums.add(up.manifest.block, d, float(up.manifest.num_tokens),
+                                        adopt=owner is not None, owner=owner)
+                self.metrics.aggregation_duration.observe(time.perf_counter() - t)
+                added += 1
+                del d
+                if up is last:
+                    adopted_last = adopted
+                else:
+                    self._release(up, keep_memory=adopted)
+        except BaseException as e:
+            for up in earlier[added:]:
+                self._release(up)
+            if added:
+                self._fail(RuntimeError(f"round {plan.round}: folding in {name}'s update failed after {added} of "
+                                        f"{len(earlier) + 1} blocks: {e!r}"))
+            raise
+        finally:
+            blocks = [up.manifest.block for up in [*earlier, last]]
+            ok = added == len(blocks)
+            loss = m.train_loss if math.isfinite(m.train_loss) else 0.0
+            with self._cv:
+                self.rounds.end_fold(plan, name, blocks, ok, m.num_tokens, loss)
+                if ok:
+                    self.totals.updates_accepted += len(blocks)
+                    for w in self.registry.all():
+                        if w.name == name:
+                            w.updates_accepted += len(blocks)
+                self._cv.notify_all()
+        self.metrics.updates.labels("accepted", "").inc(len(blocks))
+        log.debug("round %d: %s from %s accepted", plan.round, "+".join(blocks) if len(blocks) < 4 else f"{len(blocks)} blocks", name)
+        self.progress.show(
+            f"round {plan.round}/{self.config.rounds}: {plan.workers_done}/{len(plan.assignments)} workers delivered, "
+            f"{self.totals.bytes_up / 1e6:.1f} MB up, {self.totals.bytes_down / 1e6:.1f} MB down",
+            force=True,
+        )
+        return adopted_last
 
     def abandon(self, name: str, session: str, round: int, reason: str) -> None:
         """The worker gives up its part in `round` (its update was refused for good)."""
@@ -273,17 +418,22 @@ class Coordinator:
             if self.rounds.abandon(name, round):
                 self.metrics.updates.labels("abandoned", _label(reason)).inc()
                 log.warning("worker %s abandoned round %d: %s", name, round, reason[:200])
+                self._drop_stale_uploads()  # its blocks that waited for the rest
                 self._deliver()
                 self._cv.notify_all()
 
-    def upload_status(self, name: str, session: str, round: int, block: str, sha: bytes) -> tuple[list[int], bool]:
+    def upload_status(self, name: str, session: str, round: int, block: str, sha: bytes) -> UploadState:
+        """What the coordinator holds of an upload, so that a resend sends only what is missing."""
         self.registry.check(name, session)
         with self._uploads_lock:
-            assembly = self._uploads.get((name, round, block, sha))
-            if assembly is not None:
-                return sorted(assembly.held), assembly.complete
+            up = self._uploads.get((name, round, block))
+            if up is not None and up.manifest.blob_sha256 == sha:  # complete: the header gets its outcome
+                return UploadState(sorted(up.assembly.held), up.assembly.complete)
         with self._cv:
-            return [], self.rounds.has_update(name, round, block)
+            if round <= self.rounds.version:
+                return UploadState([], True, closed=True)
+            has = self.rounds.has_update(name, round, block)
+            return UploadState([], has, delivered=has)
 
     def download(self, name: str, session: str, held: Mapping[str, int]) -> tuple[GlobalModel, list[str]]:
         """The current global version and the blocks (in model order) newer than what the worker holds."""
@@ -365,7 +515,7 @@ class Coordinator:
                 if self.rounds.finished:
                     break
                 self._expire_silent_workers()
-                connected = self.registry.connected()
+                connected = self._present()
                 if self.rounds.head is None and (started or len(connected) >= self.config.min_workers):
                     if self.rounds.plan(self.rounds.version + 1, connected) is not None and self.state == "waiting":
                         started = True
@@ -384,9 +534,17 @@ class Coordinator:
                     self._note_round_starts()
                 else:
                     self._cv.wait(timeout=0.1)
-            if plan is not None:
+            if plan is not None and self._failure is None:
                 self._close_round(plan)
+        if self._failure is not None:
+            raise RuntimeError("the coordinator stopped; start it again to resume from its checkpoint") from self._failure
         return self._finish()
+
+    def _fail(self, error: BaseException) -> None:
+        """Something the run cannot go on from: stop, and let `run` raise it (nothing more is written)."""
+        log.critical("%s", error)
+        self._failure = error
+        self.stop()
 
     def stop(self) -> None:
         self._stop.set()
@@ -432,81 +590,103 @@ class Coordinator:
             raise self._reject("bad_manifest", str(e)) from None
 
     def _reject(self, reason: str, message: str) -> Refused:
-        self.metrics.updates.labels("rejected", reason).inc()
+        self._count("rejected", reason)
         return Refused(reason, message)
+
+    def _count(self, status: str, reason: str) -> None:
+        """An update refused or late: in the metrics, and in the run's totals (summary.json)."""
+        self.metrics.updates.labels(status, reason).inc()
+        with self._cv:  # re-entrant: callers may hold it
+            key = f"updates_{status}"
+            self.totals.refusals[key] = self.totals.refusals.get(key, 0) + 1
 
     def _late(self, name: str, round: int) -> None:
         """Under the lock: a worker handed in a closed round; it may get its next assignment."""
-        self.metrics.updates.labels("late", "round_closed").inc()
+        self._count("late", "round_closed")
         log.info("late update from %s for closed round %d", name, round)
         self._deliver()
 
-    def _assembly(self, name: str, m: Manifest) -> wire.Assembly:
-        """The upload's assembly: in memory while a slot is free (--upload-slots), else in a file."""
-        key = (name, m.round, m.block, m.blob_sha256)
+    def _open_upload(self, name: str, m: Manifest) -> _Upload:
+        """The upload of (worker, round, block): the one in progress when the blob is the same, else a
+        new one that replaces an unclaimed older one (one open upload per key: a worker cannot hold
+        more files or memory than its assignments). In memory while a slot is free, else in a file."""
+        key = (name, m.round, m.block)
         with self._uploads_lock:
-            assembly = self._uploads.get(key)
-            if assembly is None:
-                if self._in_memory < self.config.upload_slots:
-                    self._in_memory += 1
-                    assembly = wire.Assembly(m, pool=self._pool)
-                else:
-                    path = self.store.incoming_dir / f"{name}.r{m.round}.{m.block}.{m.blob_sha256.hex()[:16]}.part"
-                    assembly = wire.Assembly(m, path)
-                self._uploads[key] = assembly
-            return assembly
+            up = self._uploads.get(key)
+            if up is not None and up.manifest.blob_sha256 == m.blob_sha256:
+                return up
+            if up is not None:
+                if up.claimed:
+                    raise Refused("in_progress", "another upload of this block is being checked; ask again")
+                del self._uploads[key]
+                self._release_locked(up)
+            if self._in_memory < self.config.upload_slots:
+                self._in_memory += 1
+                assembly = wire.Assembly(m, pool=self._pool)
+            else:
+                path = self.store.incoming_dir / f"{name}.r{m.round}.{m.block}.{m.blob_sha256.hex()[:16]}.part"
+                assembly = wire.Assembly(m, path)
+            up = self._uploads[key] = _Upload(key, m, assembly)
+            return up
 
-    def _discard_upload(self, name: str, m: Manifest) -> None:
+    def _claim(self, up: _Upload) -> bool:
+        """True for the one stream that gets to check and fold in the complete upload; False for the
+        others (they wait for its outcome). AssemblyClosed if it was discarded meanwhile."""
         with self._uploads_lock:
-            self._release(self._uploads.pop((name, m.round, m.block, m.blob_sha256), None))
+            if up.claimed:
+                return False
+            if self._uploads.get(up.key) is not up:
+                raise wire.AssemblyClosed("upload discarded")
+            up.claimed = True
+            return True
 
-    def _release(self, assembly: wire.Assembly | None) -> None:
-        """Under the uploads lock."""
-        if assembly is not None:
-            if assembly.path is None:
-                self._in_memory -= 1
-            assembly.close()
+    def _discard_upload(self, up: _Upload) -> None:
+        with self._uploads_lock:
+            if self._uploads.get(up.key) is up and not up.claimed:
+                del self._uploads[up.key]
+                self._release_locked(up)
+
+    def _release(self, up: _Upload, keep_memory: bool = False) -> None:
+        with self._uploads_lock:
+            self._release_locked(up, keep_memory)
+
+    def _release_locked(self, up: _Upload, keep_memory: bool = False) -> None:
+        """Close the upload and give its memory back to the pool (unless the round's sums adopted it).
+        Called once per upload, by its one owner: the table, the claiming stream, or the parking."""
+        a = up.assembly
+        a.close()
+        if a.memory is not None:
+            self._in_memory -= 1
+            if not keep_memory:
+                self._pool.give(a.memory)
 
     def _drop_stale_uploads(self) -> None:
-        """Under the lock: partial uploads of closed rounds can never be used."""
+        """Under the lock: uploads of closed rounds, and parked blocks of contributions that can no
+        longer complete (their round closed, or the worker left it), can never be used."""
         with self._uploads_lock:
-            for key in [k for k in self._uploads if k[1] <= self.rounds.version]:
-                self._release(self._uploads.pop(key))
+            for key in [k for k, up in self._uploads.items() if k[1] <= self.rounds.version and not up.claimed]:
+                self._release_locked(self._uploads.pop(key))
+        for key in list(self._parked):
+            name, round = key
+            plan = self.rounds.plans.get(round)
+            if plan is None or name not in plan.parked:
+                for up in self._parked.pop(key).values():
+                    self._release(up)
 
-    def _accumulate(self, name: str, m: Manifest, delta: Tensors, memory) -> tuple[str, bool]:
-        """Fold a checked delta into its round; ("accepted" or "late", whether its memory was adopted)."""
-        with self._cv:
-            try:
-                plan = self.rounds.begin_accumulate(name, m.round, m.block, m.base_version)
-            except Refused as e:
-                if e.reason == "late":
-                    self._late(name, m.round)
-                    return "late", False
-                self.metrics.updates.labels("rejected", e.reason).inc()
-                raise
-        ok = adopted = False
-        try:
-            t = time.perf_counter()
-            adopted = plan.sums.add(m.block, delta, float(m.num_tokens), adopt=memory is not None, owner=memory)
-            self.metrics.aggregation_duration.observe(time.perf_counter() - t)
-            ok = True
-        finally:
-            with self._cv:
-                self.rounds.end_accumulate(plan, name, m.block, ok, m.num_tokens, m.train_loss if math.isfinite(m.train_loss) else 0.0)
-                if ok:
-                    self.totals.updates_accepted += 1
-                    for w in self.registry.all():
-                        if w.name == name:
-                            w.updates_accepted += 1
-                self._cv.notify_all()
-        self.metrics.updates.labels("accepted", "").inc()
-        log.debug("round %d: %s from %s accepted", plan.round, m.block, name)
-        self.progress.show(
-            f"round {plan.round}/{self.config.rounds}: {plan.workers_done}/{len(plan.assignments)} workers delivered, "
-            f"{self.totals.bytes_up / 1e6:.1f} MB up, {self.totals.bytes_down / 1e6:.1f} MB down",
-            force=True,
-        )
-        return "accepted", adopted
+    def _present(self) -> dict[str, int]:
+        """Under the lock: the workers rounds are planned and closed with: the connected ones, and after
+        a restart, until --resume-grace ends, those it waits for (their assignments go out when they
+        join). Once it ends, the absent ones leave their open rounds, as a silent worker would."""
+        present = self.registry.connected()
+        if self._awaited and time.monotonic() >= self._awaited_until:
+            log.warning("workers %s did not come back within --resume-grace %.0f s: planning without them",
+                        ", ".join(sorted(self._awaited)), self.config.resume_grace)
+            gone, self._awaited = self._awaited, set()
+            for name in gone:
+                self.rounds.departed(name)
+            self._drop_stale_uploads()
+        indices = self.registry.indices()
+        return {**{w: indices.get(w, 0) for w in self._awaited}, **present}
 
     def _deliver(self) -> None:
         """Under the lock: send every assignment that may go out now."""
@@ -537,6 +717,7 @@ class Coordinator:
             if self.registry.disconnect(name):
                 log.info("worker %s gone (%s)", name, why)
             self.rounds.departed(name)
+            self._drop_stale_uploads()
             self._deliver()
             self.metrics.workers_connected.set(len(self.registry.connected()))
             self._cv.notify_all()
@@ -544,7 +725,15 @@ class Coordinator:
     def _close_round(self, plan: RoundPlan) -> None:
         """Aggregate a closed round into a new global version, checkpoint it, then announce it."""
         g = self.global_model
-        new_tensors = {b: apply_mean(g.tensors[b], plan.sums.mean(b)) for b in plan.sums.blocks}
+        new_tensors = {}
+        for b in plan.sums.blocks:
+            result = apply_mean(g.tensors[b], plan.sums.mean(b))
+            if is_finite(result):  # finite deltas can still overflow float32 when added to the block
+                new_tensors[b] = result
+            else:
+                self._count("rejected", "non_finite_result")
+                log.error("round %d: the mean update of %s makes the block overflow; %s keeps its value",
+                          plan.round, b, b)
         for memory in plan.sums.owners:  # the round's means are folded in: their memory can serve again
             self._pool.give(memory)
         versions = {**g.block_versions, **{b: plan.round for b in new_tensors}}
@@ -570,12 +759,16 @@ class Coordinator:
                 "bytes_up": self.totals.bytes_up,
                 "bytes_down": self.totals.bytes_down,
                 "updates_accepted": self.totals.updates_accepted,
+                **self.totals.refusals,
                 "wall_seconds": self._wall_seconds(),
             }
             eval_history = [list(e) for e in self.totals.eval_history]
             round_history = [dict(r) for r in self.totals.round_history]
+            plans = self.rounds.records()  # a restart plans these rounds again as they are
+            present = sorted(self._present())
         self.store.write_checkpoint(
-            Checkpoint(plan.round, versions, shas, self.registry.indices(), counters, eval_history, round_history)
+            Checkpoint(plan.round, versions, shas, self.registry.indices(), counters, eval_history, round_history,
+                       plans, present)
         )
         self.metrics.checkpoint_duration.observe(time.perf_counter() - t)
         new_global = GlobalModel(plan.round, versions, shas, {**g.tensors, **new_tensors})
@@ -623,8 +816,11 @@ class Coordinator:
             self._eval(g.version)
         if finished:
             out = self.config.export_dir or (self.store.root / "export")
-            self.export_path = export_model(self.store.model_dir, g.tensors, out).resolve()
-            log.info("exported the final model to %s", self.export_path)
+            try:
+                self.export_path = export_model(self.store.model_dir, g.tensors, out).resolve()
+                log.info("exported the final model to %s", self.export_path)
+            except ConfigError as e:  # the folder filled up during the run: the checkpoint still has it
+                log.error("no export: %s (fedblock export --state-dir %s writes it)", e, self.store.root)
         history = self.totals.eval_history
         summary = {
             "algorithm": self.config.algorithm,
@@ -634,6 +830,8 @@ class Coordinator:
             "workers": len(self.registry.all()),
             "worker_names": sorted(w.name for w in self.registry.all()),
             "updates_accepted": self.totals.updates_accepted,
+            "updates_rejected": self.totals.refusals.get("updates_rejected", 0),
+            "updates_late": self.totals.refusals.get("updates_late", 0),
             "eval_loss_initial": history[0][1] if history and history[0][0] == 0 else None,
             "eval_loss_final": history[-1][1] if history and history[-1][0] == g.version else None,
             "eval_history": history,

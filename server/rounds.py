@@ -8,8 +8,12 @@ Vocabulary:
 - A worker receives assignment r once it has handed in every earlier round it was given (or those
   rounds closed without it).
 - An update is admitted if its round is open, the worker was assigned that block, it is not a duplicate
-  and its base version is at most `depth` rounds stale. The head closes when every participant has
-  reported every block, or after `round_timeout` with at least `min_updates` complete workers.
+  and its base version is at most `depth` rounds stale. A checked block is *parked* until the worker's
+  other blocks of the round are in too; then all of them are folded in at once (a worker's contribution
+  enters whole or not at all). The head closes when every participant has reported every block, or
+  after `round_timeout` with at least `min_updates` complete workers.
+- Planning is a function of (round, the workers present, seed). A restarted coordinator restores the
+  open rounds' plans from its checkpoint and counts the workers it waits for as present.
 
 All methods must be called under the owner's lock; they return what the owner should do (assignments
 to send) and never block.
@@ -61,7 +65,8 @@ class RoundPlan:
     delivered: set[str] = field(default_factory=set)
     handed_in: set[str] = field(default_factory=set)
     reported: dict[str, set[str]] = field(default_factory=dict)
-    accumulating: set[tuple[str, str]] = field(default_factory=set)
+    accumulating: set[tuple[str, str]] = field(default_factory=set)  # (worker, block) being folded in
+    parked: dict[str, set[str]] = field(default_factory=dict)  # worker -> blocks checked, waiting for the rest
     abandoned: set[str] = field(default_factory=set)  # gave up their part: never assigned this round again
     sums: RoundSums = field(default_factory=RoundSums)
     trained: dict[str, tuple[int, float]] = field(default_factory=dict)  # worker -> (tokens, train loss)
@@ -87,6 +92,11 @@ class RoundPlan:
 
     def assignment(self, worker: str, base_version: int) -> Assignment:
         return Assignment(self.round, self.assignments[worker], self.local_steps, self.lr, base_version)
+
+    def to_record(self) -> dict:
+        """What a checkpoint keeps of an open round: who trains what, at which learning rate."""
+        return {"round": self.round, "assignments": {w: list(b) for w, b in self.assignments.items()},
+                "lr": self.lr, "local_steps": self.local_steps, "abandoned": sorted(self.abandoned)}
 
 
 class Rounds:
@@ -129,6 +139,43 @@ class Rounds:
         self.plans[round] = plan
         return plan
 
+    def restore(self, records: Sequence[Mapping]) -> None:
+        """Open rounds' plans from a checkpoint (see `RoundPlan.to_record`); nothing is delivered yet.
+        Raises ValueError for a record that is not a plan this run could have made (its blocks must be
+        trainable now, its learning rate finite and positive, its steps at least one)."""
+        if not isinstance(records, list):
+            raise ValueError(f"plans must be a list, not {type(records).__name__}")
+        plans = {}
+        for rec in records:
+            plan = self._plan_from_record(rec)
+            if self.version < plan.round <= self.rules.rounds:
+                plans[plan.round] = plan
+        if self.version + 1 not in plans:  # a later round without its head cannot be handed in yet
+            return
+        for round, plan in sorted(plans.items()):
+            if round == self.version + 1:
+                self._start_clock(plan)
+            self.plans[round] = plan
+
+    def _plan_from_record(self, rec) -> RoundPlan:
+        try:
+            round, lr, steps = int(rec["round"]), float(rec["lr"]), int(rec["local_steps"])
+            assignments = {str(w): tuple(str(b) for b in blocks) for w, blocks in dict(rec["assignments"]).items()}
+            abandoned = {str(w) for w in rec.get("abandoned", ())}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"malformed plan record ({type(e).__name__}: {e})") from None
+        if not (math.isfinite(lr) and lr > 0 and steps >= 1 and assignments):
+            raise ValueError(f"implausible plan record for round {round}: lr {lr}, local steps {steps}")
+        for w, blocks in assignments.items():
+            if not blocks or not set(blocks) <= set(self.rules.blocks):
+                raise ValueError(f"round {round} plan gives {w!r} blocks {list(blocks)[:3]} outside the trainable ones")
+        plan = RoundPlan(round, assignments, lr, steps, abandoned=abandoned)
+        plan.reported = {w: set() for w in assignments}
+        return plan
+
+    def records(self) -> list[dict]:
+        return [self.plans[r].to_record() for r in sorted(self.plans)]
+
     def _start_clock(self, plan: RoundPlan) -> None:
         if self.rules.round_timeout > 0:
             plan.deadline = self._clock() + self.rules.round_timeout
@@ -163,7 +210,7 @@ class Rounds:
 
     def abandon(self, worker: str, round: int, for_good: bool = True) -> bool:
         """The worker's part in `round` ends without (more of) its update; True if it had one.
-        Blocks it already delivered stay in the round's means. `for_good`: its update was refused and
+        Blocks of it that wait for the rest are dropped. `for_good`: its update was refused and
         a new try would be refused again, so the round is never given to it again (others may take
         its place through `top_up`, or the round closes without it)."""
         plan = self.plans.get(round)
@@ -173,6 +220,7 @@ class Rounds:
             return False  # an update of it is being folded in right now: let that finish
         del plan.assignments[worker]
         plan.delivered.discard(worker)
+        plan.parked.pop(worker, None)  # a contribution enters whole or not at all
         if for_good:
             plan.abandoned.add(worker)
         elif not plan.assignments and not plan.abandoned:
@@ -216,7 +264,7 @@ class Rounds:
             raise Refused("not_assigned", f"worker {worker!r} has no assignment in round {round}")
         if block not in plan.assignments[worker]:
             raise Refused("wrong_block", f"round {round} assigned {list(plan.assignments[worker])} to {worker!r}, not {block!r}")
-        if block in plan.reported[worker] or (worker, block) in plan.accumulating:
+        if block in plan.reported[worker] or block in plan.parked.get(worker, ()) or (worker, block) in plan.accumulating:
             raise Refused("duplicate", f"{worker!r} already delivered {block!r} for round {round}")
         if not round - 1 - self.rules.depth <= base_version <= self.version:
             raise Refused(
@@ -226,9 +274,11 @@ class Rounds:
         return plan
 
     def has_update(self, worker: str, round: int, block: str) -> bool:
-        """Whether the worker's update of `block` for `round` is in, or no longer wanted (round closed)."""
+        """Whether the worker's update of `block` for `round` is in (or parked), or no longer wanted."""
         plan = self.plans.get(round)
-        return round <= self.version or (plan is not None and block in plan.reported.get(worker, ()))
+        return round <= self.version or (
+            plan is not None and (block in plan.reported.get(worker, ()) or block in plan.parked.get(worker, ()))
+        )
 
     def hand_in(self, worker: str, round: int, available: Mapping[str, int]) -> None:
         """A worker started delivering round `round`: it is ready for its next assignment."""
@@ -238,16 +288,25 @@ class Rounds:
         if round == self.version + 1:
             self.plan(round + 1, available)
 
-    def begin_accumulate(self, worker: str, round: int, block: str, base_version: int) -> RoundPlan:
+    def park(self, worker: str, round: int, block: str, base_version: int) -> RoundPlan | None:
+        """A checked block of the worker's update waits for its other blocks. When all are in, they are
+        marked as being folded in and the plan is returned (fold them, then `end_fold`); else None.
+        Raises Refused."""
         plan = self.admit(worker, round, block, base_version)
-        plan.accumulating.add((worker, block))
+        parked = plan.parked.setdefault(worker, set())
+        parked.add(block)
+        if parked < set(plan.assignments[worker]):
+            return None
+        del plan.parked[worker]
+        plan.accumulating.update((worker, b) for b in parked)
         return plan
 
-    def end_accumulate(self, plan: RoundPlan, worker: str, block: str, ok: bool, tokens: int = 0, loss: float = 0.0) -> None:
-        plan.accumulating.discard((worker, block))
+    def end_fold(self, plan: RoundPlan, worker: str, blocks, ok: bool, tokens: int = 0, loss: float = 0.0) -> None:
+        for b in blocks:
+            plan.accumulating.discard((worker, b))
         if ok and worker in plan.reported:
-            plan.reported[worker].add(block)
-            plan.trained[worker] = (tokens, loss)  # the same for every block of one update
+            plan.reported[worker].update(blocks)
+            plan.trained[worker] = (tokens, loss)
 
     # ---- closing -----------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ serialized: a message's size plus the 5-byte gRPC frame header.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -22,6 +23,9 @@ from ..common.security import Authenticator
 from .coordinator import Coordinator
 from .registry import UnknownWorker
 from .rounds import Refused
+from .store import BlockFileMissing
+
+log = logging.getLogger("fedblock.coordinator")
 
 WORKER_KEY = "fedblock-worker"
 SESSION_KEY = "fedblock-session"
@@ -31,6 +35,9 @@ _REJECT_CODES = {
     "bad_chunk": grpc.StatusCode.DATA_LOSS,
     "incomplete": grpc.StatusCode.ABORTED,
     "not_planned": grpc.StatusCode.ABORTED,  # workers retry ABORTED with back-off
+    "in_progress": grpc.StatusCode.ABORTED,  # another stream of the same upload is being checked
+    "failed": grpc.StatusCode.ABORTED,  # the coordinator failed on it unexpectedly: worth another try
+    "superseded": grpc.StatusCode.FAILED_PRECONDITION,  # the same worker sent another blob of the block
     "duplicate": grpc.StatusCode.ALREADY_EXISTS,
     "not_assigned": grpc.StatusCode.FAILED_PRECONDITION,
     "wrong_block": grpc.StatusCode.FAILED_PRECONDITION,
@@ -115,6 +122,12 @@ def add_to_server(service: CoordinatorService, server: grpc.Server) -> None:
     server.add_registered_method_handlers(SERVICE, handlers)
 
 
+def _missing_block_file(context: grpc.ServicerContext, version: int, what: str):
+    """UNAVAILABLE, which workers retry: by then a newer version (whose files exist) may be current."""
+    log.warning("download of model version %d refused: %s", version, what)
+    context.abort(grpc.StatusCode.UNAVAILABLE, f"model version {version}: {what}; download again")
+
+
 def _identity(context: grpc.ServicerContext) -> tuple[str, str]:
     md = dict(context.invocation_metadata())
     return md.get(WORKER_KEY, ""), md.get(SESSION_KEY, "")
@@ -192,10 +205,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def UploadStatus(self, request: pb.UploadStatusRequest, context):
         name, session = _identity(context)
         try:
-            held, complete = self.c.upload_status(name, session, request.round, request.block, bytes(request.blob_sha256))
+            state = self.c.upload_status(name, session, request.round, request.block, bytes(request.blob_sha256))
         except UnknownWorker as e:
             _abort(context, e)
-        return pb.UploadStatusReply(held_chunks=held, complete=complete)
+        return pb.UploadStatusReply(held_chunks=state.held, complete=state.complete, delivered=state.delivered,
+                                    closed=state.closed)
 
     def Abandon(self, request: pb.AbandonRequest, context):
         name, session = _identity(context)
@@ -206,29 +220,50 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.AbandonReply()
 
     def Download(self, request: pb.DownloadRequest, context) -> Iterator[pb.DownloadMessage]:
+        """Streams version g's changed blocks. Their files are pinned before the header goes, so rounds
+        that close (and prune) during a long download do not take them away; the pin is released when
+        the stream ends, fails or is cancelled. A block file that is gone anyway is answered
+        UNAVAILABLE (workers download again), not UNKNOWN."""
         name, session = _identity(context)
         try:
             g, blocks = self.c.download(name, session, dict(request.held_versions))
         except UnknownWorker as e:
             _abort(context, e)
-        header = pb.DownloadMessage(
-            header=pb.DownloadHeader(model_version=g.version, num_blocks=len(blocks), block_versions=dict(g.block_versions))
-        )
-        self.c.count_sent("control", _size(header))
-        yield header
-        for block in blocks:
-            manifest, path = self.c.download_manifest(g, block)
-            message = pb.DownloadMessage(manifest=manifest.to_pb())
-            self.c.count_sent("model", _size(message))
-            yield message
-            with open(path, "rb") as f:
-                for index in range(manifest.num_chunks):
-                    data = os.pread(f.fileno(), manifest.chunk_size, index * manifest.chunk_size)
-                    message = wire.encode_chunk_message(wire.DOWNLOAD_CHUNK_FIELD, index, data)
-                    self.c.count_sent("model", len(message) + wire.GRPC_FRAME_OVERHEAD)
-                    yield message
+        try:
+            pin = self.c.store.pin({b: g.block_versions[b] for b in blocks})
+        except BlockFileMissing as e:  # e.g. pruned between the round's checkpoint and its announcement
+            _missing_block_file(context, g.version, str(e))
+        if not context.add_callback(pin.release):  # a cancelled stream may never resume this generator
+            pin.release()
+            return
+        try:
+            header = pb.DownloadMessage(
+                header=pb.DownloadHeader(model_version=g.version, num_blocks=len(blocks), block_versions=dict(g.block_versions))
+            )
+            self.c.count_sent("control", _size(header))
+            yield header
+            for block in blocks:
+                try:
+                    manifest, path = self.c.download_manifest(g, block)
+                    f = open(path, "rb")
+                except FileNotFoundError as e:  # pinned, so removed by someone else
                     if not context.is_active():
                         return
+                    _missing_block_file(context, g.version, f"block file {os.path.basename(e.filename or block)} "
+                                                            "is not on disk")
+                message = pb.DownloadMessage(manifest=manifest.to_pb())
+                self.c.count_sent("model", _size(message))
+                with f:
+                    yield message
+                    for index in range(manifest.num_chunks):
+                        data = os.pread(f.fileno(), manifest.chunk_size, index * manifest.chunk_size)
+                        message = wire.encode_chunk_message(wire.DOWNLOAD_CHUNK_FIELD, index, data)
+                        self.c.count_sent("model", len(message) + wire.GRPC_FRAME_OVERHEAD)
+                        yield message
+                        if not context.is_active():
+                            return
+        finally:
+            pin.release()
 
     def FetchModelFiles(self, request, context) -> Iterator[pb.FileChunk]:
         name, session = _identity(context)

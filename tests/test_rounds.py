@@ -28,8 +28,9 @@ WORKERS = {"a": 0, "b": 1, "c": 2}
 def report(r, worker, round, blocks=None, base=None):
     plan = r.plans[round]
     for block in blocks or plan.assignments[worker]:
-        p = r.begin_accumulate(worker, round, block, round - 1 if base is None else base)
-        r.end_accumulate(p, worker, block, ok=True, tokens=10, loss=1.0)
+        p = r.park(worker, round, block, round - 1 if base is None else base)
+        if p is not None:
+            r.end_fold(p, worker, plan.assignments[worker], ok=True, tokens=10, loss=1.0)
 
 
 # ---- schedules ---------------------------------------------------------------------------------
@@ -187,17 +188,17 @@ def test_a_departed_worker_no_longer_holds_up_the_round():
 def test_accumulation_in_flight_blocks_closing():
     r = Rounds(rules())
     r.plan(1, {"a": 0})
-    p = r.begin_accumulate("a", 1, "embed", 0)
+    p = r.park("a", 1, "embed", 0)
     assert r.closable(["a"]) is None
-    r.end_accumulate(p, "a", "embed", ok=True, tokens=3)
+    r.end_fold(p, "a", ["embed"], ok=True, tokens=3)
     assert r.closable(["a"]) is p
 
 
 def test_failed_accumulation_can_be_retried():
     r = Rounds(rules())
     r.plan(1, {"a": 0})
-    p = r.begin_accumulate("a", 1, "embed", 0)
-    r.end_accumulate(p, "a", "embed", ok=False)
+    p = r.park("a", 1, "embed", 0)
+    r.end_fold(p, "a", ["embed"], ok=False)
     assert not p.done("a")
     r.admit("a", 1, "embed", 0)
 
@@ -256,3 +257,51 @@ def test_no_rounds_beyond_the_total():
         report(r, w, 1)
     r.close(r.closable(list(WORKERS)), WORKERS)
     assert r.finished and r.head is None
+
+
+def test_a_multi_block_update_waits_until_all_its_blocks_are_in():
+    r = Rounds(rules(assign_all_blocks=True))
+    r.plan(1, {"a": 0, "b": 1})
+    assert r.park("a", 1, "embed", 0) is None and not r.plans[1].accumulating  # nothing folded in yet
+    assert r.has_update("a", 1, "embed")  # UploadStatus: it has it
+    with pytest.raises(Refused, match="already delivered"):
+        r.admit("a", 1, "embed", 0)
+    r.abandon("a", 1)  # a later block refused: the parked ones go with it
+    assert "a" not in r.plans[1].parked and not r.has_update("a", 1, "embed")
+    for block in BLOCKS[:-1]:
+        assert r.park("b", 1, block, 0) is None
+    plan = r.park("b", 1, BLOCKS[-1], 0)
+    assert plan is not None and plan.accumulating == {("b", b) for b in BLOCKS}
+    r.end_fold(plan, "b", BLOCKS, ok=True, tokens=5)
+    assert plan.done("b") and r.closable(["a", "b"]) is plan
+
+
+def test_open_plans_survive_a_restart():
+    r = Rounds(rules(schedule="staggered"), version=2)
+    r.plan(3, WORKERS)
+    r.hand_in("a", 3, WORKERS)  # plans round 4 too
+    records = r.records()
+    assert [rec["round"] for rec in records] == [3, 4]
+    again = Rounds(rules(schedule="staggered"), version=2)
+    again.restore(records)
+    assert {k: p.assignments for k, p in again.plans.items()} == {k: p.assignments for k, p in r.plans.items()}
+    assert not any(p.delivered for p in again.plans.values())  # sent when the workers come back
+    later = Rounds(rules(schedule="staggered"), version=3)
+    later.restore(records)  # a checkpoint newer than round 3: only round 4 is open
+    assert list(later.plans) == [4]
+
+
+@pytest.mark.parametrize("records", [
+    {"round": 3},  # not a list
+    [{"round": "three", "assignments": {"a": ["embed"]}, "lr": 1e-3, "local_steps": 4}],
+    [{"round": 3, "lr": 1e-3, "local_steps": 4}],  # no assignments
+    [{"round": 3, "assignments": ["a"], "lr": 1e-3, "local_steps": 4}],
+    [{"round": 3, "assignments": {"a": ["embed"]}, "lr": float("nan"), "local_steps": 4}],
+    [{"round": 3, "assignments": {"a": ["embed"]}, "lr": 1e-3, "local_steps": 0}],
+    [{"round": 3, "assignments": {"a": ["layers.9"]}, "lr": 1e-3, "local_steps": 4}],  # not trainable now
+])
+def test_plans_from_a_checkpoint_are_checked_before_use(records):
+    r = Rounds(rules(), version=2)
+    with pytest.raises(ValueError):
+        r.restore(records)
+    assert not r.plans

@@ -111,7 +111,7 @@ def test_broken_upload_resumes_from_held_chunks(federation):
             index = wire.parse_chunk_message(message, wire.UPLOAD_CHUNK_FIELD)
             if index is not None and len(attempts) == 1 and len(attempts[0]) == manifest.num_chunks // 2:
                 deadline = time.monotonic() + 10
-                while not session._held_chunks(manifest) and time.monotonic() < deadline:
+                while not session._upload_status(manifest).held_chunks and time.monotonic() < deadline:
                     time.sleep(0.01)  # let the coordinator store some chunks, then cut the link
                 link.cut()
             if index is not None:

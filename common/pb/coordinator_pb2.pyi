@@ -212,12 +212,16 @@ class UploadStatusRequest(_message.Message):
     def __init__(self, round: _Optional[int] = ..., block: _Optional[str] = ..., blob_sha256: _Optional[bytes] = ...) -> None: ...
 
 class UploadStatusReply(_message.Message):
-    __slots__ = ("held_chunks", "complete")
+    __slots__ = ("held_chunks", "complete", "delivered", "closed")
     HELD_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    DELIVERED_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_FIELD_NUMBER: _ClassVar[int]
     held_chunks: _containers.RepeatedScalarFieldContainer[int]
     complete: bool
-    def __init__(self, held_chunks: _Optional[_Iterable[int]] = ..., complete: _Optional[bool] = ...) -> None: ...
+    delivered: bool
+    closed: bool
+    def __init__(self, held_chunks: _Optional[_Iterable[int]] = ..., complete: _Optional[bool] = ..., delivered: _Optional[bool] = ..., closed: _Optional[bool] = ...) -> None: ...
 
 class AbandonRequest(_message.Message):
     __slots__ = ("round", "reason")
