@@ -365,7 +365,14 @@ def runs(topology, model_dir, data_file, local_steps, tmp_path_factory):
 
 
 def _spans(timeline: list[dict], kind: str) -> dict[int, tuple[float, float]]:
-    return {e["round"]: (e["start"], e["end"]) for e in timeline if e["kind"] == kind}
+    """Per round, from the start of its first interval of `kind` to the end of its last (an upload
+    interrupted by a re-join is sent again in an interval of its own)."""
+    spans: dict[int, tuple[float, float]] = {}
+    for e in timeline:
+        if e["kind"] == kind:
+            start, end = spans.get(e["round"], (e["start"], e["end"]))
+            spans[e["round"]] = (min(start, e["start"]), max(end, e["end"]))
+    return spans
 
 
 def _overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
