@@ -199,6 +199,12 @@ class ComputeLoop:
         return self.book.version != version
 
     def _apply(self, patch: Patch) -> None:
+        if patch.version < self.book.version:
+            # The coordinator went back past rounds we saw close (it resumed from an older checkpoint when
+            # the newest was damaged): their updates are gone on both sides, so take them again when they
+            # are planned again. Rounds that had not closed are still on their way: never trained twice.
+            gone = range(patch.version + 1, self.book.version + 1)
+            self._taken = {t for t in self._taken if t[0] not in gone}
         for name, tensors in patch.blocks.items():
             live = self._training.get(name)
             if live is not None:  # the block being trained: keep our progress, rebased on the new global

@@ -273,13 +273,12 @@ class Assembly:
 
     def suspend(self) -> None:
         """A checked blob that waits (in a file): give up its descriptors, keep the file; `blob` maps it
-        again. Its tensors must be gone (a map with views of it cannot be closed)."""
+        again. The map goes with the last reference to it: tensors decoded from it keep it valid (it is
+        never closed under them: torch.frombuffer does not hold a buffer export that would forbid it)."""
         with self._lock:
             if self.path is None or self._closed:
                 return
-            if self._blob is not None:
-                self._blob.close()
-                self._blob = None
+            self._blob = None
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
@@ -305,12 +304,8 @@ class Assembly:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
-            if self._buffer is None and self._blob is not None:
-                try:  # the map of a file holds a descriptor of its own
-                    self._blob.close()
-                    self._blob = None
-                except BufferError:
-                    pass  # tensors still view it: it goes with them
+            if self._buffer is None:
+                self._blob = None  # a file's map (and its descriptor) goes with the last tensor that views it
             if remove and self.path is not None:
                 self.path.unlink(missing_ok=True)
 

@@ -359,11 +359,12 @@ class Coordinator:
     def _fold(self, name: str, plan: RoundPlan, earlier: list[_Upload], last: _Upload, delta: Tensors) -> bool:
         """Fold a worker's whole update into its round: the parked blocks (`earlier`, which this call now
         owns and releases) and `last` with its decoded `delta`. Returns whether `last`'s memory was
-        adopted as the round's accumulator. A failure before anything was added leaves the worker free
-        to send it again; one after stops the coordinator (the round's means would hold part of a
-        contribution: it resumes from its checkpoint, and the workers send the round again)."""
+        adopted as the round's accumulator. A failure before anything was added parks the earlier
+        blocks again (a resend of `last` completes the update); one once adding began stops the
+        coordinator (the round's means would hold part of a contribution: it resumes from its
+        checkpoint, and the workers send the round again)."""
         m = last.manifest
-        added = 0
+        added, adding = 0, False
         adopted_last = False
         try:
             for up in [*earlier, last]:
@@ -374,8 +375,10 @@ class Coordinator:
                 memory = up.assembly.memory
                 owner = memory if memory is not None and _views(d, memory) else None
                 t = time.perf_counter()
+                adding = True
                 adopted = plan.sums.add(up.manifest.block, d, float(up.manifest.num_tokens),
                                         adopt=owner is not None, owner=owner)
+                adding = False
                 self.metrics.aggregation_duration.observe(time.perf_counter() - t)
                 added += 1
                 del d
@@ -384,11 +387,17 @@ class Coordinator:
                 else:
                     self._release(up, keep_memory=adopted)
         except BaseException as e:
-            for up in earlier[added:]:
-                self._release(up)
-            if added:
+            if added or adding:
+                for up in earlier[added:]:
+                    self._release(up)
                 self._fail(RuntimeError(f"round {plan.round}: folding in {name}'s update failed after {added} of "
                                         f"{len(earlier) + 1} blocks: {e!r}"))
+            else:
+                with self._cv:  # still whole: they wait again for `last`, which the worker sends again
+                    for up in earlier:
+                        up.assembly.suspend()
+                        plan.parked.setdefault(name, set()).add(up.manifest.block)
+                        self._parked.setdefault((name, plan.round), {})[up.manifest.block] = up
             raise
         finally:
             blocks = [up.manifest.block for up in [*earlier, last]]

@@ -243,6 +243,9 @@ class StateStore:
             except (StateError, OSError) as e:
                 problems.append(f"{path.name}: {e}")
                 continue
+            except (AttributeError, TypeError, ValueError) as e:  # parseable JSON of the wrong shape
+                problems.append(f"{path.name} is malformed ({type(e).__name__}: {e})")
+                continue
             if problems:
                 log.warning("falling back to the older checkpoint %s: %s", path.name, "; ".join(problems))
             return ckpt, tensors

@@ -255,9 +255,10 @@ def test_parked_blocks_wait_in_their_files_without_descriptors(federation):
 
 
 def test_a_fold_that_fails_midway_stops_the_coordinator(federation):
-    """Folding a worker's parked blocks fails after one of them entered the round's means: the round
-    can no longer be made whole, so the coordinator stops (it resumes from its checkpoint) and writes
-    nothing more; a failure before anything entered leaves the worker free to send it again."""
+    """Folding a worker's parked blocks fails before anything entered the round's means: the blocks
+    wait again, and the worker's resend of its last block (Session.upload retries "failed") completes
+    the update. When it then fails after one block entered, the round can no longer be made whole, so
+    the coordinator stops (it resumes from its checkpoint) and writes nothing more."""
     fed = federation(algorithm="fedavg", rounds=1, chunk_size=CHUNK, local_steps=1, train_blocks="layers.*")
     c = fed.coordinator
     session = joined(fed, "w")
@@ -266,30 +267,33 @@ def test_a_fold_that_fails_midway_stops_the_coordinator(federation):
     runner.start()
     plan = planned(fed, 1)
     blocks = plan.assignments["w"]
-    add, calls = plan.sums.add, []
+    decode, add, calls = c.codec.decode, plan.sums.add, []
 
-    def failing(*args, **kw):
+    def failing_decode(*args, **kw):  # decoding a parked block again fails, once: nothing entered yet
+        calls.append("decode")
+        if calls.count("decode") == 2:
+            raise MemoryError("simulated")
+        return decode(*args, **kw)
+
+    def failing_add(*args, **kw):  # the second block of the next try fails while it is added
         calls.append(args[0])
-        if len(calls) in (1, 3):  # the first fold fails at once; the second after one block
+        if len(calls) > 3 and calls.count(blocks[1]):
             raise MemoryError("simulated")
         return add(*args, **kw)
 
-    plan.sums.add = failing
     for b in blocks[:-1]:
         assert session.upload(*pack(delta_for(fed, b), b)) == "accepted"
-    last = pack(delta_for(fed, blocks[-1]), blocks[-1])
+    c.codec.decode, plan.sums.add = failing_decode, failing_add
     with pytest.raises(grpc.RpcError) as err:
-        session.upload(*last, max_attempts=1)
+        session.upload(*pack(delta_for(fed, blocks[-1]), blocks[-1]), max_attempts=2)
     assert err.value.code() == grpc.StatusCode.ABORTED and "failed" in err.value.details()
-    assert not plan.sums.blocks and not c._parked and c._in_memory == 0  # nothing entered, all released
-    for b in blocks[:-1]:  # it sends the round again
-        assert session.upload(*pack(delta_for(fed, b), b)) == "accepted"
-    with pytest.raises(grpc.RpcError):
-        session.upload(*last, max_attempts=1)
+    # The retry found the others waiting (none was sent again): decode the last, then fold.
+    assert calls == ["decode", "decode", "decode", "decode", blocks[0], "decode", blocks[1]], calls
     runner.join(30)
     assert isinstance(result.get("error"), RuntimeError) and "resume" in str(result["error"])
+    assert "after 1 of 4 blocks" in str(result["error"].__cause__)
     assert c.global_model.version == 0 and not (c.store.ckpt_dir / "round-000001.json").exists()
-    assert not c._parked and c._in_memory == 0
+    assert not c._parked and c._in_memory == 0 and not list(c.store.incoming_dir.glob("*.part"))
     session.close()
 
 

@@ -250,3 +250,46 @@ def test_a_restarted_coordinator_waits_for_its_workers_and_plans_as_before(tmp_p
     got = {n: t for tensors in store.latest_intact()[1].values() for n, t in tensors.items()}
     worst = max(float((got[n] - t).abs().max()) for n, t in reference.items())
     assert worst <= 1e-5, worst
+
+
+def test_a_round_planned_again_after_a_fallback_is_trained_again(tiny_model, data_file):
+    """Round 3 closed (the worker saw it) but the coordinator's checkpoint of it was damaged: it resumed
+    from round 2 and plans round 3 again. The worker's update of round 3 is gone on both sides, so it
+    must take the assignment again (it used to ignore it as already taken: a round that never closed).
+    A round that had not closed is never trained twice."""
+    from test_rebase import stream_of
+
+    from fedblock.client.compute import ComputeLoop
+    from fedblock.client.state import Patch
+    from fedblock.common import blocks as B
+    from fedblock.common.messages import Assignment
+    from fedblock.common.models import load_model
+    from fedblock.common.training import BlockTrainer, OptimConfig
+
+    model = load_model(tiny_model)
+    blocks = B.partition(model)
+    versions = {b.name: 2 for b in blocks}
+    inbox, outbox, stop = queue.Queue(), queue.Queue(1), threading.Event()
+    loop = ComputeLoop(model, blocks, BlockTrainer(model, blocks, OptimConfig()), stream_of(tiny_model, data_file),
+                       ModelBook(version=2, block_versions=dict(versions)), inbox, outbox, depth=1,
+                       metrics=WorkerMetrics(), stop=stop, timeline=Timeline("w"))
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    try:
+        inbox.put(Assignment(3, ("layers.0",), 2, 1e-3, 2))
+        first = outbox.get(timeout=30)
+        inbox.put(Assignment(4, ("layers.1",), 2, 1e-3, 3))  # ParaBlock: round 4 starts on version 2
+        fourth = outbox.get(timeout=30)
+        inbox.put(Patch(3, {**versions, "layers.0": 3}, {}))  # round 3 closed ...
+        inbox.put(Patch(2, versions, {}))  # ... and the restarted coordinator is back at version 2
+        inbox.put(Assignment(4, ("layers.1",), 2, 1e-3, 3))  # not closed: still on its way, not again
+        inbox.put(Assignment(3, ("layers.0",), 2, 1e-3, 2))  # closed and lost: train it again
+        again = outbox.get(timeout=30)
+        inbox.put(Patch(3, {**versions, "layers.0": 3}, {}))  # round 3 closes again
+        inbox.put(Assignment(5, ("layers.2",), 2, 1e-3, 4))
+        fifth = outbox.get(timeout=30)  # in order: had round 4 been trained again, it would come first
+        assert (first.round, fourth.round, again.round, fifth.round) == (3, 4, 3, 5)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert loop.error is None
