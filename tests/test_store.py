@@ -179,6 +179,15 @@ def test_a_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog,
     assert ("missing" if damage == "missing" else "does not match") in warning
 
 
+def test_a_checkpoint_of_the_wrong_shape_falls_back(tmp_path):
+    store = _three_rounds(tmp_path)
+    path = store.ckpt_dir / "round-000003.json"
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "block_versions": []}))  # JSON that reads, of the wrong shape
+    ckpt, _ = store.latest_intact()
+    assert ckpt.round == 2
+
+
 def test_no_intact_checkpoint_is_a_clear_error(tmp_path):
     store = _three_rounds(tmp_path)
     (store.ckpt_dir / "round-000003.json").write_text("{ truncated")
