@@ -38,6 +38,7 @@ log = logging.getLogger("fedblock.coordinator")
 
 Tensors = dict[str, Tensor]
 MAX_CONCURRENT_DECODES = 2  # bounds the memory of finishing uploads (one blob + one delta each)
+RETRY_LATER = frozenset({"not_planned", "incomplete"})  # refusals that a worker's next try gets past
 OUTCOME_WAIT_S = 300.0  # a resumed stream waits this long for the one checking the same upload
 
 
@@ -603,8 +604,11 @@ class Coordinator:
         return Refused(reason, message)
 
     def _count(self, status: str, reason: str) -> None:
-        """An update refused or late: in the metrics, and in the run's totals (summary.json)."""
+        """An update refused or late: in the metrics, and in the run's totals (summary.json) unless the
+        worker's next try can succeed (the refusal says "send it again")."""
         self.metrics.updates.labels(status, reason).inc()
+        if reason in RETRY_LATER:
+            return
         with self._cv:  # re-entrant: callers may hold it
             key = f"updates_{status}"
             self.totals.refusals[key] = self.totals.refusals.get(key, 0) + 1
