@@ -3,25 +3,17 @@
 they are written. Hand-driven sessions on real gRPC; the races are forced, not hoped for."""
 
 import threading
-import time
 
 import grpc
 import pytest
 import torch
+from test_faults import wait_for
 
 from fedblock.client.session import Session
 from fedblock.common import wire
 from fedblock.common.codecs import CodecPipeline
 
 CHUNK = 4096
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    """Poll a condition only observable as state, up to a deadline."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def joined(fed, name: str) -> Session:
