@@ -23,7 +23,7 @@ lifetime peak, and the table says so). "RSS after load" is the resident size jus
 state, activations). The worker's own start copy s_b of its block and the delta it uploads are not
 included (a block's size: 14 MB for a decoder layer here).
 
-Target (DESIGN.md §9): peak RSS of block training ÷ that of full fine-tuning ≤ 0.5. The verdict
+Target (README, Performance targets): peak RSS of block training ÷ that of full fine-tuning ≤ 0.5. The verdict
 line takes the worst decoder-layer block (the peak a worker training `layers.*` blocks reaches).
 
 Time: about 3 minutes with the defaults on 2 CPU cores, `--quick` (4 x 64 tokens, 1 step, full,

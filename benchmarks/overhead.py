@@ -5,7 +5,7 @@ A real `fedblock coordinator` process (tiny model, fedbcd, checkpoint after ever
 client (a real `Session`, no model) that uploads a zero delta of its block as soon as it has both its
 assignment and the previous round's model: the round time is then the coordinator's own work plus
 two loopback round trips. Reported from the client's clock (assignment of round t to assignment of
-round t+1) and from summary.json's round history. Target (DESIGN §9): ≤ 50 ms per round (Flower 1.42
+round t+1) and from summary.json's round history. Target (README, Performance targets): ≤ 50 ms per round (Flower 1.42
 takes 4-6 s per round on this machine).
 
     python benchmarks/overhead.py [--quick] [--rounds 50] [--json out.json]

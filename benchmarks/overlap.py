@@ -7,7 +7,7 @@ limit gives the compute time per round T and the bytes per round B (one block up
 down); the rate for a ratio r is B / (r·T). Per round we report, from the worker's timeline: compute
 (training), comm (upload + download), compute idle (the compute thread waiting on communication) and
 the round time (the steady state: median interval between the starts of consecutive rounds). Ratio =
-parablock round time ÷ fedbcd round time. Ideal at r = 1: 0.5; target (DESIGN §9): ≤ 0.55.
+parablock round time ÷ fedbcd round time. Ideal at r = 1: 0.5; target (README, Performance targets): ≤ 0.55.
 
 Netns rows (where this runs as root with `ip netns` and `tc`; `--netns auto|on|off`): the coordinator
 and two workers as `fedblock` processes in their own network namespaces, joined by veth pairs shaped
@@ -15,7 +15,7 @@ with tc at 12 Mbit/s both ways (the topology and runs of tests/test_netns.py), l
 so that training takes as long as a round's transfers (comm/comp ≈ 1). Reported per algorithm: the
 per-round figures as above (means over the two workers), the span (from the moment both workers train
 to the end of the last upload: what tests/test_netns.py used to time), summary.json's wall time (start-up
-included) and parablock ÷ fedbcd for each. Targets (DESIGN §9): parablock round ÷ max(compute, comm)
+included) and parablock ÷ fedbcd for each. Targets (README, Performance targets): parablock round ÷ max(compute, comm)
 ≤ 1.1, and parablock wall ÷ fedbcd wall ≤ 0.7 over 24 rounds (`--netns-rounds`; `--quick` runs 6, where
 start-up weighs more). A timing means little while other processes take the CPUs: `netns_other_cpus`
 says how many CPUs' worth they took during the runs.

@@ -23,7 +23,7 @@ exclude it (`MB down/round`: what was downloaded between the closes of round 1 a
 workers' link limited (`--max-upload-rate` and `--max-download-rate`, default 20MB/s each), to show the
 wall time with and without a link limit; at that rate the first model download alone takes ~27 s.
 
-Target (DESIGN.md §9): parablock's final eval loss ≤ 1.02 × fedbcd's, per data set, after the same
+Target (README, Performance targets): parablock's final eval loss ≤ 1.02 × fedbcd's, per data set, after the same
 number of rounds (the unlimited runs).
 
 The schedule gives layers to the i-th participant by name, so the same settings give the same

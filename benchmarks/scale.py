@@ -9,7 +9,7 @@ All on loopback, the coordinator a real `fedblock coordinator` process.
   `layers.0` and upload their deltas at the same moment. The coordinator's peak RSS while running
   rounds (summary.json's rounds_peak_rss_bytes: the peak is reset once the model is loaded) with 32
   such updates against 8.
-Targets (DESIGN §9): 256 workers, 3 rounds, no error; the peak with 32 updates within 10 % of the
+Targets (README, Performance targets): 256 workers, 3 rounds, no error; the peak with 32 updates within 10 % of the
 peak with 8 (streaming aggregation: one running mean per block; concurrent uploads beyond
 --upload-slots assembled in files).
 

@@ -9,7 +9,7 @@ spill to the state dir, SHA-256 check, decode, finite check, accumulation, reply
 bytes / time until the reply. Between uploads the client waits for the round to close, so the
 coordinator's checkpoint of the previous round is not inside the measurement.
 
-Target (DESIGN §9): upload goodput ÷ raw goodput ≥ 0.8 for blocks of 4 MB to 256 MB.
+Target (README, Performance targets): upload goodput ÷ raw goodput ≥ 0.8 for blocks of 4 MB to 256 MB.
 
     python benchmarks/transfer.py [--quick] [--sizes 4,16,64,256] [--reps 5] [--json out.json]
 """

@@ -1,4 +1,4 @@
-"""The coordinator's Prometheus metrics (DESIGN.md §8), on a registry of its own."""
+"""The coordinator's Prometheus metrics (README, Metrics), on a registry of its own."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Aggregation: the streaming token-weighted mean (server/aggregator.py), alone and in a fedavg round.
 
-DESIGN.md §5: updates are weighted by training tokens, averaged streaming in float32, and the
+README, How a round works: updates are weighted by training tokens, averaged streaming in float32, and the
 coordinator never holds N copies of a block. The unit tests check RoundSums against Σ wᵢΔᵢ / Σ wᵢ
 computed in float64; the federation test checks that a real fedavg round weights each worker's
 delta by the tokens it trained on, by recomputing both workers' deltas and token counts centrally.

@@ -2,7 +2,7 @@
 
 A worker trains block b of round t from start values s (the global model it held, one round stale), and
 the new global model of round t-1 arrives mid-round. The patch is applied at the next step boundary:
-the other blocks in it are replaced, and b is rebased, w <- w + (g - s), s <- g (DESIGN.md §5: the
+the other blocks in it are replaced, and b is rebased, w <- w + (g - s), s <- g (README, How a round works: the
 worker keeps its own progress w - s, now on top of the new global g). The update it hands over is then
 Δ = w_final - g: its progress, on the base version of the patch.
 
@@ -112,7 +112,7 @@ def run_compute_loop(model_dir, data_file, patch: Patch | None) -> tuple[Update,
 
 def by_hand(model_dir, data_file, patch: Patch | None, at: int = PATCH_AT) -> tuple[dict, int, float, object]:
     """The same round without the compute loop: steps on the worker's batches, and after step `at` the
-    patch applied as DESIGN.md §5 says, written out: other blocks replaced, the trained one rebased.
+    patch applied as the README says, written out: other blocks replaced, the trained one rebased.
     Returns (Δ of the trained block, tokens, token-weighted loss, the model)."""
     model = load_model(model_dir)
     trainer = BlockTrainer(model, B.partition(model), OptimConfig())
