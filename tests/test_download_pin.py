@@ -5,11 +5,11 @@ Coordinator.download_manifest), so rounds close at a known point of the stream.
 """
 
 import threading
-import time
 
 import grpc
 import pytest
 import torch
+from test_faults import wait_for
 
 from fedblock.client.session import Session
 from fedblock.common.pb import coordinator_pb2 as pb
@@ -49,11 +49,8 @@ def joined(fed) -> Session:
     return session
 
 
-def wait_until(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
+def wait_unpinned(store) -> None:
+    wait_for(lambda: not store.pinned(), 10, "the download's pins to be released")
 
 
 def test_rounds_that_prune_during_a_download_do_not_break_it(federation):
@@ -76,7 +73,7 @@ def test_rounds_that_prune_during_a_download_do_not_break_it(federation):
         assert downloaded.version == 0
         assert all(torch.equal(downloaded.tensors[n], t) for n, t in g.tensors[block].items())
     # The download is over: its pins go, and with them the files no kept checkpoint names.
-    wait_until(lambda: not c.store.pinned())
+    wait_unpinned(c.store)
     assert sorted(p.name for p in c.store.blocks_dir.iterdir()) == sorted(f"{b}@3.safetensors" for b in c.block_order)
 
 
@@ -94,7 +91,7 @@ def test_a_cancelled_download_releases_its_files(federation):
         assert c.store.pinned() and c.store.block_path(c.block_order[0], 0).exists()
         call.cancel()
         # Released although the handler has not moved since (it waits at the gate).
-        wait_until(lambda: not c.store.pinned())
+        wait_unpinned(c.store)
         assert not c.store.block_path(c.block_order[0], 0).exists()
         gate.open.set()
     finally:
@@ -134,4 +131,4 @@ def test_a_block_file_removed_during_the_download_is_a_retryable_error(federatio
         session.close()
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
     assert f"{c.block_order[1]}@0.safetensors" in error.value.details()
-    wait_until(lambda: not c.store.pinned())
+    wait_unpinned(c.store)

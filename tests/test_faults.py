@@ -19,6 +19,16 @@ from fedblock.client.session import Session
 from fedblock.server.store import StateStore
 
 
+def uninterrupted(federation, data_file, names=("solo",), **options) -> dict:
+    """The global parameters after a run with these options and workers, nothing disturbed: the
+    reference a disturbed run must reach."""
+    calm = federation(**options)
+    for name in names:
+        calm.add_worker(calm.worker_config(name, data_file, threads=1))
+    calm.run()
+    return global_params(calm.coordinator)
+
+
 def global_params(coordinator):
     return {n: t for tensors in coordinator.global_model.tensors.values() for n, t in tensors.items()}
 
@@ -103,10 +113,7 @@ def test_worker_rejoins_after_link_cuts_and_the_result_is_unchanged(federation, 
     """The link drops again and again mid-run; the worker joins again each time, resends what the
     coordinator lacks, and the final model is bit for bit the uninterrupted one."""
     options = dict(algorithm="fedbcd", rounds=6, local_steps=3, lr=3e-3, heartbeat_interval=0.2)
-    calm = federation(**options)
-    calm.add_worker(calm.worker_config("solo", data_file))
-    calm.run()
-    reference = global_params(calm.coordinator)
+    reference = uninterrupted(federation, data_file, **options)
 
     fed = federation(**options)
     link = Link(fed.running.port)
@@ -242,10 +249,7 @@ def test_coordinator_killed_at_random_moments_resumes_to_the_same_model(tmp_path
     with all rounds and exactly the model of an uninterrupted run."""
     rounds, steps = 8, 40  # rounds of ~0.5 s, so that kills land anywhere in them
     options = dict(algorithm="fedbcd", rounds=rounds, local_steps=steps, lr=1e-3, block_schedule="round-robin")
-    calm = federation(**options)
-    calm.add_worker(calm.worker_config("solo", data_file, threads=1))
-    calm.run()
-    reference = global_params(calm.coordinator)
+    reference = uninterrupted(federation, data_file, **options)
 
     port, state = free_port(), tmp_path / "state"
     coordinator_args = ["coordinator", "--model", tiny_model, "--state-dir", state, "--listen", f"127.0.0.1:{port}",

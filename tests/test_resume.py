@@ -14,7 +14,7 @@ import grpc
 import pytest
 import torch
 from netproxy import Link
-from test_faults import cli, free_port, global_params
+from test_faults import cli, free_port, global_params, uninterrupted
 
 from fedblock.client.comm import Comm, Outgoing
 from fedblock.client.metrics import WorkerMetrics
@@ -122,10 +122,7 @@ def test_an_interrupted_topk_run_ends_with_the_uninterrupted_model(federation, d
     final model is bit for bit that of a run without cuts."""
     options = dict(algorithm="fedbcd", rounds=6, local_steps=2, lr=3e-3, heartbeat_interval=0.2,
                    codec="topk:0.05", chunk_size=1024, block_schedule="round-robin")
-    calm = federation(**options)
-    calm.add_worker(calm.worker_config("solo", data_file))
-    calm.run()
-    reference = global_params(calm.coordinator)
+    reference = uninterrupted(federation, data_file, **options)
 
     fed = federation(**options)
     link = Link(fed.running.port)
@@ -198,11 +195,7 @@ def test_a_restarted_coordinator_waits_for_its_workers_and_plans_as_before(tmp_p
     rounds = 4
     options = dict(algorithm="fedbcd", rounds=rounds, local_steps=2, lr=1e-3, block_schedule="striped",
                    min_workers=2, train_blocks="layers.*")
-    calm = federation(**options)
-    for name in ("A", "B"):
-        calm.add_worker(calm.worker_config(name, data_file, threads=1))
-    calm.run()
-    reference = global_params(calm.coordinator)
+    reference = uninterrupted(federation, data_file, ("A", "B"), **options)
 
     port, state = free_port(), tmp_path / "state"
     coordinator_args = ["--log-level", "DEBUG", "coordinator", "--model", tiny_model, "--state-dir", state,
