@@ -27,11 +27,13 @@ from dataclasses import dataclass, field
 import grpc
 
 from ..common import wire
+from ..common.algorithms import Algorithm
+from ..common.algorithms.blockwise import BlockDescent
 from ..common.codecs import CodecPipeline, CodecState
 from ..common.messages import Assignment, Manifest, ModelNotice, RunEnd
 from .metrics import WorkerMetrics
 from .session import Session, backoff_delays, reconnects, transient
-from .state import ModelBook, Patch, Update
+from .state import ModelBook, Update
 from .timeline import Timeline
 
 log = logging.getLogger("fedblock.worker")
@@ -94,8 +96,10 @@ class Comm:
         device: str = "cpu",
         max_retries: int = 0,
         max_backoff: float = 30.0,
+        algorithm: Algorithm | None = None,
     ):
         assert session.info is not None
+        self.algorithm = algorithm or BlockDescent({}, (), ())
         self.session = session
         self.info = session.info
         self.book = book
@@ -120,6 +124,8 @@ class Comm:
         self._join_lock = threading.Lock()
         self._announced = book.version  # newest model version announced by the coordinator
         self._requested = book.version  # newest version downloaded (or being applied)
+        # Algorithms that catch up only when given a task: the newest base version of one (else: all).
+        self._wanted = book.version if self.algorithm.catch_up_on_task else None
         self._resync = False  # the next delta sync asks for every block we changed
         # Updates accepted for rounds that have not closed yet: a coordinator killed before it checkpointed
         # such a round has lost them, and gets them again after the re-join (deterministic rounds plan the
@@ -137,6 +143,10 @@ class Comm:
         for event in self.session.events():
             self._progress["events"] += 1
             if isinstance(event, Assignment):
+                if self._wanted is not None:
+                    with self._lock:
+                        self._wanted = max(self._wanted, event.base_version)
+                        self.wake.set()
                 self._put(self.inbox, event)
             elif isinstance(event, ModelNotice):
                 self._announce(event.version)
@@ -171,7 +181,8 @@ class Comm:
                         self._unclosed.append(out)
                 continue
             with self._lock:
-                target = self._announced if self._announced > self._requested else None
+                newest = self._announced if self._wanted is None else min(self._announced, self._wanted)
+                target = newest if newest > self._requested else None
             if target is not None:
                 self._download(target)
                 continue
@@ -218,13 +229,17 @@ class Comm:
         # Sent before (interrupted, or accepted by a coordinator that may have lost it): ask first what
         # the coordinator has, so that nothing crosses the link twice.
         resume, out.tried = out.tried, True
+        u = out.update
+        # A record (zeroth-order scalars) goes in one message; tensors block by block, through the codec.
+        parts = [None] if u.numbers is not None else [b for b in out.blocks if b not in out.delivered]
         with self.timeline.span("upload", out.round, blocks=len(out.blocks)):
-            for block in out.blocks:
-                if block in out.delivered:
-                    continue
-                manifest, blob = out.pack(block, self.codec, self.info.chunk_size)
+            for block in parts:
                 try:
-                    status = self.session.upload(manifest, blob, resume=resume)
+                    if block is None:
+                        status = self.session.report(u.round, u.base_version, u.numbers, max(1, u.tokens), u.loss)
+                    else:
+                        manifest, blob = out.pack(block, self.codec, self.info.chunk_size)
+                        status = self.session.upload(manifest, blob, resume=resume)
                 except grpc.RpcError as e:
                     if reconnects(e):
                         raise
@@ -240,9 +255,10 @@ class Comm:
                         self.session.abandon(out.round, e.details() or e.code().name)
                         status = "refused"
                 if status != "accepted":
-                    log.info("round %d %s: %s", out.round, block, status)
+                    log.info("round %d %s: %s", out.round, block or "record", status)
                     break  # the other blocks of the round would share its fate
-                out.confirm(block, self.codec)
+                if block is not None:
+                    out.confirm(block, self.codec)
                 self._progress["transfer"] += 1
         self.metrics.comm_seconds.inc(time.perf_counter() - t0)
         return status == "accepted"
@@ -251,9 +267,12 @@ class Comm:
         t0 = time.perf_counter()
         with self._lock:
             resync = self._resync
+            # From the newest version fetched: a patch on its way to the compute thread already brings the
+            # copy there (a log catch-up from the book's version would replay those rounds twice).
+            start = max(self.book.version, self._requested)
         with self.timeline.span("download", announced):
-            version, block_versions, blocks = self.session.download(self.book.request(announced, resync))
-            patch = Patch(version, block_versions, {b.block: b.tensors for b in blocks})
+            patch = self.algorithm.fetch(self.session, start, self.book.request(announced, resync), announced)
+            version = patch.version
         with self._lock:
             self._requested = version
             self._resync = self._resync and not resync

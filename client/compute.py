@@ -1,25 +1,29 @@
-"""The worker's compute thread: train the assigned blocks, apply global patches at step boundaries.
+"""The worker's compute thread: run the assigned tasks, apply global patches at step boundaries.
 
 With pipeline depth d, round t may start once the local model is at least at version t-1-d: d = 0 is
 fedbcd (wait for the global model of round t-1), d = 1 is ParaBlock (start at once on a model one round
-stale and fold the new global blocks in when they arrive, with the rebase correction for the blocks
-being trained). Everything else is the same code.
+stale and fold the new global blocks in when they arrive). What a task does and how a patch is applied
+is the algorithm's (its worker half); the waiting, the inbox and the hand-over are the same for all.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..common import blocks as B
+from ..common.algorithms import Algorithm, Local, Stopped
+from ..common.algorithms.blockwise import BlockDescent
 from ..common.data import BatchStream
 from ..common.messages import Assignment
 from ..common.progress import Progress
@@ -30,10 +34,6 @@ from .timeline import Timeline
 
 log = logging.getLogger("fedblock.worker")
 POLL_S = 0.1
-
-
-class Stopped(Exception):
-    pass
 
 
 class ComputeLoop:
@@ -53,10 +53,18 @@ class ComputeLoop:
         stop: threading.Event,
         timeline: Timeline,
         on_handover: Callable[[], None] = lambda: None,
+        algorithm: Algorithm | None = None,
+        local: Local | None = None,
     ):
+        """`algorithm`: the run's (its worker half runs the tasks; default a block method). `local`:
+        what it works on (default: built from the arguments, in a temporary work dir)."""
         self.model = model
         self.blocks = {b.name: b for b in blocks}
         self.trainer = trainer
+        self.algorithm = algorithm or BlockDescent({}, (), ())
+        self.local = local or Local(model, self.blocks, (), stream, trainer, Path(tempfile.gettempdir()),
+                                    self._drain, lambda: self.book.version, self._stepped, stop)
+        self.local.boundary, self.local.on_step, self.local.version = self._drain, self._stepped, lambda: self.book.version
         self.stream = stream
         self.book = book
         self.inbox = inbox
@@ -75,8 +83,6 @@ class ComputeLoop:
         self.error: BaseException | None = None
         self._assignments: deque[Assignment] = deque()  # arrived while training
         self._taken: set[tuple[int, tuple[str, ...]]] = set()  # (round, blocks) accepted so far
-        self._training: dict[str, dict] = {}  # block -> live params, during a round
-        self._start: dict[str, dict] = {}  # block -> start values s_b, during a round
 
     def run(self) -> None:
         torch.set_num_threads(self.threads)
@@ -112,38 +118,23 @@ class ComputeLoop:
         self.on_handover()
 
     def _local_steps(self, a: Assignment) -> Update:
-        self.trainer.begin_round(a.blocks)
-        self._training = {b: B.block_params(self.model, self.blocks[b]) for b in a.blocks}
-        self._start = {b: B.snapshot(p) for b, p in self._training.items()}
-        base_version = self.book.version
-        tokens, loss_sum = 0, 0.0
         t0 = time.perf_counter()
-        batches = self.stream.round(a.round)
-        for k in range(a.local_steps):
-            if self.stop.is_set():
-                raise Stopped
-            if self._drain():
-                base_version = self.book.version
-            # Dropout seeded from (worker seed, round, step): a round run again gives the same update.
-            result = self.trainer.step(next(batches), a.learning_rate, seed=(self.stream.seed, a.round, k))
-            tokens += result.tokens
-            loss_sum += result.loss * result.tokens
-            self.steps_done += 1
-            self.metrics.local_steps.inc()
-            self.metrics.train_loss.set(result.loss)
-            self.progress.show(f"round {a.round}: {'+'.join(a.blocks)[:40]} step {k + 1}/{a.local_steps}, loss {result.loss:.4f}")
-        if self._drain():
-            base_version = self.book.version
-        deltas = {b: B.take_delta_(self._training[b], self._start[b]) for b in a.blocks}
+        base = self.book.version
+        update = self.algorithm.run(a, self.local)
         self.metrics.compute_seconds.inc(time.perf_counter() - t0)
-        self._training, self._start = {}, {}
         self.progress.clear()
-        loss = loss_sum / tokens if tokens else float("nan")
         log.info(
-            "round %d: trained %s for %d steps, loss %.4f, on model version %d",
-            a.round, "+".join(a.blocks) if len(a.blocks) < 4 else f"{len(a.blocks)} blocks", a.local_steps, loss, base_version,
+            "round %d: %s for %d steps, loss %.4f, on model version %d",
+            a.round, "+".join(a.blocks) if len(a.blocks) < 4 else f"{len(a.blocks)} blocks", a.local_steps, update.loss,
+            base,
         )
-        return Update(a.round, base_version, deltas, tokens, loss)
+        return update
+
+    def _stepped(self, what: str, loss: float) -> None:
+        self.steps_done += 1
+        self.metrics.local_steps.inc()
+        self.metrics.train_loss.set(loss)
+        self.progress.show(f"{what}, loss {loss:.4f}")
 
     # ---- the inbox ---------------------------------------------------------------------------
 
@@ -205,12 +196,7 @@ class ComputeLoop:
             # are planned again. Rounds that had not closed are still on their way: never trained twice.
             gone = range(patch.version + 1, self.book.version + 1)
             self._taken = {t for t in self._taken if t[0] not in gone}
-        for name, tensors in patch.blocks.items():
-            live = self._training.get(name)
-            if live is not None:  # the block being trained: keep our progress, rebased on the new global
-                B.rebase_(live, self._start[name], tensors)
-            else:
-                B.assign_(B.block_params(self.model, self.blocks[name]), tensors)
+        self.algorithm.apply(patch, self.local)
         self.book.applied(patch)
         self.metrics.model_version.set(self.book.version)
 

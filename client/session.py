@@ -18,7 +18,7 @@ import grpc
 
 from ..common import wire
 from ..common.codecs import CodecPipeline
-from ..common.messages import Event, Manifest, RunInfo, event_from_pb
+from ..common.messages import PROTOCOL_VERSION, CatchUp, Event, LogEntry, Manifest, RunInfo, event_from_pb
 from ..common.pb import coordinator_pb2 as pb
 from ..common.pb import coordinator_pb2_grpc as pb_grpc
 from ..common.ratelimit import TokenBucket
@@ -115,7 +115,8 @@ class Session:
         """Join the run, retrying with back-off while the coordinator is unreachable (up to `timeout` s)."""
         from importlib.metadata import version
 
-        request = pb.JoinRequest(name=self.name, version=version("fedblock"), device=device, num_examples=num_examples)
+        request = pb.JoinRequest(name=self.name, version=version("fedblock"), device=device, num_examples=num_examples,
+                                 protocol=PROTOCOL_VERSION)
         deadline = time.monotonic() + timeout
         delays = backoff_delays()
         metadata = (("authorization", f"Bearer {self.token}"),) if self.token else ()
@@ -163,18 +164,29 @@ class Session:
 
     # ---- transfers -----------------------------------------------------------------------------
 
-    def fetch_model_files(self, dest: Path) -> None:
-        """Fetch config and tokenizer files into `dest`, checking sizes and hashes against the join reply."""
+    def fetch_model_files(self, dest: Path, have: Path | None = None) -> None:
+        """Fetch config and tokenizer files into `dest`, checking sizes and hashes against the join reply.
+        Files in `have` (a local copy of the model) whose hash matches are copied from there instead."""
         assert self.info is not None
         dest.mkdir(parents=True, exist_ok=True)
+        wanted = []
+        for f in self.info.model_files:
+            local = have / f.name if have is not None and "/" not in f.name else None
+            if local is not None and local.is_file() and wire.sha256(local.read_bytes()) == f.sha256:
+                (dest / f.name).write_bytes(local.read_bytes())
+            else:
+                wanted.append(f)
+        if not wanted:
+            return
         parts: dict[str, bytearray] = {}
-        for message in self.stub.FetchModelFiles(pb.ModelFilesRequest(), metadata=self._metadata):
+        request = pb.ModelFilesRequest(names=[f.name for f in wanted] if have is not None else [])
+        for message in self.stub.FetchModelFiles(request, metadata=self._metadata):
             self._received("control", _size(message))
             buf = parts.setdefault(message.name, bytearray())
             if message.offset != len(buf):
                 raise wire.IntegrityError(f"model file {message.name}: chunk at {message.offset}, expected {len(buf)}")
             buf += message.data
-        for f in self.info.model_files:
+        for f in wanted:
             data = parts.get(f.name)
             if data is None or len(data) != f.size or wire.sha256(data) != f.sha256:
                 raise wire.IntegrityError(f"model file {f.name} arrived incomplete or corrupted")
@@ -206,6 +218,31 @@ class Session:
                 log.warning("upload of %s round %d interrupted (%s); resuming", manifest.block, manifest.round, e.code().name)
                 time.sleep(next(delays))
         raise AssertionError("unreachable")
+
+    def report(self, round: int, base_version: int, numbers, tokens: int, loss: float) -> str:
+        """Send a record update (one message); "accepted" or "late". Retries transient failures."""
+        request = pb.ReportRequest(round=round, base_version=base_version, numbers=list(numbers),
+                                   num_tokens=tokens, train_loss=loss)
+        delays = backoff_delays()
+        for attempt in range(8):
+            try:
+                reply = self.stub.Report(request, metadata=self._metadata, timeout=60)
+                break
+            except grpc.RpcError as e:
+                if not transient(e) or attempt == 7:
+                    raise
+                time.sleep(next(delays))
+        self._sent("update", _size(request))
+        self._received("control", _size(reply))
+        return reply.status
+
+    def log(self, held_version: int) -> CatchUp:
+        """What our copy at `held_version` needs to catch up (the log, or: download the blocks)."""
+        request = pb.LogRequest(held_version=max(held_version, 0))
+        reply = self.stub.Log(request, metadata=self._metadata, timeout=60)
+        self._sent("control", _size(request))
+        self._received("model", _size(reply))
+        return CatchUp(reply.model_version, tuple(LogEntry.from_pb(e) for e in reply.entries), reply.download)
 
     def abandon(self, round: int, reason: str) -> None:
         """Tell the coordinator not to wait for our part in `round`."""

@@ -10,29 +10,9 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from torch import Tensor
+from ..common.messages import Patch, Update
 
-Tensors = dict[str, Tensor]
-
-
-@dataclass(frozen=True)
-class Patch:
-    """Global blocks at model version `version` (only those that changed since the request)."""
-
-    version: int
-    block_versions: dict[str, int]
-    blocks: dict[str, Tensors]
-
-
-@dataclass(frozen=True)
-class Update:
-    """A finished local round: one delta per trained block, on top of model version `base_version`."""
-
-    round: int
-    base_version: int
-    deltas: dict[str, Tensors]
-    tokens: int
-    loss: float
+__all__ = ["ModelBook", "Patch", "Update"]
 
 
 @dataclass

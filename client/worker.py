@@ -18,17 +18,19 @@ import grpc
 import torch
 
 from ..common import blocks as B
-from ..common.config import WorkerConfig
+from ..common.algorithms import Algorithm, AlgorithmError, Local, load
+from ..common.config import ConfigError, WorkerConfig
 from ..common.data import BatchStream, load_examples, tokenize
+from ..common.messages import Patch
 from ..common.metrics import serve as serve_metrics
-from ..common.models import build_model_from_files, load_tokenizer
+from ..common.models import build_model_from_files, load_model, load_tokenizer, resolve_model
 from ..common.security import channel_credentials
 from ..common.training import BlockTrainer, OptimConfig
 from .comm import Comm
 from .compute import ComputeLoop
 from .metrics import WorkerMetrics
 from .session import Session, backoff_delays, reconnects
-from .state import ModelBook, Patch
+from .state import ModelBook
 from .timeline import Timeline
 
 log = logging.getLogger("fedblock.worker")
@@ -57,6 +59,10 @@ def _heartbeating(session: Session, interval: float) -> Iterator[None]:
         thread.join(timeout=1.0)  # at most one heartbeat call in flight, bounded by its own timeout
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    return a.is_file() and b.is_file() and a.read_bytes() == b.read_bytes()
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -81,6 +87,7 @@ class Worker:
         self.metrics = metrics or WorkerMetrics()
         self.stop = threading.Event()
         self.training = False  # True once the compute and communication threads run
+        self.algorithm = self.local = self.book = None  # set once the worker has joined and has the model
         # Fail on a bad data path or format before touching the network.
         self.examples = load_examples(config.data)
         self.device = pick_device(config.device)
@@ -108,7 +115,7 @@ class Worker:
             delays = backoff_delays(base=0.5, cap=c.max_backoff)
             for attempt in itertools.count(1):
                 try:
-                    info, data, stream, model, blocks, book = self._start(session, Path(work_dir) / "model")
+                    info, algorithm, local, book = self._start(session, Path(work_dir))
                     break
                 except grpc.RpcError as e:
                     # The coordinator went away while we fetched the model (a restart): start over.
@@ -116,18 +123,17 @@ class Worker:
                         raise
                     log.warning("lost the coordinator while starting (%s); joining again", e.code().name)
                     self.stop.wait(next(delays))
-            log.info("%s: %d training examples, model version %d", c.name, len(data), book.version)
-            trainer = BlockTrainer(model, blocks, OptimConfig(grad_clip=c.grad_clip,
-                                                              gradient_checkpointing=c.gradient_checkpointing))
-            return self._loop(session, model, blocks, trainer, stream, book, info.pipeline_depth)
+            self.algorithm, self.local, self.book = algorithm, local, book  # for inspection (tests, benchmarks)
+            log.info("%s: %d training examples, model version %d", c.name, len(local.stream.data), book.version)
+            return self._loop(session, algorithm, local, book, info.pipeline_depth)
         finally:
             session.close()
             self.timeline.close()
             if c.work_dir is None:
                 shutil.rmtree(work_dir, ignore_errors=True)
 
-    def _start(self, session: Session, model_dir: Path):
-        """Join, fetch the model's files and every block: (info, data, batches, model, blocks, book)."""
+    def _start(self, session: Session, work_dir: Path):
+        """Join, fetch the model's files and every block: (info, algorithm, local, book)."""
         c = self.config
         try:
             info = session.join(len(self.examples), str(self.device), c.connect_timeout)
@@ -136,8 +142,13 @@ class Worker:
         log.info("%s joined run %s (%s, depth %d, %d blocks, model version %d)",
                  c.name, info.run_id, info.algorithm, info.pipeline_depth, len(info.blocks), info.model_version)
         try:
+            algorithm = self._algorithm(info)
+        except (AlgorithmError, ValueError) as e:  # code never travels: this site lacks it, or refuses its settings
+            session.leave(f"cannot run algorithm {info.algorithm}: {e}"[:200])
+            raise ConfigError(f"the run uses algorithm {info.algorithm!r}, which this worker cannot run: {e}") from None
+        try:
             with _heartbeating(session, info.heartbeat_interval_s):
-                return info, *self._prepare(session, model_dir, info)
+                return info, algorithm, *self._prepare(session, work_dir, info, algorithm)
         except grpc.RpcError as e:
             if not reconnects(e):
                 session.leave("failed to start")
@@ -146,20 +157,50 @@ class Worker:
             session.leave("failed to start")  # so the coordinator does not wait for us
             raise
 
-    def _prepare(self, session: Session, model_dir: Path, info):
-        """Model files, data, model and every block: (data, batches, model, blocks, book)."""
+    @staticmethod
+    def _algorithm(info) -> Algorithm:
+        cls = load(info.algorithm)
+        settings = dict(info.algorithm_settings)
+        trainable = [b for b in settings.get("trainable", "").split(",") if b] or [b.name for b in info.blocks]
+        return cls(settings, info.blocks, trainable)
+
+    def _prepare(self, session: Session, work_dir: Path, info, algorithm: Algorithm):
+        """Model files, data, model and every block: (local, book)."""
         c = self.config
-        session.fetch_model_files(model_dir)
+        model_dir = work_dir / "model"
+        base = resolve_model(c.model) if c.model else None
+        session.fetch_model_files(model_dir, have=base)
         tokenizer = load_tokenizer(model_dir)
         data = tokenize(self.examples, tokenizer, c.max_seq_len)
         stream = BatchStream(data, c.batch_size, c.seed, tokenizer.pad_token_id)
         dtype = torch.bfloat16 if c.dtype == "bfloat16" else torch.float32
-        model = build_model_from_files(model_dir, dtype=dtype, device=self.device)
+        local_model = base is not None and _same_file(base / "config.json", model_dir / "config.json")
+        if base is not None and not local_model:
+            log.warning("--model %s: its config.json is not the coordinator's; downloading the whole model", c.model)
+        # A local base model is read in float32 (its blocks are checked by their float32 hash) and cast after.
+        model = load_model(base) if local_model else build_model_from_files(model_dir, dtype=dtype, device=self.device)
         blocks = B.partition(model, info.layers_per_block)
         self._check_partition(model, blocks, info)
+        matched = self._matching_blocks(model, blocks, info) if local_model else set()
+        trainer = BlockTrainer(model, blocks, OptimConfig(grad_clip=c.grad_clip,
+                                                          gradient_checkpointing=c.gradient_checkpointing))
         book = ModelBook()
-        self._initial_sync(session, model, blocks, book)
-        return data, stream, model, blocks, book
+        local = Local(model, {b.name: b for b in blocks}, info.blocks, stream, trainer, work_dir,
+                      boundary=lambda: False, version=lambda: book.version, on_step=lambda what, loss: None,
+                      stop=self.stop)
+        self._initial_sync(session, algorithm, local, book, matched)
+        if local_model:  # only now: the sync took the algorithm's exact copy (zeroth-order) in float32
+            model.to(device=self.device, dtype=dtype).train()
+        return local, book
+
+    @staticmethod
+    def _matching_blocks(model, blocks: list[B.Block], info) -> set[str]:
+        """The blocks of a local base model whose canonical hash is the coordinator's initial one."""
+        params = dict(model.named_parameters())
+        expected = dict(zip((b.name for b in info.blocks), info.initial_block_sha256, strict=False))
+        matched = {b.name for b in blocks if expected.get(b.name) == B.canonical_sha256({n: params[n] for n in b.params}, b.params)}
+        log.info("local base model: %d of %d blocks match the coordinator's initial model", len(matched), len(blocks))
+        return matched
 
     def _check_partition(self, model, blocks: list[B.Block], info) -> None:
         params = dict(model.named_parameters())
@@ -168,25 +209,34 @@ class Worker:
         if local != remote:
             raise RuntimeError("the model built from the coordinator's files does not match its block layout")
 
-    def _initial_sync(self, session: Session, model, blocks, book: ModelBook) -> None:
-        """Download every block (the first delta sync holds nothing)."""
-        version, block_versions, stream = session.download({})
-        by_name = {b.name: b for b in blocks}
-        got = {}
-        for block in stream:
-            B.assign_(B.block_params(model, by_name[block.block]), block.tensors)
-            got[block.block] = {}
-        if set(got) != set(by_name):
-            raise RuntimeError(f"initial download is missing blocks {sorted(set(by_name) - set(got))[:5]}")
-        book.applied(Patch(version, block_versions, got))
+    def _initial_sync(self, session: Session, algorithm: Algorithm, local: Local, book: ModelBook,
+                      matched: set[str]) -> None:
+        """Download every block this worker lacks. Blocks of a local base model that match the initial
+        model count as held at version 0; an algorithm that catches up by the log (zeroth-order) then
+        downloads nothing at all and replays the log from version 0 when it is given a task."""
+        names = set(local.blocks)
+        if algorithm.catch_up_on_task and matched == names:
+            patch = Patch(0, dict.fromkeys(names, 0), {})
+        else:
+            version, block_versions, stream = session.download(dict.fromkeys(matched, 0))
+            patch = Patch(version, block_versions, {block.block: block.tensors for block in stream})
+            missing = {b for b in names - set(patch.blocks) if not (b in matched and block_versions.get(b) == 0)}
+            if missing:
+                raise RuntimeError(f"initial download is missing blocks {sorted(missing)[:5]}")
+        algorithm.apply(patch, local)
+        book.applied(patch)
+        with book.lock:
+            book.block_versions.update({b: 0 for b in matched - set(patch.blocks)})
 
-    def _loop(self, session, model, blocks, trainer, stream, book, depth) -> Outcome:
+    def _loop(self, session, algorithm, local, book, depth) -> Outcome:
+        model, blocks, trainer, stream = local.model, list(local.blocks.values()), local.trainer, local.stream
         inbox: queue.Queue = queue.Queue(INBOX_SIZE)
         outbox: queue.Queue = queue.Queue(1)
-        compute = ComputeLoop(model, blocks, trainer, stream, book, inbox, outbox, depth, self.metrics, self.stop, self.timeline)
+        compute = ComputeLoop(model, blocks, trainer, stream, book, inbox, outbox, depth, self.metrics, self.stop,
+                              self.timeline, algorithm=algorithm, local=local)
         comm = Comm(session, book, inbox, outbox, self.metrics, self.stop, self.timeline,
                     steps_done=lambda: compute.steps_done, num_examples=len(self.examples), device=str(self.device),
-                    max_retries=self.config.max_retries, max_backoff=self.config.max_backoff)
+                    max_retries=self.config.max_retries, max_backoff=self.config.max_backoff, algorithm=algorithm)
         compute.on_handover = comm.notify_handover
         threads = [
             threading.Thread(target=compute.run, name="compute", daemon=True),

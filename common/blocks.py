@@ -200,3 +200,17 @@ def rebase_(current: Mapping[str, Tensor], start: Mapping[str, Tensor], new_glob
 
 def tensor_bytes(tensors: Mapping[str, Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def canonical_sha256(tensors: Mapping[str, Tensor], names: Iterable[str]) -> bytes:
+    """SHA-256 of a block's canonical form: for each tensor in `names` order, its name, its shape and
+    its values as little-endian float32 bytes. Two copies of a block agree exactly when this agrees,
+    whatever dtype or device they are held in (a bfloat16 copy hashes as its float32 values)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in names:
+        t = tensors[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes())  # numpy's float32 is little-endian on every platform we run on
+    return h.digest()

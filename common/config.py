@@ -21,7 +21,6 @@ from typing import Any
 
 import yaml
 
-from .algorithms import ALGORITHMS
 from .rpc import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
 BLOCK_SCHEDULES = ("round-robin", "random", "staggered", "striped")
@@ -181,18 +180,34 @@ class CoordinatorConfig:
     state_dir: Path = opt("directory for checkpoints, incoming uploads, summary.json and the export")
     listen: str = opt("address to serve gRPC on", "0.0.0.0:50051")
     metrics_port: int = opt("Prometheus /metrics port (0: off)", 0)
-    algorithm: str = opt("federated algorithm", "parablock", choices=tuple(ALGORITHMS))
+    algorithm: str = opt("federated algorithm: fedbcd, parablock, fedavg, decomfl, fedspzo, or package.module:Name "
+                         "(an importable fedblock Algorithm class)", "parablock")
     rounds: int = opt("number of rounds", 20)
     clients_per_round: int = opt("workers per round (0: every connected worker)", 0)
     min_workers: int = opt("workers that must have joined before the first round", 1)
     min_updates: int = opt("updates a round needs to close at --round-timeout", 1)
     round_timeout: float = opt("seconds after which a round closes with the updates it has (0: wait for all)", 0.0)
-    local_steps: int = opt("local optimiser steps per round", 10)
-    lr: float = opt("learning rate of the workers' AdamW", 1e-4)
+    local_steps: int | None = opt("local optimiser steps per round (default: the algorithm's; block methods 10, "
+                                  "zeroth-order 1)", None)
+    lr: float | None = opt("learning rate of the workers' optimiser (default: the algorithm's; block methods' AdamW "
+                           "1e-4, zeroth-order SGD 1e-5)", None)
     lr_schedule: str = opt("learning rate over rounds", "constant", choices=LR_SCHEDULES)
-    block_schedule: str = opt("which block each worker trains per round", "round-robin", choices=BLOCK_SCHEDULES)
+    block_schedule: str | None = opt("which block each worker trains per round (default: the algorithm's)", None,
+                                     choices=BLOCK_SCHEDULES)
     layers_per_block: int = opt("decoder layers per block", 1)
-    train_blocks: str = opt("comma-separated glob patterns of blocks to train, e.g. 'layers.*,head'", "*")
+    train_blocks: str | None = opt("comma-separated glob patterns of blocks to train, e.g. 'layers.*,head' "
+                                   "(default: the algorithm's, '*')", None)
+    zo_perturbations: str | None = opt("zeroth-order perturbations per step: P (decomfl, default 5) or P1,P2 "
+                                       "(fedspzo, default 1,8)", None)
+    zo_mu: float = opt("zeroth-order smoothing: the perturbation's scale", 1e-3)
+    zo_estimator: str = opt("zeroth-order difference", "central", choices=("central", "forward"))
+    zo_aggregate: str = opt("how the coordinator combines the workers' scalars", "mean",
+                            choices=("mean", "median", "trimmed"))
+    zo_split: int = opt("fedspzo: the decoder layer where block 2 starts (0: the lowest split that halves "
+                        "decomfl's layer evaluations)", 0)
+    zo_replay_limit: float = opt("zeroth-order catch-up: a worker downloads the blocks instead of replaying "
+                                 "the log when that would take more than this many parameter-direction updates "
+                                 "(rounds missed x steps x perturbations x parameters)", 1e11)
     pipeline_depth: int | None = opt("rounds a worker may train ahead of the global model (default: parablock 1, others 0)", None)
     codec: str = opt("codec pipeline for uploads, e.g. none, bf16, topk:0.01,bf16,zstd", "none")
     chunk_size: int = opt("transfer chunk size", 1 << 20, parse=parse_bytes)
@@ -222,7 +237,25 @@ class CoordinatorConfig:
     auth_tokens: Path | None = opt("YAML file mapping worker names to tokens (or sha256:HASH of tokens)", None)
     insecure: bool = opt("allow plaintext gRPC (no TLS): only on a network you trust", False)
 
+    def __post_init__(self) -> None:
+        from .algorithms import AlgorithmError, load
+
+        try:
+            cls = load(self.algorithm)
+        except AlgorithmError as e:
+            raise ConfigError(f"--algorithm: {e}") from None
+        for name, value in cls.defaults.items():  # what the user left unset, the algorithm decides
+            if getattr(self, name, None) is None:
+                setattr(self, name, value)
+        for name, value in (("lr", 1e-4), ("local_steps", 10), ("block_schedule", "round-robin"), ("train_blocks", "*")):
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
     def check(self) -> None:
+        _require(self.block_schedule in BLOCK_SCHEDULES, f"--block-schedule must be one of {', '.join(BLOCK_SCHEDULES)}")
+        _require(self.zo_mu > 0 and math.isfinite(self.zo_mu), "--zo-mu must be a finite number > 0")
+        _require(self.zo_split >= 0, "--zo-split must be >= 0")
+        _require(self.zo_replay_limit > 0, "--zo-replay-limit must be > 0")
         _host_port(self.listen, "--listen")
         _require(self.linger >= 0 and self.end_grace >= 0, "--linger and --end-grace must be >= 0")
         _require(self.rounds >= 1, f"--rounds must be >= 1, got {self.rounds}")
@@ -265,11 +298,22 @@ class CoordinatorConfig:
             _require(path is None or Path(path).is_file(), f"{flag}: no such file {path}")
 
     @property
+    def algorithm_class(self):
+        from .algorithms import load
+
+        return load(self.algorithm)
+
+    def algorithm_settings(self) -> dict[str, str]:
+        """The settings an algorithm reads (its workers get those it lists in `options`)."""
+        names = ("zo_perturbations", "zo_mu", "zo_estimator", "zo_aggregate", "zo_split", "zo_replay_limit", "local_steps")
+        return {n: str(getattr(self, n)) for n in names if getattr(self, n) is not None}
+
+    @property
     def depth(self) -> int:
         """The effective pipeline depth: how far ahead of the global model a worker may train."""
         if self.pipeline_depth is not None:
             return self.pipeline_depth
-        return ALGORITHMS[self.algorithm].pipeline_depth
+        return self.algorithm_class.pipeline_depth
 
 
 @dataclass(kw_only=True)
@@ -277,6 +321,9 @@ class WorkerConfig:
     coordinator: str = opt("coordinator address HOST:PORT")
     name: str = opt("this worker's name (unique in the run)")
     data: str = opt("local training data: JSONL (Alpaca, GSM8K or chat form) or builtin:NAME")
+    model: str | None = opt("this site's own copy of the base model (a Hugging Face folder or built-in name): "
+                            "each block is checked against the coordinator's initial model by hash and only what "
+                            "differs is downloaded (default: fetch the whole model from the coordinator)", None)
     metrics_port: int = opt("Prometheus /metrics port (0: off)", 0)
     batch_size: int = opt("training batch size", 8)
     max_seq_len: int = opt("maximum tokens per training example", 256)

@@ -1,7 +1,9 @@
 """Training data: loading, tokenizing with prompt masking, batching and splitting across workers.
 
 Every data set becomes a list of `Example`s (a chat: (role, content) pairs ending with an assistant
-reply). `tokenize` turns them into token ids with labels that train only what the assistant says,
+reply). `tokenize` turns them into token ids with labels that train only what the assistant says
+(classification examples, those with `choices`, into the prompt's ids, one answer token per choice
+and the index of the right one, which `training.task_loss` scores MeZO-style),
 `BatchStream` serves deterministic batches from them (round by round), and `split_holdout` / `split_clients` cut a data
 set into an evaluation part and per-worker parts (IID or Dirichlet label skew).
 
@@ -11,11 +13,16 @@ Sources accepted by `load_examples`:
   chat `{"messages": [{"role", "content"}, ...]}`, Alpaca `{"instruction", "input", "output"}`,
   GSM8K `{"question", "answer"}` (the final answer after `####` becomes `Example.answer`) and
   `{"prompt", "completion"}`; any form may carry a `"category"`, and non-GSM8K forms an `"answer"`.
+  Classification: `{"prompt", "choices", "answer"}` or `{"messages", "choices"[, "answer"]}`: the
+  candidate answers (at least two distinct strings) and the right one, which must be among them.
 * `builtin:chatterbot`: the English part of the `chatterbot-corpus` package (2,025 usable Q/A pairs in
   21 topics; the topic is the category). Each corpus entry is a list of statements; we use its first two
   as one user question and one assistant reply. The longer lists are mostly alternative replies to the
   same question (computers.yml, emotion.yml), not dialogues, so reading them as alternating turns would
   give the assistant's words to the user.
+* `builtin:chatterbot-topics`: topic classification of the chatterbot questions (623 questions,
+  9 topics), see `_load_chatterbot_topics`: prompt `Question: {question}\nTopic:`, choices the topic
+  words (" trivia", " coding", " AI", ...; each one token for SmolLM2).
 * `builtin:champ`: the 270 CHAMP competition math problems (`champ-dataset`); the reply is the
   step-by-step solution followed by `#### ANSWER` (the GSM8K convention, see `extract_answer`).
 """
@@ -44,6 +51,7 @@ ANSWER_MARKER = "####"
 BUILTINS = {
     "builtin:chatterbot": ("chatterbot_corpus", "chatterbot-corpus"),
     "builtin:champ": ("champ_dataset", "champ-dataset"),
+    "builtin:chatterbot-topics": ("chatterbot_corpus", "chatterbot-corpus"),
 }
 
 
@@ -58,11 +66,17 @@ class Example:
     `messages` are (role, content) pairs, roles from `ROLES`, with at least one system or user turn
     and a non-empty assistant reply last. `answer` is the final answer used for exact-match scoring,
     `category` the label that the Dirichlet split skews on. Lists are accepted and stored as tuples.
+
+    A classification example has `choices`, the candidate answers (at least two, distinct, non-empty),
+    and its `answer` is one of them. Its prompt is the text of the messages before the last (system or
+    user ones, joined by a blank line, used as they are: no chat template) and the last message is the
+    answer itself.
     """
 
     messages: tuple[tuple[str, str], ...]
     answer: str | None = None
     category: str | None = None
+    choices: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         messages = tuple(tuple(m) for m in self.messages)
@@ -84,11 +98,39 @@ class Example:
             raise DataError("answer must be a string")
         if self.category is not None and not isinstance(self.category, str):
             raise DataError("category must be a string")
+        if self.choices is not None:
+            self._check_choices()
+
+    def _check_choices(self) -> None:
+        if isinstance(self.choices, str) or not isinstance(self.choices, Sequence):
+            raise DataError("choices must be a list of strings")
+        choices = tuple(self.choices)
+        object.__setattr__(self, "choices", choices)
+        if not all(isinstance(c, str) and c.strip() for c in choices):
+            raise DataError("every choice must be a non-empty string")
+        twice = [c for i, c in enumerate(choices) if c in choices[:i]]
+        if twice:
+            raise DataError(f"choice {twice[0]!r} is listed twice")
+        if len(choices) < 2:
+            raise DataError(f"a classification example needs at least 2 distinct choices, got {len(choices)}")
+        if self.answer is None:
+            raise DataError("an example with choices needs an answer (one of the choices)")
+        if self.answer not in choices:
+            raise DataError(f"answer {self.answer!r} is not one of the choices ({', '.join(map(repr, choices))})")
+        if self.response != self.answer:
+            raise DataError(f"the assistant reply {self.response!r} of an example with choices must be its answer {self.answer!r}")
+        if any(role == "assistant" for role, _ in self.messages[:-1]):
+            raise DataError("an example with choices is one prompt (system/user messages) and the answer; it has an earlier assistant turn")
 
     @property
     def response(self) -> str:
         """The final assistant reply."""
         return self.messages[-1][1]
+
+    @property
+    def prompt_text(self) -> str:
+        """The texts of the messages before the reply, joined by a blank line (a classification prompt)."""
+        return "\n\n".join(content for _, content in self.messages[:-1])
 
 
 def extract_answer(text: str) -> str | None:
@@ -105,7 +147,8 @@ def extract_answer(text: str) -> str | None:
 
 
 def load_examples(source: str | Path) -> list[Example]:
-    """Load a data set: a JSONL file path or a built-in name (`builtin:chatterbot`, `builtin:champ`).
+    """Load a data set: a JSONL file path or a built-in name (`builtin:chatterbot`, `builtin:champ`,
+    `builtin:chatterbot-topics`).
 
     Files are read as UTF-8, with or without a byte-order mark.
     Raises DataError for a missing file, a bad record (message "FILE:LINE: what is wrong"), an empty
@@ -120,7 +163,9 @@ def load_examples(source: str | Path) -> list[Example]:
         if spec is None or not spec.submodule_search_locations:
             raise DataError(f"{source} needs the package {package} (pip install {package})")
         folder = Path(list(spec.submodule_search_locations)[0])
-        examples = _load_chatterbot(folder) if source == "builtin:chatterbot" else _load_champ(folder)
+        loader = {"builtin:chatterbot": _load_chatterbot, "builtin:champ": _load_champ,
+                  "builtin:chatterbot-topics": _load_chatterbot_topics}[source]
+        examples = loader(folder)
     else:
         examples = _load_jsonl(Path(source))
     if not examples:
@@ -155,19 +200,12 @@ def _parse_record(record: object) -> Example:
     """One JSONL record in any accepted form -> Example (DataError without location on a bad record)."""
     if not isinstance(record, dict):
         raise DataError(f"expected a JSON object, got {type(record).__name__}")
+    if record.get("choices") is not None:
+        return _parse_choice_record(record)
     answer = None
     gsm8k = False
     if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise DataError("'messages' must be a non-empty list")
-        pairs = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise DataError(f"messages[{i}] must be an object with string 'role' and 'content'")
-            pairs.append((m["role"], m["content"]))
-        if pairs[-1][0] != "assistant":
-            raise DataError("chat does not end with an assistant message")
+        pairs = _parse_messages(record["messages"])
     elif "instruction" in record and "output" in record:
         instruction, output = _strings(record, "instruction", "output")
         extra = record.get("input") or ""
@@ -188,16 +226,64 @@ def _parse_record(record: object) -> Example:
             f"unknown record form (keys: {', '.join(sorted(record)) or 'none'}); expected chat {{messages}}, "
             "Alpaca {instruction, input, output}, GSM8K {question, answer} or {prompt, completion}"
         )
-    if not gsm8k and record.get("answer") is not None:
-        answer = record["answer"]
-        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-            answer = str(answer)
-        if not isinstance(answer, str):
-            raise DataError("field 'answer' must be a string or a number")
+    if not gsm8k:
+        answer = _record_answer(record)
+    return Example(tuple(pairs), answer=answer, category=_record_category(record))
+
+
+def _parse_choice_record(record: dict) -> Example:
+    """A classification record: {"prompt", "choices", "answer"} or {"messages", "choices"[, "answer"]}
+    (the answer defaults to the last message)."""
+    choices = record["choices"]
+    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+        raise DataError("field 'choices' must be a list of strings")
+    answer = _record_answer(record)
+    if "messages" in record:
+        pairs = _parse_messages(record["messages"])
+        if answer is None:
+            answer = pairs[-1][1]
+    elif "prompt" in record:
+        (prompt,) = _strings(record, "prompt")
+        if answer is None:
+            raise DataError("a record with 'choices' needs an 'answer' (one of the choices)")
+        reply = record.get("completion", answer)
+        if not isinstance(reply, str):
+            raise DataError("field 'completion' must be a string")
+        pairs = [("user", prompt), ("assistant", reply)]
+    else:
+        raise DataError(
+            f"a record with 'choices' needs a 'prompt' or 'messages' (keys: {', '.join(sorted(record))})"
+        )
+    return Example(tuple(pairs), answer=answer, category=_record_category(record), choices=tuple(choices))
+
+
+def _parse_messages(messages: object) -> list[tuple[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError("'messages' must be a non-empty list")
+    pairs = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"messages[{i}] must be an object with string 'role' and 'content'")
+        pairs.append((m["role"], m["content"]))
+    if pairs[-1][0] != "assistant":
+        raise DataError("chat does not end with an assistant message")
+    return pairs
+
+
+def _record_answer(record: dict) -> str | None:
+    answer = record.get("answer")
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
+    if answer is not None and not isinstance(answer, str):
+        raise DataError("field 'answer' must be a string or a number")
+    return answer
+
+
+def _record_category(record: dict) -> str | None:
     category = record.get("category")
     if category is not None and not isinstance(category, str):
         raise DataError("field 'category' must be a string")
-    return Example(tuple(pairs), answer=answer, category=category)
+    return category
 
 
 def _one_line(error: Exception) -> str:
@@ -213,10 +299,18 @@ def _strings(record: dict, *keys: str) -> list[str]:
 
 
 def _load_chatterbot(folder: Path) -> list[Example]:
+    return [
+        Example((("user", question), ("assistant", reply)), category=topic)
+        for topic, question, reply in _chatterbot_pairs(folder, "builtin:chatterbot")
+    ]
+
+
+def _chatterbot_pairs(folder: Path, source: str) -> Iterator[tuple[str, str, str]]:
+    """(topic, question, reply) of every usable corpus entry, stripped; files in name order, the
+    topic being the file's stem."""
     files = sorted((folder / "data" / "english").glob("*.yml"))
     if not files:
-        raise DataError(f"builtin:chatterbot: no topic files under {folder / 'data' / 'english'}")
-    examples = []
+        raise DataError(f"{source}: no topic files under {folder / 'data' / 'english'}")
     for file in files:
         try:
             doc = yaml.safe_load(file.read_text(encoding="utf-8-sig"))
@@ -230,9 +324,59 @@ def _load_chatterbot(folder: Path) -> list[Example]:
             question, reply = conv[0], conv[1]
             if not isinstance(question, str) or not isinstance(reply, str) or not question.strip() or not reply.strip():
                 continue
-            messages = (("user", question.strip()), ("assistant", reply.strip()))
-            examples.append(Example(messages, category=file.stem))
-    return examples
+            yield file.stem, question.strip(), reply.strip()
+
+
+TOPIC_PROMPT = "Question: {question}\nTopic:"
+TOPIC_MIN_EXAMPLES = 20  # topics with fewer distinct questions are left out
+TOPIC_EXCLUDED = frozenset({"conversations"})  # the corpus' catch-all of small talk, not a topic
+# The answer word of a topic where its file stem is not a good one (the others answer with the stem).
+# SmolLM2 spells " ai" with a rare token and " AI" with a common one; " sports" would start with the
+# letter of " science", and byte-level tokenizers with few merges (the tiny test models') would then
+# score both by the token " s". Every kept verbalizer is one SmolLM2 token after a space, and they all
+# start with different letters.
+TOPIC_VERBALIZERS = {"ai": "AI", "sports": "athletics"}
+
+
+def _load_chatterbot_topics(folder: Path) -> list[Example]:
+    """builtin:chatterbot-topics: which topic file does a chatterbot question come from?
+
+    Each distinct question (compared with whitespace collapsed and case folded; the first spelling is
+    kept) is one example: prompt `Question: {question}\\nTopic:`, answer the topic's verbalizer, the
+    choices every kept topic's verbalizer (the sorted topics' order), category the topic. Duplicates go
+    because the corpus repeats questions with alternative replies (tech_support.yml holds 10 questions
+    105 times each), which would weight a few questions heavily and leak them into any held-out split;
+    a question listed under two topics is ambiguous and dropped (3, all also in conversations.yml).
+    Topics with fewer than TOPIC_MIN_EXAMPLES questions left, and TOPIC_EXCLUDED, are left out. With
+    chatterbot-corpus 1.3.3: 623 questions, trivia 260, coding 96, psychology 62, ai 60, emotion 48,
+    literature 29, movies 23, science 23, sports 22 (majority-class accuracy 0.42); the choices are
+    AI, coding, emotion, literature, movies, psychology, science, athletics (sports) and trivia.
+    """
+    topics: dict[str, set[str]] = {}
+    spelling: dict[str, str] = {}
+    for topic, question, _ in _chatterbot_pairs(folder, "builtin:chatterbot-topics"):
+        key = " ".join(question.split()).casefold()
+        topics.setdefault(key, set()).add(topic)
+        spelling.setdefault(key, question)
+    unique = {key: next(iter(t)) for key, t in topics.items() if len(t) == 1}
+    sizes: dict[str, int] = {}
+    for topic in unique.values():
+        sizes[topic] = sizes.get(topic, 0) + 1
+    kept = sorted(t for t, n in sizes.items() if n >= TOPIC_MIN_EXAMPLES and t not in TOPIC_EXCLUDED)
+    if len(kept) < 2:
+        raise DataError(f"builtin:chatterbot-topics: fewer than 2 topics with {TOPIC_MIN_EXAMPLES} questions or more")
+    words = {t: TOPIC_VERBALIZERS.get(t, t) for t in kept}
+    choices = tuple(words[t] for t in kept)
+    return [
+        Example(
+            (("user", TOPIC_PROMPT.format(question=spelling[key])), ("assistant", words[topic])),
+            answer=words[topic],
+            category=topic,
+            choices=choices,
+        )
+        for key, topic in unique.items()
+        if topic in words
+    ]
 
 
 def _load_champ(folder: Path) -> list[Example]:
@@ -266,6 +410,8 @@ def write_jsonl(examples: Sequence[Example], path: str | Path) -> None:
                 record["answer"] = ex.answer
             if ex.category is not None:
                 record["category"] = ex.category
+            if ex.choices is not None:
+                record["choices"] = list(ex.choices)
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
@@ -275,10 +421,18 @@ def write_jsonl(examples: Sequence[Example], path: str | Path) -> None:
 
 @dataclass
 class TokenizedExample:
-    """Token ids and labels of equal length; labels are IGNORE_INDEX wherever the assistant did not speak."""
+    """Token ids and labels of equal length; labels are IGNORE_INDEX wherever the assistant did not speak.
+
+    A classification example (from an Example with choices) holds the prompt's ids only, labels all
+    IGNORE_INDEX (the causal-LM loss has nothing to train on it), `choices` the answer token of each
+    choice and `label` the index of the right one: its score is the logits of those tokens at the
+    prompt's last token.
+    """
 
     input_ids: list[int]
     labels: list[int]
+    choices: list[int] | None = None
+    label: int | None = None
 
 
 def tokenize(examples: Sequence[Example], tokenizer, max_seq_len: int) -> list[TokenizedExample]:
@@ -301,9 +455,20 @@ def tokenize(examples: Sequence[Example], tokenizer, max_seq_len: int) -> list[T
 
     Sequences are cut to `max_seq_len` tokens (the beginning is kept); an example left with no
     trained token that the shifted causal-LM loss can use is dropped.
+
+    Examples with choices are tokenized by `_tokenize_choices` instead (all examples must be of one
+    kind, and have one number of choices).
     """
     if max_seq_len < 2:
         raise DataError(f"max_seq_len must be at least 2, got {max_seq_len}")
+    with_choices = sum(ex.choices is not None for ex in examples)
+    if with_choices:
+        if with_choices < len(examples):
+            raise DataError(
+                f"the data mixes {with_choices} examples with choices (classification) and "
+                f"{len(examples) - with_choices} without; a data set must be one kind or the other"
+            )
+        return _tokenize_choices(examples, tokenizer, max_seq_len)
     control = _control_tokens(tokenizer)
     rendered = [_render(ex, tokenizer, k, control) for k, ex in enumerate(examples)]
     out = []
@@ -319,9 +484,65 @@ def tokenize(examples: Sequence[Example], tokenizer, max_seq_len: int) -> list[T
     return out
 
 
+def _tokenize_choices(examples: Sequence[Example], tokenizer, max_seq_len: int) -> list[TokenizedExample]:
+    """Classification examples, MeZO-style: the input is the prompt as plain text (no chat template;
+    [bos] first where the tokenizer starts texts with it), nothing appended; each choice is scored by
+    one token, the first of `" " + choice` as it would follow the prompt (no space added when the
+    choice starts with whitespace or the prompt ends with it). A choice of several tokens is scored by
+    its first (with a warning); choices whose first tokens coincide are a DataError. An example whose
+    prompt is longer than `max_seq_len` is dropped (cutting it would cut the cue at its end)."""
+    counts = sorted({len(ex.choices) for ex in examples})
+    if len(counts) > 1:
+        raise DataError(f"examples have different numbers of choices ({', '.join(map(str, counts))}); a data set needs one")
+    fast = getattr(tokenizer, "is_fast", False)
+    tokens: dict[str, list[int]] = {}
+    several: set[str] = set()
+    out = []
+    for k, ex in enumerate(examples):
+        ids = _encode_choice_prompt(ex, tokenizer, k)
+        first = []
+        for choice in ex.choices:
+            text = choice if choice[:1].isspace() or ex.prompt_text[-1:].isspace() else " " + choice
+            if text not in tokens:
+                tokens[text] = _encode_piece(tokenizer, text, True, False, fast)[0]
+            if not tokens[text]:
+                raise DataError(f"example {k}: choice {choice!r} encodes to no token")
+            if len(tokens[text]) > 1:
+                several.add(text)
+            first.append(tokens[text][0])
+        if len(set(first)) < len(first):
+            a, b = next((a, b) for i, a in enumerate(ex.choices) for j, b in enumerate(ex.choices) if i < j and first[i] == first[j])
+            token = tokenizer.convert_ids_to_tokens(first[ex.choices.index(a)])
+            raise DataError(
+                f"example {k}: choices {a!r} and {b!r} both start with the token {token!r}; an answer is scored "
+                "by its first token, so the choices' first tokens must differ (pick other words)"
+            )
+        if len(ids) <= max_seq_len:
+            out.append(TokenizedExample(ids, [IGNORE_INDEX] * len(ids), first, ex.choices.index(ex.answer)))
+    if several:
+        log.warning("tokenize: %d choices are several tokens and are scored by their first: %s",
+                    len(several), ", ".join(map(repr, sorted(several))))
+    if len(out) < len(examples):
+        log.info("tokenize: dropped %d of %d examples (prompt longer than %d tokens)", len(examples) - len(out), len(examples), max_seq_len)
+    return out
+
+
+def _encode_choice_prompt(example: Example, tokenizer, index: int = 0) -> list[int]:
+    """The prompt of a classification example: plain text (control-token text in it stays text)."""
+    prefix = []
+    if tokenizer.bos_token_id is not None and tokenizer("", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]:
+        prefix = [tokenizer.bos_token_id]  # Llama and Mistral start texts with bos; GPT-2, Qwen and SmolLM2 do not
+    ids = prefix + _encode_piece(tokenizer, example.prompt_text, True, True, getattr(tokenizer, "is_fast", False))[0]
+    if not ids:
+        raise DataError(f"example {index}: empty prompt")
+    return ids
+
+
 def encode_prompt(example: Example, tokenizer) -> list[int]:
     """Token ids of everything before the final assistant reply, as `tokenize` renders it: the input
     from which a model generates its answer (for accuracy evaluation)."""
+    if example.choices is not None:
+        return _encode_choice_prompt(example, tokenizer)
     r = _render(example, tokenizer, 0, _control_tokens(tokenizer))
     cut = r.spans[-1][0]
     ids, _ = _encode([_Rendered(r.text[:cut], [], [(a, b) for a, b in r.plain if b <= cut])], tokenizer)
@@ -517,9 +738,18 @@ def _overlaps(a: int, b: int, spans: list[tuple[int, int]]) -> bool:
 
 
 def collate(batch: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sequence: input_ids, attention_mask and labels (IGNORE_INDEX on pads), all long."""
+    """Right-pad to the longest sequence: input_ids, attention_mask and labels (IGNORE_INDEX on pads), all long.
+
+    A batch of classification examples also gets choice_ids [B, C] (each row's answer tokens) and
+    choice_label [B] (the index of the right one).
+    """
     if not batch:
         raise DataError("cannot collate an empty batch")
+    with_choices = sum(ex.choices is not None for ex in batch)
+    if with_choices not in (0, len(batch)):
+        raise DataError(f"a batch mixes {with_choices} examples with choices and {len(batch) - with_choices} without")
+    if with_choices and len({len(ex.choices) for ex in batch}) > 1:
+        raise DataError(f"a batch holds examples with different numbers of choices ({sorted({len(ex.choices) for ex in batch})})")
     width = max(len(ex.input_ids) for ex in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -529,7 +759,11 @@ def collate(batch: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.T
         input_ids[row, :n] = torch.tensor(ex.input_ids, dtype=torch.long)
         attention_mask[row, :n] = 1
         labels[row, :n] = torch.tensor(ex.labels, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if with_choices:
+        out["choice_ids"] = torch.tensor([ex.choices for ex in batch], dtype=torch.long)
+        out["choice_label"] = torch.tensor([ex.label for ex in batch], dtype=torch.long)
+    return out
 
 
 class BatchStream:
@@ -563,7 +797,9 @@ class BatchStream:
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Number of label positions that contribute to the causal-LM loss (labels shift by one, so the
-    first position never does)."""
+    first position never does); for a classification batch, its number of rows (each scores once)."""
+    if "choice_ids" in batch:
+        return int(batch["choice_ids"].shape[0])
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 

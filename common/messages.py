@@ -14,6 +14,10 @@ import torch
 
 from .pb import coordinator_pb2 as pb
 
+# Version 2 added algorithm settings, seeds, records (Report) and the log (Log). A peer of another
+# version is refused at Join with a message that says which versions meet.
+PROTOCOL_VERSION = 2
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -103,13 +107,15 @@ class Manifest:
 
 @dataclass(frozen=True)
 class Assignment:
-    """Round `round`: train `blocks` for `local_steps` steps at `learning_rate` on model `base_version`."""
+    """Round `round`: train `blocks` for `local_steps` steps at `learning_rate` on model `base_version`,
+    with the round's `seeds` (zeroth-order directions; empty for block methods)."""
 
     round: int
     blocks: tuple[str, ...]
     local_steps: int
     learning_rate: float
     base_version: int
+    seeds: tuple[int, ...] = ()
 
     def to_pb(self) -> pb.Event:
         return pb.Event(
@@ -119,19 +125,77 @@ class Assignment:
                 local_steps=self.local_steps,
                 learning_rate=self.learning_rate,
                 base_version=self.base_version,
+                seeds=list(self.seeds),
             )
         )
 
 
 @dataclass(frozen=True)
 class ModelNotice:
-    """The global model reached `version` (rounds completed); `block_versions` says what changed when."""
+    """The global model reached `version` (rounds completed)."""
 
     version: int
-    block_versions: Mapping[str, int] = field(default_factory=dict)
 
     def to_pb(self) -> pb.Event:
-        return pb.Event(model=pb.ModelNotice(version=self.version, block_versions=dict(self.block_versions)))
+        return pb.Event(model=pb.ModelNotice(version=self.version))
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One closed round of a zeroth-order run: its learning rate, seeds and aggregated scalars."""
+
+    round: int
+    lr: float
+    seeds: tuple[int, ...]
+    scalars: tuple[float, ...]
+
+    def to_pb(self) -> pb.LogEntry:
+        return pb.LogEntry(round=self.round, learning_rate=self.lr, seeds=list(self.seeds), scalars=list(self.scalars))
+
+    @classmethod
+    def from_pb(cls, m: pb.LogEntry) -> LogEntry:
+        return cls(m.round, m.learning_rate, tuple(m.seeds), tuple(m.scalars))
+
+    def to_record(self) -> list:
+        return [self.round, self.lr, list(self.seeds), list(self.scalars)]
+
+    @classmethod
+    def from_record(cls, rec) -> LogEntry:
+        round, lr, seeds, scalars = rec
+        return cls(int(round), float(lr), tuple(int(s) for s in seeds), tuple(float(x) for x in scalars))
+
+
+@dataclass(frozen=True)
+class Patch:
+    """For the compute thread: the model at `version`. `blocks` holds the global blocks that changed since
+    the request (at `block_versions`); `entries` the log rounds to replay on them (zeroth-order)."""
+
+    version: int
+    block_versions: dict[str, int]
+    blocks: dict[str, dict[str, torch.Tensor]]
+    entries: tuple[LogEntry, ...] = ()
+
+
+@dataclass(frozen=True)
+class Update:
+    """A finished local round on top of model version `base_version`: one delta per trained block, or
+    (`numbers`) a small record of numbers such as zeroth-order scalars."""
+
+    round: int
+    base_version: int
+    deltas: dict[str, dict[str, torch.Tensor]]
+    tokens: int
+    loss: float
+    numbers: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class CatchUp:
+    """What a worker at some version needs: the log entries up to `version`, or (`download`) the blocks."""
+
+    version: int
+    entries: tuple[LogEntry, ...] = ()
+    download: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,9 +214,9 @@ def event_from_pb(m: pb.Event) -> Event:
     kind = m.WhichOneof("kind")
     if kind == "assignment":
         a = m.assignment
-        return Assignment(a.round, tuple(a.blocks), a.local_steps, a.learning_rate, a.base_version)
+        return Assignment(a.round, tuple(a.blocks), a.local_steps, a.learning_rate, a.base_version, tuple(a.seeds))
     if kind == "model":
-        return ModelNotice(m.model.version, dict(m.model.block_versions))
+        return ModelNotice(m.model.version)
     if kind == "end":
         return RunEnd(m.end.reason, m.end.final_version)
     raise ValueError(f"unknown event kind {kind!r}")
@@ -183,6 +247,9 @@ class RunInfo:
     model_files: tuple[ModelFile, ...]
     seed: int
     rounds: int
+    algorithm_settings: Mapping[str, str] = field(default_factory=dict)
+    initial_block_sha256: tuple[bytes, ...] = ()  # per block: canonical float32 SHA-256 of the initial model
+    protocol: int = PROTOCOL_VERSION
 
     def to_pb(self) -> pb.JoinReply:
         return pb.JoinReply(
@@ -200,6 +267,9 @@ class RunInfo:
             model_files=[pb.ModelFile(name=f.name, size=f.size, sha256=f.sha256) for f in self.model_files],
             seed=self.seed,
             rounds=self.rounds,
+            algorithm_settings=dict(self.algorithm_settings),
+            initial_block_sha256=list(self.initial_block_sha256),
+            protocol=self.protocol,
         )
 
     @classmethod
@@ -219,4 +289,7 @@ class RunInfo:
             model_files=tuple(ModelFile(f.name, f.size, bytes(f.sha256)) for f in m.model_files),
             seed=m.seed,
             rounds=m.rounds,
+            algorithm_settings=dict(m.algorithm_settings),
+            initial_block_sha256=tuple(bytes(h) for h in m.initial_block_sha256),
+            protocol=m.protocol,
         )

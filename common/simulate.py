@@ -155,6 +155,8 @@ def _report(s: dict, wall: float, path: Path) -> str:
         [
             f"fedblock simulate: {s['algorithm']}, {s['rounds_completed']}/{s['rounds_total']} rounds, {s['workers']} workers, {wall:.0f} s",
             f"  held-out eval loss: {loss(s['eval_loss_initial'])} before -> {loss(s['eval_loss_final'])} after",
+            *([f"  held-out accuracy: {s['eval_accuracy_initial']:.3f} before -> {s['eval_accuracy_final']:.3f} after"]
+              if s.get("eval_accuracy_initial") is not None and s.get("eval_accuracy_final") is not None else []),
             f"  bytes up {s['bytes_up'] / 1e6:.1f} MB, down {s['bytes_down'] / 1e6:.1f} MB",
             f"  model exported to {s['export_path']}",
             f"  summary: {path}",

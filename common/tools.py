@@ -35,10 +35,11 @@ def export(config: ExportConfig) -> str:
 
 
 def evaluate(config: EvalConfig) -> dict:
-    """Print held-out loss (and exact-match accuracy where the data has answers)."""
+    """Print held-out loss and accuracy: for classification data (examples with choices) that of the
+    choices' argmax, otherwise exact-match accuracy of greedy generation where the data has answers."""
     from .data import encode_prompt, extract_answer, load_examples, sample, tokenize
     from .models import load_model, load_tokenizer, resolve_model
-    from .training import evaluate_loss
+    from .training import evaluate as evaluate_data
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -47,8 +48,17 @@ def evaluate(config: EvalConfig) -> dict:
     tokenizer = load_tokenizer(path)
     model = load_model(path)
     t0 = time.perf_counter()
-    loss, tokens = evaluate_loss(model, tokenize(examples, tokenizer, config.max_seq_len), config.batch_size, tokenizer.pad_token_id)
+    data = tokenize(examples, tokenizer, config.max_seq_len)
+    evaluation = evaluate_data(model, data, config.batch_size, tokenizer.pad_token_id)
+    loss, tokens = evaluation.loss, evaluation.tokens
     result = {"examples": len(examples), "tokens": tokens, "loss": loss, "perplexity": math.exp(loss) if loss < 50 else math.inf}
+    if evaluation.accuracy is not None:
+        result["accuracy"] = evaluation.accuracy
+        correct = round(evaluation.accuracy * tokens) if tokens else 0
+        print(f"loss {loss:.4f}  (cross-entropy over {len(data[0].choices) if data else 0} choices; {len(examples)} examples, "
+              f"{tokens} scored, {time.perf_counter() - t0:.1f} s)")
+        print(f"accuracy {evaluation.accuracy:.3f}  ({correct}/{tokens} right: the highest-scoring choice)")
+        return result
     print(f"loss {loss:.4f}  perplexity {result['perplexity']:.2f}  ({len(examples)} examples, {tokens} tokens, {time.perf_counter() - t0:.1f} s)")
     scored = [e for e in examples if e.answer][: config.accuracy_examples]
     if scored:

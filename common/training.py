@@ -8,6 +8,11 @@ alone: a round run twice gives the same delta, which is what makes a resumed run
 uninterrupted one.
 The same class drives centralised block-coordinate training in tests, which is how we check that
 federation adds no error of its own.
+
+`task_loss` is the loss everywhere one is computed: the causal-LM loss of the replies, or for a
+classification batch (data.collate's choice_ids / choice_label) the cross-entropy over the choices'
+answer-token logits at each prompt's last token (as MeZO and DeComFL score SST-2 and the like).
+`evaluate` adds the accuracy of the choices' argmax for such data.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import Block, set_trainable
-from .data import IGNORE_INDEX, TokenizedExample, collate
+from .data import IGNORE_INDEX, DataError, TokenizedExample, collate
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,44 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
         logits = logits.reshape(-1, logits.shape[-1])
     loss = F.cross_entropy(logits.float(), chosen.reshape(-1), ignore_index=IGNORE_INDEX)
     return loss, n
+
+
+def task_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """The batch's loss and its weight: for a classification batch ("choice_ids" in it) the mean
+    cross-entropy of the right choice among the choices' logits (`choice_logits`) and the number of
+    rows; otherwise exactly `causal_lm_loss`."""
+    if "choice_ids" in batch:
+        logits = choice_logits(model, batch)
+        return F.cross_entropy(logits, batch["choice_label"]), int(logits.shape[0])
+    return causal_lm_loss(model, batch)
+
+
+def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token (attention_mask 1), whether the batch is padded on the right
+    or on the left."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device).expand_as(attention_mask)
+    last = torch.where(attention_mask.bool(), positions, -1).max(dim=1).values
+    if bool((last < 0).any()):
+        raise ValueError("a row of the batch has no real token")
+    return last
+
+
+def choice_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, C] float32: the logits of each row's choice tokens (batch["choice_ids"]) at its last real
+    token, i.e. the next-token scores of the answers after the prompt. Only the last positions go
+    through the output head (through `logits_to_keep` where the head is not separable)."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    last = last_positions(batch["attention_mask"])
+    rows = torch.arange(last.shape[0], device=last.device)
+    if _head_is_separable(model):
+        hidden = model.base_model(**inputs).last_hidden_state[rows, last]
+        logits = model.get_output_embeddings()(hidden)
+    elif "logits_to_keep" in inspect.signature(model.forward).parameters:
+        positions, index = torch.unique(last, return_inverse=True)
+        logits = model(**inputs, logits_to_keep=positions).logits[rows, index]
+    else:
+        logits = model(**inputs).logits[rows, last]
+    return logits.gather(1, batch["choice_ids"]).float()
 
 
 def _head_is_separable(model: nn.Module) -> bool:
@@ -159,7 +202,8 @@ class BlockTrainer:
         self.active = names
 
     def step(self, batch: dict[str, torch.Tensor], lr: float, seed: Sequence[int] | None = None) -> StepResult:
-        """One optimiser step on the active blocks; returns the batch loss and its trained token count.
+        """One optimiser step on the active blocks; returns the batch loss (`task_loss`) and its trained
+        token count (rows for a classification batch).
 
         With `seed`, a key such as (worker seed, round, step), every random draw of the forward and
         backward pass (dropout) comes from torch's generators seeded from that key (`seeded_rng`), so
@@ -171,7 +215,7 @@ class BlockTrainer:
         device = self._params[0].device
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with nullcontext() if seed is None else seeded_rng(step_seed(seed), device):
-            loss, tokens = causal_lm_loss(self.model, batch)
+            loss, tokens = task_loss(self.model, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss is {loss.item()}")
             loss.backward()
@@ -184,22 +228,49 @@ class BlockTrainer:
         return StepResult(float(loss.detach()), tokens)
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """Held-out result: the weighted mean `task_loss`, its weight (trained tokens, or rows for
+    classification data) and, for classification data only, the accuracy of the choices' argmax."""
+
+    loss: float
+    tokens: int
+    accuracy: float | None
+
+
 @torch.no_grad()
-def evaluate_loss(
-    model: nn.Module, data: Sequence[TokenizedExample], batch_size: int, pad_id: int
-) -> tuple[float, int]:
-    """Token-weighted mean loss of `model` on `data` (labels as in training); returns (loss, tokens)."""
+def evaluate(model: nn.Module, data: Sequence[TokenizedExample], batch_size: int, pad_id: int) -> Evaluation:
+    """Evaluate `model` on `data` in batches of `batch_size`: token-weighted mean loss (labels as in
+    training), or for classification data the row-weighted mean cross-entropy over the choices and
+    the fraction of rows whose right choice has the largest logit (ties go to the first choice)."""
+    with_choices = sum(ex.choices is not None for ex in data)
+    if with_choices not in (0, len(data)):
+        raise DataError(f"the evaluation data mixes {with_choices} examples with choices and {len(data) - with_choices} without")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total, tokens = 0.0, 0
+    total, tokens, correct = 0.0, 0, 0
     try:
         for i in range(0, len(data), batch_size):
             batch = {k: v.to(device) for k, v in collate(data[i : i + batch_size], pad_id).items()}
-            loss, n = causal_lm_loss(model, batch)
+            if with_choices:
+                logits = choice_logits(model, batch)
+                loss, n = F.cross_entropy(logits, batch["choice_label"]), int(logits.shape[0])
+                correct += int((logits.argmax(dim=1) == batch["choice_label"]).sum())
+            else:
+                loss, n = causal_lm_loss(model, batch)
             if n:
                 total += float(loss) * n
                 tokens += n
     finally:
         model.train(was_training)
-    return (total / tokens if tokens else math.nan), tokens
+    accuracy = (correct / tokens if tokens else math.nan) if with_choices else None
+    return Evaluation(total / tokens if tokens else math.nan, tokens, accuracy)
+
+
+def evaluate_loss(
+    model: nn.Module, data: Sequence[TokenizedExample], batch_size: int, pad_id: int
+) -> tuple[float, int]:
+    """(loss, tokens) of `evaluate`."""
+    result = evaluate(model, data, batch_size, pad_id)
+    return result.loss, result.tokens

@@ -22,13 +22,13 @@ import torch
 from torch import Tensor
 
 from ..common import wire
-from ..common.algorithms import ALGORITHMS
+from ..common.aggregation import is_finite, l2_norm
+from ..common.algorithms import Algorithm, Task
 from ..common.codecs import CodecPipeline
 from ..common.config import ConfigError, CoordinatorConfig
-from ..common.messages import BlockSpec, Event, Manifest, ModelFile, ModelNotice, RunEnd, RunInfo
+from ..common.messages import BlockSpec, CatchUp, Event, Manifest, ModelFile, ModelNotice, RunEnd, RunInfo
 from ..common.progress import Progress
 from ..common.rpc import message_limit
-from .aggregator import apply_mean, is_finite, l2_norm
 from .metrics import CoordinatorMetrics
 from .registry import Registry
 from .rounds import Refused, RoundPlan, RoundRules, Rounds
@@ -50,6 +50,12 @@ class GlobalModel:
     block_versions: Mapping[str, int]
     block_sha256: Mapping[str, str]
     tensors: Mapping[str, Tensors]
+    files_version: int | None = None  # the version the block files hold (None: `version`); a records
+    # algorithm (zeroth-order) moves its tensors on in place and writes its blocks only now and then
+
+    @property
+    def files_at(self) -> int:
+        return self.version if self.files_version is None else self.files_version
 
 
 @dataclass(eq=False)
@@ -104,8 +110,12 @@ class Coordinator:
         metrics: CoordinatorMetrics | None = None,
         evaluate=None,
         checkpoint: Checkpoint | None = None,
+        algorithm: type[Algorithm] | None = None,
+        initial_sha256: Mapping[str, bytes] | None = None,
     ):
-        """`evaluate(tensors_by_block) -> loss` is optional; `checkpoint` resumes a run."""
+        """`evaluate(tensors_by_block) -> loss` is optional; `checkpoint` resumes a run. `algorithm` is
+        the class config.algorithm names (resolved by the caller); `initial_sha256` the canonical hash of
+        each block of the initial model (a worker with a local base model checks its copy against it)."""
         self.config = config
         self.store = store
         self.run_id = run_id
@@ -116,6 +126,11 @@ class Coordinator:
         if not self.trainable:
             raise ConfigError(f"--train-blocks {config.train_blocks!r} matches none of the blocks "
                               f"({', '.join(self.block_order[:3])}, ..., {self.block_order[-1]})")
+        try:
+            self.algorithm = (algorithm or config.algorithm_class)(config.algorithm_settings(), specs, self.trainable)
+        except ValueError as e:  # settings the algorithm cannot work with (for this model)
+            raise ConfigError(f"--algorithm {config.algorithm}: {e}") from None
+        self.initial_sha256 = dict(initial_sha256 or {})
         self.codec = CodecPipeline(config.codec)
         self.metrics = metrics or CoordinatorMetrics()
         self._evaluate = evaluate
@@ -136,7 +151,7 @@ class Coordinator:
                 lr=config.lr,
                 lr_schedule=config.lr_schedule,
                 seed=config.seed,
-                assign_all_blocks=ALGORITHMS[config.algorithm].all_blocks,
+                planner=lambda round, workers: self.algorithm.tasks(round, workers, config.seed, config.block_schedule),
             ),
             version=initial.version,
         )
@@ -150,6 +165,11 @@ class Coordinator:
             self.totals.wall_seconds_before = float(checkpoint.counters.get("wall_seconds", 0.0))
             self.totals.eval_history = [list(e) for e in checkpoint.eval_history]
             self.totals.round_history = [dict(r) for r in checkpoint.round_history]
+            # The algorithm's state (a zeroth-order log) brings the checkpoint's block files to its round.
+            files_version = self.algorithm.restore(checkpoint.algorithm, initial.tensors, initial.version)
+            if files_version != initial.version:
+                self.global_model = initial = GlobalModel(initial.version, initial.block_versions, initial.block_sha256,
+                                                          initial.tensors, files_version)
             # Plan what the uninterrupted run would have: its open rounds as they were, and, until the
             # grace period ends, the workers it had counted as present (they are coming back).
             try:
@@ -204,7 +224,14 @@ class Coordinator:
             model_files=self.model_files,
             seed=c.seed,
             rounds=c.rounds,
+            algorithm_settings=self._worker_settings(),
+            initial_block_sha256=tuple(self.initial_sha256.get(b, b"") for b in self.block_order),
         )
+
+    def _worker_settings(self) -> dict[str, str]:
+        """The algorithm's settings that its worker half reads (`options`)."""
+        every = {**self.config.algorithm_settings(), "trainable": ",".join(self.trainable)}
+        return {k: v for k, v in every.items() if k in self.algorithm.options}
 
     def refused_join(self, name: str, why: str) -> None:
         self.metrics.joins_refused.inc()
@@ -222,7 +249,7 @@ class Coordinator:
             self.rounds.rejoined(name)
             self._deliver()
         g = self.global_model
-        yield ModelNotice(g.version, dict(g.block_versions))  # what to sync to, first
+        yield ModelNotice(g.version)  # what to sync to, first
         if self.state in ("finished", "stopped"):  # joined after the end (while we wait for stragglers)
             record.told_end = True
             yield RunEnd(self.state, g.version)
@@ -253,6 +280,8 @@ class Coordinator:
         Streams of the same upload (a worker resuming after a broken link) share its chunks, and all
         get the answer of the one that checked it."""
         self.registry.check(name, session)
+        if self.algorithm.records:
+            raise self._reject("wrong_kind", f"{self.config.algorithm} takes record updates (Report), not tensors")
         self._check_manifest(manifest)
         with self._cv:
             try:
@@ -377,8 +406,8 @@ class Coordinator:
                 owner = memory if memory is not None and _views(d, memory) else None
                 t = time.perf_counter()
                 adding = True
-                adopted = plan.sums.add(up.manifest.block, d, float(up.manifest.num_tokens),
-                                        adopt=owner is not None, owner=owner)
+                adopted = self.algorithm.fold(plan.sums, up.manifest.block, d, float(up.manifest.num_tokens),
+                                              adopt=owner is not None, owner=owner)
                 adding = False
                 self.metrics.aggregation_duration.observe(time.perf_counter() - t)
                 added += 1
@@ -421,6 +450,45 @@ class Coordinator:
         )
         return adopted_last
 
+    def report(self, name: str, session: str, round: int, base_version: int, numbers: tuple[float, ...],
+               tokens: int, loss: float) -> str:
+        """A record update (a few numbers for the worker's whole task), checked and kept by its round.
+        Returns "accepted" or "late"; raises Refused or UnknownWorker."""
+        self.registry.check(name, session)
+        if not self.algorithm.records:
+            raise self._reject("wrong_kind", f"{self.config.algorithm} takes tensor updates (Upload), not records")
+        with self._cv:
+            try:
+                plan = self.rounds.admit_record(name, round, base_version)
+            except Refused as e:
+                if e.reason != "late":
+                    self._count("rejected", e.reason)
+                    raise
+                self._late(name, round)
+                return "late"
+            try:
+                self.algorithm.check(Task(plan.assignments[name], plan.seeds.get(name, ())), numbers)
+            except ValueError as e:
+                raise self._reject("malformed", str(e)) from None
+            self.rounds.hand_in(name, round, self._present())
+            plan.records[name] = tuple(numbers)
+            blocks = plan.assignments[name]
+            self.rounds.end_fold(plan, name, blocks, True, max(1, tokens), loss if math.isfinite(loss) else 0.0)
+            self.totals.updates_accepted += 1
+            for w in self.registry.all():
+                if w.name == name:
+                    w.updates_accepted += 1
+            self._deliver()
+            self._cv.notify_all()
+        self.metrics.updates.labels("accepted", "").inc()
+        return "accepted"
+
+    def catch_up(self, name: str, session: str, held: int) -> CatchUp:
+        """What a worker whose copy is at version `held` needs to reach the current global version."""
+        self.registry.check(name, session)
+        with self._cv:  # the log changes when a round closes
+            return self.algorithm.catch_up(held, self.global_model.version, name)
+
     def abandon(self, name: str, session: str, round: int, reason: str) -> None:
         """The worker gives up its part in `round` (its update was refused for good)."""
         self.registry.check(name, session)
@@ -446,7 +514,8 @@ class Coordinator:
             return UploadState([], has, delivered=has)
 
     def download(self, name: str, session: str, held: Mapping[str, int]) -> tuple[GlobalModel, list[str]]:
-        """The current global version and the blocks (in model order) newer than what the worker holds."""
+        """The current global version and the blocks (in model order) newer than what the worker holds.
+        The blocks are those of `files_at` (for a records algorithm it may be older than `version`)."""
         self.registry.check(name, session)
         g = self.global_model
         # Any difference counts: a worker can be ahead of a coordinator that restarted from a checkpoint.
@@ -738,17 +807,18 @@ class Coordinator:
     def _close_round(self, plan: RoundPlan) -> None:
         """Aggregate a closed round into a new global version, checkpoint it, then announce it."""
         g = self.global_model
+        changed = self.algorithm.close(plan, g.tensors)
         new_tensors = {}
-        for b in plan.sums.blocks:
-            result = apply_mean(g.tensors[b], plan.sums.mean(b))
+        for b, result in changed.items():
             if is_finite(result):  # finite deltas can still overflow float32 when added to the block
                 new_tensors[b] = result
             else:
                 self._count("rejected", "non_finite_result")
-                log.error("round %d: the mean update of %s makes the block overflow; %s keeps its value",
-                          plan.round, b, b)
+                log.error("round %d: the new value of %s is not finite; %s keeps its value", plan.round, b, b)
         for memory in plan.sums.owners:  # the round's means are folded in: their memory can serve again
             self._pool.give(memory)
+        # A records algorithm may move the model on without writing blocks: its files stay where they were.
+        files_version = g.files_at if self.algorithm.records and not new_tensors else plan.round
         versions = {**g.block_versions, **{b: plan.round for b in new_tensors}}
         t = time.perf_counter()
         shas = dict(g.block_sha256)
@@ -779,16 +849,18 @@ class Coordinator:
             round_history = [dict(r) for r in self.totals.round_history]
             plans = self.rounds.records()  # a restart plans these rounds again as they are
             present = sorted(self._present())
+            algorithm_state = self.algorithm.state()
         self.store.write_checkpoint(
             Checkpoint(plan.round, versions, shas, self.registry.indices(), counters, eval_history, round_history,
-                       plans, present)
+                       plans, present, algorithm_state)
         )
         self.metrics.checkpoint_duration.observe(time.perf_counter() - t)
-        new_global = GlobalModel(plan.round, versions, shas, {**g.tensors, **new_tensors})
+        new_global = GlobalModel(plan.round, versions, shas, {**g.tensors, **new_tensors},
+                                 files_version if files_version != plan.round else None)
         with self._cv:
             self.global_model = new_global
             if plan.round < self.config.rounds:  # after the last round the end of the run is the news
-                notice = ModelNotice(plan.round, dict(versions))
+                notice = ModelNotice(plan.round)
                 for name in self.registry.connected():
                     self.registry.send(name, notice)
             self.metrics.round_duration.observe(time.monotonic() - started)
@@ -808,10 +880,14 @@ class Coordinator:
     def _eval(self, round: int) -> float:
         t = time.perf_counter()
         loss = float(self._evaluate(self.global_model.tensors))
+        # Where the data has answers to choose from, the evaluator also scores them: [round, loss, accuracy].
+        accuracy = getattr(getattr(self._evaluate, "last", None), "accuracy", None)
+        entry = [round, loss] if accuracy is None else [round, loss, float(accuracy)]
         with self._cv:
-            self.totals.eval_history = [e for e in self.totals.eval_history if e[0] != round] + [[round, loss]]
+            self.totals.eval_history = [e for e in self.totals.eval_history if e[0] != round] + [entry]
         self.metrics.eval_loss.set(loss)
-        log.info("eval after round %d: loss %.4f (%.1f s)", round, loss, time.perf_counter() - t)
+        log.info("eval after round %d: loss %.4f%s (%.1f s)", round, loss,
+                 "" if accuracy is None else f", accuracy {accuracy:.3f}", time.perf_counter() - t)
         return loss
 
     def _wall_seconds(self) -> float:
@@ -847,6 +923,9 @@ class Coordinator:
             "updates_late": self.totals.refusals.get("updates_late", 0),
             "eval_loss_initial": history[0][1] if history and history[0][0] == 0 else None,
             "eval_loss_final": history[-1][1] if history and history[-1][0] == g.version else None,
+            "eval_accuracy_initial": history[0][2] if history and history[0][0] == 0 and len(history[0]) > 2 else None,
+            "eval_accuracy_final": (history[-1][2] if history and history[-1][0] == g.version and len(history[-1]) > 2
+                                    else None),
             "eval_history": history,
             "round_history": self.totals.round_history,
             "bytes_up": self.totals.bytes_up,

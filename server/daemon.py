@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from ..common.blocks import partition
+from ..common.blocks import canonical_sha256, partition
 from ..common.config import ConfigError, CoordinatorConfig
 from ..common.messages import BlockSpec, TensorSpec
 from ..common.metrics import serve as serve_metrics
@@ -47,6 +47,7 @@ def build(config: CoordinatorConfig) -> Coordinator:
         {
             "model_fingerprint": model_fingerprint(model_path),
             "algorithm": config.algorithm,
+            "train_blocks": config.train_blocks,
             "blocks": [b.name for b in blocks],
             "codec": config.codec,
         }
@@ -60,6 +61,7 @@ def build(config: CoordinatorConfig) -> Coordinator:
         log.info("resuming run %s from the checkpoint of round %d", run_id, ckpt.round)
     else:
         tensors = {b.name: {n: params[n].detach().float() for n in b.params} for b in blocks}
+        store.write_initial_hashes({b.name: canonical_sha256(tensors[b.name], b.params) for b in blocks})
         shas = {name: store.write_block(name, 0, t) for name, t in tensors.items()}
         versions = {b.name: 0 for b in blocks}
         store.write_checkpoint(Checkpoint(0, versions, shas))
@@ -70,7 +72,8 @@ def build(config: CoordinatorConfig) -> Coordinator:
         from .evaluation import Evaluator
 
         evaluate = Evaluator(store.model_dir, config.eval_data, config.eval_max_examples, config.eval_batch_size, config.max_seq_len)
-    return Coordinator(config, store, run_id, specs, initial, CoordinatorMetrics(), evaluate, ckpt)
+    return Coordinator(config, store, run_id, specs, initial, CoordinatorMetrics(), evaluate, ckpt,
+                       initial_sha256=store.initial_hashes())
 
 
 def serve(coordinator: Coordinator, config: CoordinatorConfig) -> tuple[grpc.Server, int]:

@@ -10,11 +10,13 @@ from torch import Tensor
 
 from ..common.data import DataError, load_examples, sample, tokenize
 from ..common.models import build_model_from_files, load_tokenizer
-from ..common.training import evaluate_loss
+from ..common.training import Evaluation, evaluate
 
 
 class Evaluator:
-    """Callable: {block: {param: tensor}} -> token-weighted mean loss on the first `max_examples` examples."""
+    """Callable: {block: {param: tensor}} -> token-weighted mean loss on the first `max_examples` examples
+    (for classification data the row-weighted loss over the choices). The whole result of the latest
+    call, with the accuracy of classification data, is in `last`."""
 
     def __init__(self, model_dir: Path, source: str, max_examples: int, batch_size: int, max_seq_len: int):
         tokenizer = load_tokenizer(model_dir)
@@ -26,11 +28,12 @@ class Evaluator:
         self.batch_size = batch_size
         self.model = build_model_from_files(model_dir, dtype=torch.float32)
         self._params = dict(self.model.named_parameters())
+        self.last: Evaluation | None = None
 
     def __call__(self, blocks: Mapping[str, Mapping[str, Tensor]]) -> float:
         with torch.no_grad():
             for tensors in blocks.values():
                 for name, t in tensors.items():
                     self._params[name].copy_(t)
-        loss, _ = evaluate_loss(self.model, self.data, self.batch_size, self.pad_id)
-        return loss
+        self.last = evaluate(self.model, self.data, self.batch_size, self.pad_id)
+        return self.last.loss

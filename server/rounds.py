@@ -25,8 +25,8 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ..common.aggregation import RoundSums
 from ..common.messages import Assignment
-from .aggregator import RoundSums
 from .scheduler import assign_blocks, learning_rate, select_workers
 
 
@@ -52,7 +52,9 @@ class RoundRules:
     lr: float
     lr_schedule: str
     seed: int
-    assign_all_blocks: bool = False  # full-model algorithms: every worker gets every block
+    assign_all_blocks: bool = False  # without a planner: every worker gets every block (full-model methods)
+    # The algorithm's planning: (round, {worker: number}) -> {worker: Task}. Without one, `schedule`.
+    planner: Callable[[int, Mapping[str, int]], Mapping] | None = None
 
 
 @dataclass
@@ -69,6 +71,8 @@ class RoundPlan:
     parked: dict[str, set[str]] = field(default_factory=dict)  # worker -> blocks checked, waiting for the rest
     abandoned: set[str] = field(default_factory=set)  # gave up their part: never assigned this round again
     sums: RoundSums = field(default_factory=RoundSums)
+    seeds: dict[str, tuple[int, ...]] = field(default_factory=dict)  # worker -> its task's seeds (if any)
+    records: dict[str, tuple[float, ...]] = field(default_factory=dict)  # worker -> its record update
     trained: dict[str, tuple[int, float]] = field(default_factory=dict)  # worker -> (tokens, train loss)
 
     def done(self, worker: str) -> bool:
@@ -91,11 +95,13 @@ class RoundPlan:
         return sum(t * loss for t, loss in self.trained.values()) / self.tokens if self.tokens else math.nan
 
     def assignment(self, worker: str, base_version: int) -> Assignment:
-        return Assignment(self.round, self.assignments[worker], self.local_steps, self.lr, base_version)
+        return Assignment(self.round, self.assignments[worker], self.local_steps, self.lr, base_version,
+                          self.seeds.get(worker, ()))
 
     def to_record(self) -> dict:
-        """What a checkpoint keeps of an open round: who trains what, at which learning rate."""
+        """What a checkpoint keeps of an open round: who trains what, with which seeds, at which rate."""
         return {"round": self.round, "assignments": {w: list(b) for w, b in self.assignments.items()},
+                "seeds": {w: list(s) for w, s in self.seeds.items()},
                 "lr": self.lr, "local_steps": self.local_steps, "abandoned": sorted(self.abandoned)}
 
 
@@ -128,16 +134,28 @@ class Rounds:
         chosen = select_workers(round, list(available), r.clients_per_round, r.seed)
         if not chosen:
             return None
-        if r.assign_all_blocks:
-            assignments = {w: r.blocks for w in chosen}
-        else:  # worker i = the i-th participant by name: the same run gives the same schedule
-            assignments = assign_blocks(r.schedule, round, {w: i for i, w in enumerate(sorted(chosen))}, r.blocks, r.seed)
-        plan = RoundPlan(round, assignments, learning_rate(r.lr_schedule, r.lr, round, r.rounds), r.local_steps)
-        plan.reported = {w: set() for w in chosen}
+        plan = RoundPlan(round, {}, learning_rate(r.lr_schedule, r.lr, round, r.rounds), r.local_steps)
+        # Worker i = the i-th participant by name: the same run gives the same schedule.
+        self._give(plan, {w: i for i, w in enumerate(sorted(chosen))})
         if round == self.version + 1:
             self._start_clock(plan)
         self.plans[round] = plan
         return plan
+
+    def _give(self, plan: RoundPlan, workers: Mapping[str, int]) -> None:
+        """Plan the tasks of `workers` (worker -> number i) in `plan`."""
+        r = self.rules
+        if r.planner is not None:
+            tasks = r.planner(plan.round, workers)
+            assignments = {w: tuple(t.blocks) for w, t in tasks.items()}
+            plan.seeds.update({w: tuple(t.seeds) for w, t in tasks.items() if t.seeds})
+        elif r.assign_all_blocks:
+            assignments = {w: r.blocks for w in workers}
+        else:
+            assignments = assign_blocks(r.schedule, plan.round, workers, r.blocks, r.seed)
+        plan.assignments.update(assignments)
+        for w in assignments:
+            plan.reported[w] = set()
 
     def restore(self, records: Sequence[Mapping]) -> None:
         """Open rounds' plans from a checkpoint (see `RoundPlan.to_record`); nothing is delivered yet.
@@ -162,6 +180,7 @@ class Rounds:
             round, lr, steps = int(rec["round"]), float(rec["lr"]), int(rec["local_steps"])
             assignments = {str(w): tuple(str(b) for b in blocks) for w, blocks in dict(rec["assignments"]).items()}
             abandoned = {str(w) for w in rec.get("abandoned", ())}
+            seeds = {str(w): tuple(int(x) for x in s) for w, s in dict(rec.get("seeds", {})).items()}
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"malformed plan record ({type(e).__name__}: {e})") from None
         if not (math.isfinite(lr) and lr > 0 and steps >= 1 and assignments):
@@ -169,7 +188,7 @@ class Rounds:
         for w, blocks in assignments.items():
             if not blocks or not set(blocks) <= set(self.rules.blocks):
                 raise ValueError(f"round {round} plan gives {w!r} blocks {list(blocks)[:3]} outside the trainable ones")
-        plan = RoundPlan(round, assignments, lr, steps, abandoned=abandoned)
+        plan = RoundPlan(round, assignments, lr, steps, abandoned=abandoned, seeds=seeds)
         plan.reported = {w: set() for w in assignments}
         return plan
 
@@ -240,15 +259,8 @@ class Rounds:
         if not extra:
             return
         chosen = sorted(extra)[:short]
-        if self.rules.assign_all_blocks:
-            more = {w: self.rules.blocks for w in chosen}
-        else:
-            first = len(plan.assignments)
-            more = assign_blocks(self.rules.schedule, plan.round, {w: first + i for i, w in enumerate(chosen)},
-                                 self.rules.blocks, self.rules.seed)
-        plan.assignments.update(more)
-        for w in more:
-            plan.reported[w] = set()
+        first = len(plan.assignments)
+        self._give(plan, {w: first + i for i, w in enumerate(chosen)})
 
     # ---- updates -----------------------------------------------------------------------------
 
@@ -272,6 +284,12 @@ class Rounds:
                 f"base version {base_version} outside {round - 1 - self.rules.depth}..{self.version} for round {round}",
             )
         return plan
+
+    def admit_record(self, worker: str, round: int, base_version: int) -> RoundPlan:
+        """Check a record update's header (it covers the worker's whole task); raises Refused."""
+        plan = self.plans.get(round)
+        blocks = plan.assignments.get(worker, ()) if plan is not None else ()
+        return self.admit(worker, round, blocks[0] if blocks else "", base_version)
 
     def has_update(self, worker: str, round: int, block: str) -> bool:
         """Whether the worker's update of `block` for `round` is in (or parked), or no longer wanted."""

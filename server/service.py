@@ -16,7 +16,7 @@ import grpc
 
 from ..common import wire
 from ..common.config import valid_worker_name
-from ..common.messages import Manifest
+from ..common.messages import PROTOCOL_VERSION, Manifest
 from ..common.pb import coordinator_pb2 as pb
 from ..common.pb import coordinator_pb2_grpc as pb_grpc
 from ..common.security import Authenticator
@@ -42,6 +42,7 @@ _REJECT_CODES = {
     "not_assigned": grpc.StatusCode.FAILED_PRECONDITION,
     "wrong_block": grpc.StatusCode.FAILED_PRECONDITION,
     "stale_base": grpc.StatusCode.FAILED_PRECONDITION,
+    "wrong_kind": grpc.StatusCode.FAILED_PRECONDITION,  # tensors to a records algorithm, or the reverse
 }
 
 
@@ -150,6 +151,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.c.count_received("control", _size(request))
         if not valid_worker_name(request.name):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a worker name is 1-64 letters, digits, '.', '_' or '-'")
+        if request.protocol != PROTOCOL_VERSION:
+            self.c.refused_join(request.name, f"protocol {request.protocol}")
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"this worker speaks fedblock protocol {request.protocol} (fedblock {request.version or '?'}); "
+                          f"the coordinator speaks protocol {PROTOCOL_VERSION}: install the same fedblock version on "
+                          "both sides")
         refusal = self.auth.check(request.name, dict(context.invocation_metadata()), context)
         if refusal is not None:
             self.c.refused_join(request.name, refusal)
@@ -211,6 +218,28 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.UploadStatusReply(held_chunks=state.held, complete=state.complete, delivered=state.delivered,
                                     closed=state.closed)
 
+    def Report(self, request: pb.ReportRequest, context):
+        name, session = _identity(context)
+        self.c.count_received("update", _size(request))
+        try:
+            status = self.c.report(name, session, request.round, request.base_version, tuple(request.numbers),
+                                   request.num_tokens, request.train_loss)
+        except (UnknownWorker, Refused) as e:
+            _abort(context, e)
+        return pb.UploadReply(status=status)
+
+    def Log(self, request: pb.LogRequest, context):
+        name, session = _identity(context)
+        self.c.count_received("control", _size(request))
+        try:
+            catch_up = self.c.catch_up(name, session, request.held_version)
+        except UnknownWorker as e:
+            _abort(context, e)
+        reply = pb.LogReply(model_version=catch_up.version, entries=[e.to_pb() for e in catch_up.entries],
+                            download=catch_up.download)
+        self.c.count_sent("model", _size(reply))
+        return reply
+
     def Abandon(self, request: pb.AbandonRequest, context):
         name, session = _identity(context)
         try:
@@ -238,7 +267,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             return
         try:
             header = pb.DownloadMessage(
-                header=pb.DownloadHeader(model_version=g.version, num_blocks=len(blocks), block_versions=dict(g.block_versions))
+                header=pb.DownloadHeader(model_version=g.files_at, num_blocks=len(blocks),
+                                         block_versions=dict(g.block_versions))
             )
             self.c.count_sent("control", _size(header))
             yield header
@@ -272,7 +302,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         except UnknownWorker as e:
             _abort(context, e)
         step = self.c.config.chunk_size
+        wanted = set(request.names)
         for path in self.c.store.model_files():
+            if wanted and path.name not in wanted:
+                continue
             data = path.read_bytes()
             for offset in range(0, max(len(data), 1), step):
                 message = pb.FileChunk(name=path.name, offset=offset, data=data[offset : offset + step])

@@ -2,7 +2,9 @@
 
 Layout of `--state-dir`:
 
-    run.json                      what this run is (model, algorithm, blocks); a restart must match it
+    run.json                      what this run is (model, algorithm, blocks, state format); a restart
+                                  must match it
+    initial.json                  canonical SHA-256 of each block of the initial model
     model/                        config.json and tokenizer files (what workers fetch; what export copies)
     blocks/<block>@<version>.safetensors   one file per block version, written once
     checkpoints/round-000012.json block versions + SHA-256 of each block file, registry, counters
@@ -46,6 +48,10 @@ log = logging.getLogger("fedblock.store")
 Tensors = dict[str, Tensor]
 _CKPT = re.compile(r"round-(\d{6})\.json$")
 EXPORT_MARKER = ".fedblock-export"  # in every export folder: only such a folder is ever replaced
+# The layout version of a state dir. 2 added the algorithm's state to checkpoints (a zeroth-order log)
+# and seeds to plans; a format-1 dir (no "format" in run.json) holds a block method's run, which
+# format 2 reads as it is.
+STATE_FORMAT = 2
 
 
 class StateError(RuntimeError):
@@ -94,6 +100,7 @@ class Checkpoint:
     round_history: list[dict] = field(default_factory=list)  # per round: timing, updates, bytes
     plans: list[dict] = field(default_factory=list)  # the open rounds' plans (RoundPlan.to_record)
     present: list[str] = field(default_factory=list)  # workers connected when it was written
+    algorithm: dict = field(default_factory=dict)  # the algorithm's own state (Algorithm.state)
 
 
 class Pin:
@@ -152,16 +159,41 @@ class StateStore:
         path = self.root / "run.json"
         if path.exists():
             recorded = json.loads(path.read_text())
+            fmt = recorded.get("format", 1)
+            if not isinstance(fmt, int) or fmt > STATE_FORMAT:
+                raise StateError(f"{self.root} was written by a newer fedblock (state format {fmt}; this one reads "
+                                 f"up to {STATE_FORMAT}): resume it with that version, or use another --state-dir")
+            migrate = fmt < STATE_FORMAT
+            if migrate:
+                if identity.get("algorithm") not in ("fedbcd", "parablock", "fedavg"):
+                    raise StateError(f"{self.root} holds a state format {fmt} run, which only block methods wrote; "
+                                     "use another --state-dir")
+                recorded = {**recorded, "format": STATE_FORMAT}
+                for key, value in identity.items():  # format 1 did not record every setting (--train-blocks)
+                    recorded.setdefault(key, value)
             for key, value in identity.items():
                 if recorded.get(key) != value:
                     raise StateError(
                         f"{self.root} holds a run with {key}={recorded.get(key)!r}, not {value!r}; "
                         "use another --state-dir or the same settings"
                     )
+            if migrate:  # only once the run is known to be this one: a refused start leaves the dir as it was
+                atomic_write_json(path, recorded)
+                log.info("migrated %s from state format %d to %d (nothing else changes)", self.root, fmt, STATE_FORMAT)
             return recorded["run_id"]
         run_id = hashlib.sha256(os.urandom(16)).hexdigest()[:16]
-        atomic_write_json(path, {**identity, "run_id": run_id})
+        atomic_write_json(path, {**identity, "run_id": run_id, "format": STATE_FORMAT})
         return run_id
+
+    def initial_hashes(self) -> dict[str, bytes]:
+        """Canonical SHA-256 per block of the run's initial model ({} if never recorded)."""
+        try:
+            return {b: bytes.fromhex(h) for b, h in json.loads((self.root / "initial.json").read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            return {}
+
+    def write_initial_hashes(self, hashes: Mapping[str, bytes]) -> None:
+        atomic_write_json(self.root / "initial.json", {b: h.hex() for b, h in hashes.items()})
 
     def install_model_files(self, files: list[Path]) -> None:
         """Copy the model's config and tokenizer files in (once)."""

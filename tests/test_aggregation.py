@@ -1,4 +1,4 @@
-"""Aggregation: the streaming token-weighted mean (server/aggregator.py), alone and in a fedavg round.
+"""Aggregation: the streaming token-weighted mean (common/aggregation.py), alone and in a fedavg round.
 
 README, How a round works: updates are weighted by training tokens, averaged streaming in float32, and the
 coordinator never holds N copies of a block. The unit tests check RoundSums against Σ wᵢΔᵢ / Σ wᵢ
@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from fedblock.common import blocks as B
+from fedblock.common.aggregation import RoundSums, apply_mean
 from fedblock.common.data import BatchStream, Example, load_examples, tokenize, write_jsonl
 from fedblock.common.models import load_model, load_tokenizer
 from fedblock.common.training import BlockTrainer, OptimConfig
-from fedblock.server.aggregator import RoundSums, apply_mean
 
 SHAPES = {"w": (7, 5), "b": (5,), "n": (3, 2, 4)}
 

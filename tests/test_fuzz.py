@@ -34,11 +34,11 @@ from hypothesis import strategies as st
 
 from fedblock.client.session import Session
 from fedblock.common import wire
+from fedblock.common.aggregation import is_finite
 from fedblock.common.codecs import CodecError, CodecPipeline, load_safetensors
-from fedblock.common.messages import Assignment, Manifest, TensorSpec
+from fedblock.common.messages import PROTOCOL_VERSION, Assignment, Manifest, TensorSpec
 from fedblock.common.pb import coordinator_pb2 as pb
 from fedblock.common.rpc import channel_options
-from fedblock.server.aggregator import is_finite
 
 CHUNK = 4096
 TIMEOUT = 5.0  # every call has a deadline: running into it is a hang
@@ -128,13 +128,17 @@ def requests(rpc: str, specs) -> st.SearchStrategy[bytes]:
     """Valid protobuf encodings of `rpc`'s request with random field values."""
     build = {
         "Join": st.builds(pb.JoinRequest, name=NAMES, version=st.text(max_size=12), device=st.text(max_size=12),
-                          num_examples=U64),
+                          num_examples=U64, protocol=st.sampled_from([0, PROTOCOL_VERSION, 99]) | U32),
         "Heartbeat": st.builds(pb.HeartbeatRequest, held_version=U64, local_steps_done=U64),
         "UploadStatus": st.builds(pb.UploadStatusRequest, round=U64, block=block_names(specs),
                                   blob_sha256=st.binary(max_size=40)),
         "Download": st.builds(pb.DownloadRequest, held_versions=st.dictionaries(block_names(specs), I64, max_size=8)),
         "Leave": st.builds(pb.LeaveRequest, reason=st.text(max_size=40)),
         "Abandon": st.builds(pb.AbandonRequest, round=U64, reason=st.text(max_size=80)),
+        "Report": st.builds(pb.ReportRequest, round=st.integers(0, 3) | U64, base_version=st.integers(0, 3) | U64,
+                            numbers=st.lists(st.floats(width=32), max_size=12), num_tokens=U64,
+                            train_loss=st.floats(width=32)),
+        "Log": st.builds(pb.LogRequest, held_version=st.integers(0, 3) | U64),
     }.get(rpc, st.builds(REQUESTS[rpc]))
     return build.map(lambda m: m.SerializeToString())
 
@@ -329,7 +333,8 @@ class Prober:
 
     def join_junk(self, count: int = 3) -> None:
         for i in range(count):
-            request = pb.JoinRequest(name=f"junk-{i}", version="0", device="cpu").SerializeToString()
+            request = pb.JoinRequest(name=f"junk-{i}", version="0", device="cpu",
+                                     protocol=PROTOCOL_VERSION).SerializeToString()
             assert self.send("Join", request).code == OK
 
     def report(self) -> str:
@@ -763,7 +768,7 @@ def test_every_rpc_survives_junk_and_the_run_completes(federation, data_file):
     """Junk to every RPC before the run, then mutated uploads from an assigned worker (and more junk)
     during round 1; the global model stays as it was, and a 2-round run with a real worker completes."""
     assert set(METHODS) == {"Join", "Events", "Heartbeat", "Upload", "UploadStatus", "Abandon", "Download",
-                            "FetchModelFiles", "Leave", "Status"}, "a new RPC: give it a request strategy"
+                            "FetchModelFiles", "Leave", "Status", "Report", "Log"}, "a new RPC: give it a request strategy"
     fed = federation(rounds=2, chunk_size=CHUNK, local_steps=2, lr=1e-3, block_schedule="staggered", min_workers=2,
                      max_update_bytes=1 << 20)  # partial uploads pile up: beyond --upload-slots they go to files
     c = fed.coordinator

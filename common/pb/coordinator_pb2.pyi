@@ -61,19 +61,28 @@ class Chunk(_message.Message):
     def __init__(self, index: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("name", "version", "device", "num_examples")
+    __slots__ = ("name", "version", "device", "num_examples", "protocol")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     device: str
     num_examples: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., device: _Optional[str] = ..., num_examples: _Optional[int] = ...) -> None: ...
+    protocol: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., device: _Optional[str] = ..., num_examples: _Optional[int] = ..., protocol: _Optional[int] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("session", "run_id", "algorithm", "pipeline_depth", "heartbeat_interval_s", "codec", "chunk_size", "max_message_bytes", "blocks", "layers_per_block", "model_version", "model_files", "seed", "rounds")
+    __slots__ = ("session", "run_id", "algorithm", "pipeline_depth", "heartbeat_interval_s", "codec", "chunk_size", "max_message_bytes", "blocks", "layers_per_block", "model_version", "model_files", "seed", "rounds", "algorithm_settings", "initial_block_sha256", "protocol")
+    class AlgorithmSettingsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     SESSION_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +97,9 @@ class JoinReply(_message.Message):
     MODEL_FILES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_BLOCK_SHA256_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     session: str
     run_id: str
     algorithm: str
@@ -102,7 +114,10 @@ class JoinReply(_message.Message):
     model_files: _containers.RepeatedCompositeFieldContainer[ModelFile]
     seed: int
     rounds: int
-    def __init__(self, session: _Optional[str] = ..., run_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., pipeline_depth: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., codec: _Optional[str] = ..., chunk_size: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[BlockSpec, _Mapping]]] = ..., layers_per_block: _Optional[int] = ..., model_version: _Optional[int] = ..., model_files: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ..., seed: _Optional[int] = ..., rounds: _Optional[int] = ...) -> None: ...
+    algorithm_settings: _containers.ScalarMap[str, str]
+    initial_block_sha256: _containers.RepeatedScalarFieldContainer[bytes]
+    protocol: int
+    def __init__(self, session: _Optional[str] = ..., run_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., pipeline_depth: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., codec: _Optional[str] = ..., chunk_size: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[BlockSpec, _Mapping]]] = ..., layers_per_block: _Optional[int] = ..., model_version: _Optional[int] = ..., model_files: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ..., seed: _Optional[int] = ..., rounds: _Optional[int] = ..., algorithm_settings: _Optional[_Mapping[str, str]] = ..., initial_block_sha256: _Optional[_Iterable[bytes]] = ..., protocol: _Optional[int] = ...) -> None: ...
 
 class ModelFile(_message.Message):
     __slots__ = ("name", "size", "sha256")
@@ -119,18 +134,20 @@ class EventsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("round", "blocks", "local_steps", "learning_rate", "base_version")
+    __slots__ = ("round", "blocks", "local_steps", "learning_rate", "base_version", "seeds")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SEEDS_FIELD_NUMBER: _ClassVar[int]
     round: int
     blocks: _containers.RepeatedScalarFieldContainer[str]
     local_steps: int
     learning_rate: float
     base_version: int
-    def __init__(self, round: _Optional[int] = ..., blocks: _Optional[_Iterable[str]] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., base_version: _Optional[int] = ...) -> None: ...
+    seeds: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, round: _Optional[int] = ..., blocks: _Optional[_Iterable[str]] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., base_version: _Optional[int] = ..., seeds: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelNotice(_message.Message):
     __slots__ = ("version", "block_versions")
@@ -276,8 +293,10 @@ class DownloadMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[DownloadHeader, _Mapping]] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class ModelFilesRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("names",)
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FileChunk(_message.Message):
     __slots__ = ("name", "offset", "data")
@@ -342,3 +361,45 @@ class StatusReply(_message.Message):
     last_eval_round: int
     state: str
     def __init__(self, run_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., round: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., rounds_total: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., last_eval_loss: _Optional[float] = ..., last_eval_round: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
+
+class ReportRequest(_message.Message):
+    __slots__ = ("round", "base_version", "numbers", "num_tokens", "train_loss")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUMBERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    base_version: int
+    numbers: _containers.RepeatedScalarFieldContainer[float]
+    num_tokens: int
+    train_loss: float
+    def __init__(self, round: _Optional[int] = ..., base_version: _Optional[int] = ..., numbers: _Optional[_Iterable[float]] = ..., num_tokens: _Optional[int] = ..., train_loss: _Optional[float] = ...) -> None: ...
+
+class LogRequest(_message.Message):
+    __slots__ = ("held_version",)
+    HELD_VERSION_FIELD_NUMBER: _ClassVar[int]
+    held_version: int
+    def __init__(self, held_version: _Optional[int] = ...) -> None: ...
+
+class LogEntry(_message.Message):
+    __slots__ = ("round", "learning_rate", "seeds", "scalars")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    SEEDS_FIELD_NUMBER: _ClassVar[int]
+    SCALARS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    learning_rate: float
+    seeds: _containers.RepeatedScalarFieldContainer[int]
+    scalars: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, round: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seeds: _Optional[_Iterable[int]] = ..., scalars: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class LogReply(_message.Message):
+    __slots__ = ("model_version", "entries", "download")
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    DOWNLOAD_FIELD_NUMBER: _ClassVar[int]
+    model_version: int
+    entries: _containers.RepeatedCompositeFieldContainer[LogEntry]
+    download: bool
+    def __init__(self, model_version: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[LogEntry, _Mapping]]] = ..., download: _Optional[bool] = ...) -> None: ...

@@ -84,6 +84,16 @@ class CoordinatorStub:
                 request_serializer=fedblock_dot_v1_dot_coordinator__pb2.StatusRequest.SerializeToString,
                 response_deserializer=fedblock_dot_v1_dot_coordinator__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.Report = channel.unary_unary(
+                '/fedblock.v1.Coordinator/Report',
+                request_serializer=fedblock_dot_v1_dot_coordinator__pb2.ReportRequest.SerializeToString,
+                response_deserializer=fedblock_dot_v1_dot_coordinator__pb2.UploadReply.FromString,
+                _registered_method=True)
+        self.Log = channel.unary_unary(
+                '/fedblock.v1.Coordinator/Log',
+                request_serializer=fedblock_dot_v1_dot_coordinator__pb2.LogRequest.SerializeToString,
+                response_deserializer=fedblock_dot_v1_dot_coordinator__pb2.LogReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -160,6 +170,20 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Report(self, request, context):
+        """An update that is a small record of numbers (zeroth-order scalars), in one message.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Log(self, request, context):
+        """What a worker holding model version `held_version` needs to catch up (zeroth-order: the log).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -212,6 +236,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=fedblock_dot_v1_dot_coordinator__pb2.StatusRequest.FromString,
                     response_serializer=fedblock_dot_v1_dot_coordinator__pb2.StatusReply.SerializeToString,
+            ),
+            'Report': grpc.unary_unary_rpc_method_handler(
+                    servicer.Report,
+                    request_deserializer=fedblock_dot_v1_dot_coordinator__pb2.ReportRequest.FromString,
+                    response_serializer=fedblock_dot_v1_dot_coordinator__pb2.UploadReply.SerializeToString,
+            ),
+            'Log': grpc.unary_unary_rpc_method_handler(
+                    servicer.Log,
+                    request_deserializer=fedblock_dot_v1_dot_coordinator__pb2.LogRequest.FromString,
+                    response_serializer=fedblock_dot_v1_dot_coordinator__pb2.LogReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -484,6 +518,60 @@ class Coordinator:
             '/fedblock.v1.Coordinator/Status',
             fedblock_dot_v1_dot_coordinator__pb2.StatusRequest.SerializeToString,
             fedblock_dot_v1_dot_coordinator__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Report(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedblock.v1.Coordinator/Report',
+            fedblock_dot_v1_dot_coordinator__pb2.ReportRequest.SerializeToString,
+            fedblock_dot_v1_dot_coordinator__pb2.UploadReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Log(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedblock.v1.Coordinator/Log',
+            fedblock_dot_v1_dot_coordinator__pb2.LogRequest.SerializeToString,
+            fedblock_dot_v1_dot_coordinator__pb2.LogReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,171 @@
+"""Zeroth-order methods end to end over real gRPC: DeComFL and FedSPZO, the log and the replica.
+
+The sync test follows the authors' (server/client model sync to 1e-6): after a run in which workers
+join late and miss rounds, each float32 worker that catches up from where it is holds exactly the
+coordinator's replica (max abs difference 0, well inside 1e-6).
+"""
+
+import pytest
+import torch
+from test_faults import wait_for
+
+from fedblock.client.session import Session
+from fedblock.common import zo
+from fedblock.common.models import load_model
+
+
+def replica(coordinator) -> dict[str, torch.Tensor]:
+    return {n: t for tensors in coordinator.global_model.tensors.values() for n, t in tensors.items()}
+
+
+def caught_up(fed, worker) -> dict[str, torch.Tensor]:
+    """The worker's model after it catches up to the coordinator's final version, as it would when given
+    its next task: its own algorithm's fetch (the log, or blocks + log) and apply, over a new session."""
+    session = Session(fed.address, worker.config.name)
+    try:
+        session.join(0, "cpu", timeout=10)
+        final = fed.coordinator.global_model.version
+        patch = worker.algorithm.fetch(session, worker.book.version, dict(worker.book.block_versions), final)
+        worker.algorithm.apply(patch, worker.local)
+    finally:
+        session.close()
+    assert patch.version == final
+    return {n: p.detach().clone() for n, p in worker.local.model.named_parameters()}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    return max(float((a[n].float() - b[n].float()).abs().max()) for n in b)
+
+
+@pytest.mark.parametrize("algorithm, perturbations", [("decomfl", "3"), ("fedspzo", "1,3")])
+def test_late_workers_that_missed_rounds_catch_up_to_the_replica(federation, data_file, tiny_model, tmp_path,
+                                                                 algorithm, perturbations):
+    fed = federation(algorithm=algorithm, rounds=8, clients_per_round=2, min_workers=2, min_updates=1, lr=1e-3,
+                     zo_perturbations=perturbations, local_steps=2, eval_data=str(data_file))
+    a = fed.add_worker(fed.worker_config("a", data_file, work_dir=tmp_path / "a"))
+    b = fed.add_worker(fed.worker_config("b", data_file, work_dir=tmp_path / "b"))
+    result = {}
+    import threading
+
+    run = threading.Thread(target=lambda: result.setdefault("summary", fed.coordinator.run()), daemon=True)
+    run.start()
+    wait_for(lambda: fed.coordinator.global_model.version >= 3, 60, "round 3 to close")
+    c = fed.add_worker(fed.worker_config("c", data_file, work_dir=tmp_path / "c"))  # joins late: replays the log
+    run.join(120)
+    assert not run.is_alive(), "the run did not finish"
+    for t in fed.threads:
+        t.join(30)
+    summary = result["summary"]
+    assert summary["rounds_completed"] == 8 and summary["updates_rejected"] == 0
+    initial = dict(load_model(tiny_model).named_parameters())
+    final = replica(fed.coordinator)
+    assert max_diff(final, initial) > 0, "the replica never moved"
+    assert summary["eval_loss_final"] != summary["eval_loss_initial"]
+    for worker in (a, b, c):
+        assert worker.book is not None, f"{worker.config.name} never started"
+        assert max_diff(caught_up(fed, worker), final) <= 1e-6, worker.config.name
+
+
+def test_a_worker_far_behind_downloads_the_blocks_instead_of_replaying(federation, data_file, tmp_path):
+    # A replay limit of one round's work: the coordinator writes its replica's blocks about every other
+    # round, and a worker more than a round behind downloads them and replays at most one round.
+    probe = federation(algorithm="decomfl", rounds=1)
+    per_round = probe.coordinator.algorithm.step_cost()
+    fed = federation(algorithm="decomfl", rounds=6, clients_per_round=1, min_workers=1, lr=1e-3,
+                     zo_perturbations="2", zo_replay_limit=per_round * 1.5)
+    a = fed.add_worker(fed.worker_config("a", data_file, work_dir=tmp_path / "a"))
+    summary = fed.run(timeout=120)
+    assert summary["rounds_completed"] == 6
+    assert fed.coordinator.global_model.files_at >= 4  # the replica's blocks were written as it went
+    behind = fed.coordinator.algorithm.catch_up(0, 6)
+    assert behind.download and not behind.entries
+    session = Session(fed.address, "late")
+    try:
+        session.join(0, "cpu", timeout=10)
+        patch = a.algorithm.fetch(session, 0, {}, 6)
+    finally:
+        session.close()
+    assert patch.blocks and patch.version == 6  # blocks at the files' version, then the rest of the log
+    a.algorithm.apply(patch, a.local)
+    model = {n: p.detach() for n, p in a.local.model.named_parameters()}
+    assert max_diff(model, replica(fed.coordinator)) <= 1e-6
+
+
+def test_decomfl_moves_only_a_few_bytes_per_round(federation, data_file, tmp_path):
+    fed = federation(algorithm="decomfl", rounds=20, clients_per_round=1, min_workers=2, zo_perturbations="5",
+                     heartbeat_interval=60, heartbeat_timeout=120)
+    workers = [fed.add_worker(fed.worker_config(n, data_file, work_dir=tmp_path / n)) for n in ("a", "b")]
+    summary = fed.run(timeout=120)
+    initial_blocks = sum(p.stat().st_size for p in fed.coordinator.store.blocks_dir.glob("*@0.safetensors"))
+    sent = {w.config.name: {k: w.metrics.bytes_sent.labels(k)._value.get() for k in ("update", "control")}
+            for w in workers}
+    got = {w.config.name: {k: w.metrics.bytes_received.labels(k)._value.get() for k in ("model", "control")}
+           for w in workers}
+    for name in sent:
+        after_start = got[name]["model"] - initial_blocks - 10_000  # each downloaded the model once (+ manifests)
+        per_round = (sent[name]["update"] + sent[name]["control"] + after_start) / summary["rounds_completed"]
+        assert sent[name]["update"] <= 20 * 60, (name, sent[name])  # 20 B of scalars + framing per report
+        assert per_round < 1000, (name, sent, got)  # well under 1 MB for 1,000 rounds
+
+
+def test_the_directions_do_not_depend_on_the_device_or_dtype_they_are_drawn_in():
+    a = zo.signs(7, 2, 3, 5000, dtype=torch.float32)
+    b = zo.signs(7, 2, 3, 5000, dtype=torch.bfloat16)
+    assert torch.equal(a, b.float())
+
+
+@pytest.mark.slow
+def test_a_decomfl_coordinator_killed_mid_run_resumes_to_the_uninterrupted_model(tmp_path, tiny_model, data_file,
+                                                                                  federation):
+    """kill -9 the coordinator three times during a decomfl run: it resumes from its checkpoint (the
+    blocks it last wrote and the log since), and the run ends with exactly the uninterrupted model."""
+    import json
+    import random
+    import signal
+
+    from safetensors.torch import load_file
+    from test_faults import Output, cli, free_port, reap, uninterrupted
+
+    rounds = 10
+    options = dict(algorithm="decomfl", rounds=rounds, local_steps=4, lr=1e-3, zo_perturbations="16")
+    reference = uninterrupted(federation, data_file, **options)
+
+    port, state = free_port(), tmp_path / "state"
+    coordinator_args = ["coordinator", "--model", tiny_model, "--state-dir", state, "--listen", f"127.0.0.1:{port}",
+                        "--insecure", "--algorithm", "decomfl", "--rounds", rounds, "--local-steps", 4, "--lr", 1e-3,
+                        "--zo-perturbations", 16, "--threads", 1, "--heartbeat-interval", 0.5]
+    worker = cli("worker", "--coordinator", f"127.0.0.1:{port}", "--name", "solo", "--data", data_file, "--insecure",
+                 "--batch-size", 4, "--max-seq-len", 64, "--threads", 1, "--max-backoff", 1)
+    worker_output = Output(worker)
+    rng = random.Random(3)
+    kills, coordinator = 0, None
+    try:
+        while True:
+            coordinator = cli(*coordinator_args)
+            output = Output(coordinator)
+            if kills < 3:
+                worker_output.wait_for(r"training examples, model version", 120, "the worker to start")
+                output.wait_for(r"worker solo joined", 120, f"the worker to join coordinator {kills + 1}")
+                output.wait_for(r" started: ", 120, "a round to start")
+                ended = output.ended.wait(rng.uniform(0.0, 0.6))  # the dice: when in the round to strike
+                assert not ended and coordinator.poll() is None, output.text()[-3000:]
+                coordinator.send_signal(signal.SIGKILL)
+                output.finish(30)
+                kills += 1
+                continue
+            out = output.finish(240)
+            assert coordinator.returncode == 0, out[-3000:]
+            break
+        worker_out = worker_output.finish(60)
+        assert worker.returncode == 0, worker_out[-3000:]
+    finally:
+        for p in (coordinator, worker):
+            if p is not None:
+                reap(p)
+    summary = json.loads((state / "summary.json").read_text())
+    assert kills == 3 and summary["rounds_completed"] == rounds
+    exported = {}
+    for f in sorted((state / "export").glob("*.safetensors")):
+        exported.update(load_file(f))
+    for name, t in reference.items():
+        assert torch.equal(exported[name], t), name
