@@ -124,6 +124,7 @@ class Comm:
         self._join_lock = threading.Lock()
         self._announced = book.version  # newest model version announced by the coordinator
         self._requested = book.version  # newest version downloaded (or being applied)
+        self._queued = book.version  # newest version a patch handed to the compute thread brings the model to
         # Algorithms that catch up only when given a task: the newest base version of one (else: all).
         self._wanted = book.version if self.algorithm.catch_up_on_task else None
         self._resync = False  # the next delta sync asks for every block we changed
@@ -267,15 +268,19 @@ class Comm:
         t0 = time.perf_counter()
         with self._lock:
             resync = self._resync
-            # From the newest version fetched: a patch on its way to the compute thread already brings the
-            # copy there (a log catch-up from the book's version would replay those rounds twice).
-            start = max(self.book.version, self._requested)
+            # From the newest version handed to the compute thread: a patch on its way there brings the copy
+            # that far (a log catch-up from the book's version would replay those rounds twice). A re-join
+            # does not reset it: a coordinator now behind it answers "download the blocks".
+            start = max(self.book.version, self._queued)
+            generation = self._generation
         with self.timeline.span("download", announced):
             patch = self.algorithm.fetch(self.session, start, self.book.request(announced, resync), announced)
             version = patch.version
         with self._lock:
-            self._requested = version
-            self._resync = self._resync and not resync
+            if generation == self._generation:  # else a re-join came meanwhile: sync once more after it
+                self._requested = version
+                self._resync = self._resync and not resync
+            self._queued = max(self._queued, version)
             self._progress["transfer"] += 1
         self.metrics.comm_seconds.inc(time.perf_counter() - t0)
         self._put(self.inbox, patch)
@@ -338,7 +343,7 @@ class Comm:
                     break
                 except grpc.RpcError as e:
                     attempt += 1
-                    if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION):
                         raise GiveUp(f"the coordinator refused us: {e.details()}") from None
                     if self.max_retries and attempt >= self.max_retries:
                         raise GiveUp(f"no coordinator after {attempt} attempts ({e.code().name})") from None

@@ -130,6 +130,9 @@ class Session:
                 time.sleep(min(next(delays), max(0.0, deadline - time.monotonic())))
         self._sent("control", _size(request))
         self._received("control", _size(reply))
+        if reply.protocol != PROTOCOL_VERSION:
+            raise ConnectionRefusedError(f"the coordinator at {self.address} speaks fedblock protocol {reply.protocol}, "
+                                         f"this worker {PROTOCOL_VERSION}: install the same fedblock version on both sides")
         self.info = RunInfo.from_pb(reply)
         self._metadata = (("fedblock-worker", self.name), ("fedblock-session", self.info.session))
         return self.info

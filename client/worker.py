@@ -18,7 +18,7 @@ import grpc
 import torch
 
 from ..common import blocks as B
-from ..common.algorithms import Algorithm, AlgorithmError, Local, load
+from ..common.algorithms import Algorithm, Local, load
 from ..common.config import ConfigError, WorkerConfig
 from ..common.data import BatchStream, load_examples, tokenize
 from ..common.messages import Patch
@@ -143,7 +143,7 @@ class Worker:
                  c.name, info.run_id, info.algorithm, info.pipeline_depth, len(info.blocks), info.model_version)
         try:
             algorithm = self._algorithm(info)
-        except (AlgorithmError, ValueError) as e:  # code never travels: this site lacks it, or refuses its settings
+        except Exception as e:  # code never travels: this site lacks it, or it fails on the run's settings
             session.leave(f"cannot run algorithm {info.algorithm}: {e}"[:200])
             raise ConfigError(f"the run uses algorithm {info.algorithm!r}, which this worker cannot run: {e}") from None
         try:

@@ -269,6 +269,8 @@ class CoordinatorConfig:
         _require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
         _require(self.layers_per_block >= 1, "--layers-per-block must be >= 1")
         _require(self.pipeline_depth is None or self.pipeline_depth in (0, 1), "--pipeline-depth must be 0 or 1")
+        _require(not (self.algorithm_class.records and self.depth), f"--pipeline-depth: {self.algorithm} runs each "
+                 "task on the round's base model (depth 0)")
         _require(MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE, "--chunk-size must be between 1KiB and 64MiB")
         _require(self.eval_every >= 0 and self.eval_max_examples >= 1 and self.eval_batch_size >= 1,
                  "--eval-every must be >= 0, --eval-max-examples and --eval-batch-size >= 1")

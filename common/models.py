@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatch
@@ -47,6 +48,10 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
+
+# transformers changes process-wide state while it builds a model (default dtype, init flags): workers
+# that run as threads of one process (tests, benchmarks/scale.py) build theirs one at a time.
+_BUILD_LOCK = threading.RLock()
 
 
 class ModelError(ValueError):
@@ -283,7 +288,8 @@ def load_model(
     The module mode is what `from_pretrained` leaves (eval); callers that train call `.train()`.
     """
     folder = _check_model_folder(Path(path).expanduser())
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    with _BUILD_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     return model.to(device)
 
 
@@ -333,7 +339,7 @@ def build_model_from_files(
     if not (folder / "config.json").is_file():
         raise ModelError(f"model folder {folder} has no config.json")
     config = AutoConfig.from_pretrained(folder)
-    with torch.device("meta"):
+    with _BUILD_LOCK, torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.to_empty(device=device)
     # to_empty leaves every tensor uninitialised, including the non-persistent buffers. Let

@@ -31,7 +31,10 @@ def export(config: ExportConfig) -> str:
         ckpt = Checkpoint(**json.loads(path.read_text()))
     if ckpt is None:
         raise StateError(f"{config.state_dir} holds no checkpoint")
-    return str(export_model(store.model_dir, blocks if blocks is not None else store.load_blocks(ckpt), config.out))
+    from ..server.daemon import checkpoint_model
+
+    tensors = checkpoint_model(store, ckpt, blocks if blocks is not None else store.load_blocks(ckpt))
+    return str(export_model(store.model_dir, tensors, config.out))
 
 
 def evaluate(config: EvalConfig) -> dict:

@@ -32,7 +32,7 @@ from ..common.rpc import message_limit
 from .metrics import CoordinatorMetrics
 from .registry import Registry
 from .rounds import Refused, RoundPlan, RoundRules, Rounds
-from .store import Checkpoint, StateStore, export_model
+from .store import Checkpoint, StateError, StateStore, export_model
 
 log = logging.getLogger("fedblock.coordinator")
 
@@ -44,7 +44,10 @@ OUTCOME_WAIT_S = 300.0  # a resumed stream waits this long for the one checking 
 
 @dataclass(frozen=True)
 class GlobalModel:
-    """One immutable version of the global model. Block tensors are never changed in place."""
+    """One version of the global model. A block method's tensors are never changed in place (a new
+    version gets new tensors); a records algorithm (zeroth-order) moves its replica on in place, on the
+    coordinator's run thread, which is the only reader of tensors (evaluation, export): downloads
+    stream the block files."""
 
     version: int
     block_versions: Mapping[str, int]
@@ -166,7 +169,13 @@ class Coordinator:
             self.totals.eval_history = [list(e) for e in checkpoint.eval_history]
             self.totals.round_history = [dict(r) for r in checkpoint.round_history]
             # The algorithm's state (a zeroth-order log) brings the checkpoint's block files to its round.
-            files_version = self.algorithm.restore(checkpoint.algorithm, initial.tensors, initial.version)
+            try:
+                files_version = self.algorithm.restore(checkpoint.algorithm, initial.tensors, initial.version)
+            except ValueError as e:
+                raise StateError(f"checkpoint of round {checkpoint.round}: {e}") from None
+            if self.algorithm.records and any(checkpoint.block_versions.get(b) != files_version for b in self.trainable):
+                raise StateError(f"checkpoint of round {checkpoint.round}: its blocks are not those of round "
+                                 f"{files_version} that its log starts from")
             if files_version != initial.version:
                 self.global_model = initial = GlobalModel(initial.version, initial.block_versions, initial.block_sha256,
                                                           initial.tensors, files_version)
@@ -470,6 +479,10 @@ class Coordinator:
                 self.algorithm.check(Task(plan.assignments[name], plan.seeds.get(name, ())), numbers)
             except ValueError as e:
                 raise self._reject("malformed", str(e)) from None
+            norm = math.sqrt(math.fsum(x * x for x in numbers))
+            if self.config.max_update_norm and norm > self.config.max_update_norm:
+                raise self._reject("too_large_norm", f"the record's L2 norm {norm:.4g} exceeds --max-update-norm "
+                                                     f"{self.config.max_update_norm:g}")
             self.rounds.hand_in(name, round, self._present())
             plan.records[name] = tuple(numbers)
             blocks = plan.assignments[name]
@@ -807,7 +820,11 @@ class Coordinator:
     def _close_round(self, plan: RoundPlan) -> None:
         """Aggregate a closed round into a new global version, checkpoint it, then announce it."""
         g = self.global_model
-        changed = self.algorithm.close(plan, g.tensors)
+        try:
+            changed = self.algorithm.close(plan, g.tensors)
+        except Exception as e:  # the model may be half changed: nothing of it is written or announced
+            self._fail(RuntimeError(f"round {plan.round}: the algorithm failed to close it: {e!r}"))
+            return
         new_tensors = {}
         for b, result in changed.items():
             if is_finite(result):  # finite deltas can still overflow float32 when added to the block

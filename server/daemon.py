@@ -22,7 +22,7 @@ from ..common.security import Authenticator, load_tokens, server_credentials
 from .coordinator import Coordinator, GlobalModel
 from .metrics import CoordinatorMetrics
 from .service import CoordinatorService, add_to_server
-from .store import Checkpoint, StateStore, check_export_dir
+from .store import Checkpoint, StateError, StateStore, check_export_dir
 
 log = logging.getLogger("fedblock.coordinator")
 GRPC_THREADS = 1024  # every connected worker holds one event stream (one thread); threads start lazily
@@ -43,16 +43,22 @@ def build(config: CoordinatorConfig) -> Coordinator:
     blocks = partition(model, config.layers_per_block)
     params = dict(model.named_parameters())
     specs = [BlockSpec(b.name, tuple(TensorSpec.of(n, params[n].float()) for n in b.params)) for b in blocks]
+    cls = config.algorithm_class
     run_id = store.bind_run(
         {
             "model_fingerprint": model_fingerprint(model_path),
             "algorithm": config.algorithm,
+            # What a replay of the run's log depends on must not change when it resumes.
+            "settings": {k: v for k, v in config.algorithm_settings().items() if k in cls.options},
             "train_blocks": config.train_blocks,
+            "layers_per_block": config.layers_per_block,
             "blocks": [b.name for b in blocks],
             "codec": config.codec,
         }
     )
     store.install_model_files(model_files(model_path))
+    if not store.initial_hashes():  # a new run, or one of a state format that did not record them
+        store.write_initial_hashes({b.name: canonical_sha256({n: params[n] for n in b.params}, b.params) for b in blocks})
     intact = store.latest_intact()  # falls back past a damaged newest checkpoint, with a warning
     ckpt = None
     if intact is not None:
@@ -61,7 +67,6 @@ def build(config: CoordinatorConfig) -> Coordinator:
         log.info("resuming run %s from the checkpoint of round %d", run_id, ckpt.round)
     else:
         tensors = {b.name: {n: params[n].detach().float() for n in b.params} for b in blocks}
-        store.write_initial_hashes({b.name: canonical_sha256(tensors[b.name], b.params) for b in blocks})
         shas = {name: store.write_block(name, 0, t) for name, t in tensors.items()}
         versions = {b.name: 0 for b in blocks}
         store.write_checkpoint(Checkpoint(0, versions, shas))
@@ -74,6 +79,33 @@ def build(config: CoordinatorConfig) -> Coordinator:
         evaluate = Evaluator(store.model_dir, config.eval_data, config.eval_max_examples, config.eval_batch_size, config.max_seq_len)
     return Coordinator(config, store, run_id, specs, initial, CoordinatorMetrics(), evaluate, ckpt,
                        initial_sha256=store.initial_hashes())
+
+
+def checkpoint_model(store: StateStore, ckpt: Checkpoint, tensors: dict) -> dict:
+    """The global model of a checkpoint: its block files, brought to its round by the algorithm's state
+    (a zeroth-order checkpoint holds the blocks it last wrote and the log since). For `fedblock export`."""
+    if not ckpt.algorithm:
+        return tensors
+    import fnmatch
+    import json
+
+    from ..common.algorithms import load
+    from ..common.models import build_model_from_files
+
+    run = json.loads((store.root / "run.json").read_text())
+    cls = load(run["algorithm"])
+    model = build_model_from_files(store.model_dir, device="meta")  # the layout only
+    params = dict(model.named_parameters())
+    blocks = partition(model, int(run.get("layers_per_block", 1)))
+    specs = [BlockSpec(b.name, tuple(TensorSpec.of(n, params[n].float()) for n in b.params)) for b in blocks]
+    patterns = [p.strip() for p in str(run.get("train_blocks", "*")).split(",") if p.strip()]
+    trainable = [b.name for b in blocks if any(fnmatch.fnmatchcase(b.name, p) for p in patterns)]
+    algorithm = cls(dict(run.get("settings", {})), specs, trainable)
+    try:
+        algorithm.restore(ckpt.algorithm, tensors, ckpt.round)
+    except ValueError as e:
+        raise StateError(f"checkpoint of round {ckpt.round}: {e}") from None
+    return tensors
 
 
 def serve(coordinator: Coordinator, config: CoordinatorConfig) -> tuple[grpc.Server, int]:

@@ -242,6 +242,44 @@ def cli(*args):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def run_with_kills(coordinator_args, worker: subprocess.Popen, kills: int, pause: random.Random,
+                   longest: float) -> tuple[list[str], str]:
+    """Start the coordinator (`cli(*coordinator_args)`) and kill -9 it `kills` times, each at a random
+    moment up to `longest` s after a round started (mid-round, mid-upload, mid-checkpoint: whatever the
+    dice say), starting it again on the same state dir each time; then let it finish, and the worker
+    too. Returns the round lines each kill followed and the worker's output."""
+    worker_output = Output(worker)
+    moments: list[str] = []
+    coordinator = None
+    try:
+        for kill in range(kills + 1):
+            coordinator = cli(*coordinator_args)
+            output = Output(coordinator)
+            if kill == kills:
+                out = output.finish(240)
+                assert coordinator.returncode == 0, out[-3000:]
+                break
+            # Wait until the worker is in this coordinator's run (past its own start-up, joined to this
+            # coordinator: each kill then costs it a session) and a round is under way, then strike.
+            # (The pause is the dice, not a wait for something; it ends early only if the coordinator does.)
+            worker_output.wait_for(r"training examples, model version", 120, "the worker to start")
+            output.wait_for(r"worker solo joined", 120, f"the worker to join coordinator {kill + 1}")
+            line = output.wait_for(r" started: ", 120, "a round to start").string
+            moments.append(line.split(" INFO ")[-1].strip())
+            ended = output.ended.wait(pause.uniform(0.0, longest))
+            assert not ended and coordinator.poll() is None, \
+                f"the coordinator ended before kill {kill + 1}:\n{output.text()[-3000:]}"
+            coordinator.send_signal(signal.SIGKILL)
+            output.finish(30)
+            assert coordinator.returncode == -signal.SIGKILL
+        worker_out = worker_output.finish(60)
+        assert worker.returncode == 0, worker_out[-3000:]
+    finally:
+        if coordinator is not None:
+            reap(coordinator)
+    return moments, worker_out
+
+
 @pytest.mark.slow
 def test_coordinator_killed_at_random_moments_resumes_to_the_same_model(tmp_path, tiny_model, data_file, federation):
     """kill -9 the coordinator at random moments (mid-round, mid-upload, mid-checkpoint, whatever the
@@ -258,44 +296,12 @@ def test_coordinator_killed_at_random_moments_resumes_to_the_same_model(tmp_path
     worker = cli("worker", "--coordinator", f"127.0.0.1:{port}", "--name", "solo", "--data", data_file, "--insecure",
                  "--batch-size", 4, "--max-seq-len", 64, "--threads", 1, "--max-upload-rate", "2MB/s",
                  "--max-backoff", 1)
-    worker_output = Output(worker)
-    rng = random.Random(7)
-    kills, moments = 0, []
-    coordinator = None
     try:
-        while True:
-            coordinator = cli(*coordinator_args)
-            output = Output(coordinator)
-            if kills < 4:
-                # Wait until the worker is in this coordinator's run (past its own start-up, joined to
-                # this coordinator: each kill then costs it a session) and a round is under way, then
-                # strike at a random moment within the next round or two: training, an upload in
-                # flight, aggregation or a checkpoint. (The pause is the dice, not a wait for
-                # something; it ends early only if the coordinator does.)
-                worker_output.wait_for(r"training examples, model version", 120, "the worker to start")
-                output.wait_for(r"worker solo joined", 120, f"the worker to join coordinator {kills + 1}")
-                line = output.wait_for(r" started: ", 120, "a round to start").string
-                moments.append(line.split(" INFO ")[-1].strip())
-                ended = output.ended.wait(rng.uniform(0.0, 1.2))
-                early = f"the coordinator ended before kill {kills + 1}:\n{output.text()[-3000:]}"
-                assert not ended and coordinator.poll() is None, early
-                coordinator.send_signal(signal.SIGKILL)
-                output.finish(30)
-                assert coordinator.returncode == -signal.SIGKILL
-                kills += 1
-                continue
-            out = output.finish(240)
-            if coordinator.returncode == 0:
-                break
-            raise AssertionError(out[-3000:])
-        worker_out = worker_output.finish(60)
-        assert worker.returncode == 0, worker_out[-3000:]
+        moments, worker_out = run_with_kills(coordinator_args, worker, kills=4, pause=random.Random(7), longest=1.2)
     finally:
-        for p in (coordinator, worker):
-            if p is not None:
-                reap(p)
+        reap(worker)
     summary = json.loads((state / "summary.json").read_text())
-    assert kills == 4 and summary["rounds_completed"] == rounds
+    assert summary["rounds_completed"] == rounds
     store = StateStore(state)
     got = {n: t for tensors in store.load_blocks(store.latest()).values() for n, t in tensors.items()}
     for name, t in reference.items():

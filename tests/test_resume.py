@@ -284,3 +284,46 @@ def test_a_round_planned_again_after_a_fallback_is_trained_again(tiny_model, dat
         stop.set()
         thread.join(30)
     assert loop.error is None
+
+
+class LogCatchingUp:
+    """A zeroth-order worker's fetches, recorded: from which version each one asked for the log."""
+
+    catch_up_on_task = False
+
+    def __init__(self):
+        self.asked: list[int] = []
+        self.fetched = threading.Event()
+
+    def fetch(self, session, version, held, target):
+        from fedblock.common.messages import Patch
+
+        self.asked.append(version)
+        self.fetched.set()
+        return Patch(target, {}, {}, ())
+
+
+def test_a_catch_up_after_a_rejoin_starts_where_the_queued_patch_left_the_model():
+    """A log catch-up to version 5 waits in the compute inbox (not applied yet: the book still says 3)
+    when the coordinator restarts behind it, at 4. The next catch-up must start from 5, where that
+    patch brings the model, not from the book's 3: replaying rounds 4 and 5 twice corrupts the model
+    (from 5, a coordinator at 4 answers "download the blocks")."""
+    session, stop = RestartingCoordinator(), threading.Event()
+    session.info.model_version = 4
+    algorithm = LogCatchingUp()
+    inbox: queue.Queue = queue.Queue(16)
+    comm = Comm(session, ModelBook(version=3), inbox, queue.Queue(1), WorkerMetrics(), stop, Timeline("w"),
+                max_backoff=0.05, algorithm=algorithm)
+    thread = threading.Thread(target=comm.transfer, daemon=True)
+    thread.start()
+    try:
+        comm._announce(5)
+        assert algorithm.fetched.wait(5)
+        assert inbox.get(timeout=5).version == 5  # taken out of the queue, but never applied: book at 3
+        algorithm.fetched.clear()
+        comm._rejoin(comm._generation)  # the restarted coordinator says 4
+        assert algorithm.fetched.wait(5), algorithm.asked
+    finally:
+        stop.set()
+        thread.join(5)
+    assert algorithm.asked == [3, 5]

@@ -121,10 +121,9 @@ def test_a_decomfl_coordinator_killed_mid_run_resumes_to_the_uninterrupted_model
     blocks it last wrote and the log since), and the run ends with exactly the uninterrupted model."""
     import json
     import random
-    import signal
 
     from safetensors.torch import load_file
-    from test_faults import Output, cli, free_port, reap, uninterrupted
+    from test_faults import cli, free_port, reap, run_with_kills, uninterrupted
 
     rounds = 10
     options = dict(algorithm="decomfl", rounds=rounds, local_steps=4, lr=1e-3, zo_perturbations="16")
@@ -136,36 +135,102 @@ def test_a_decomfl_coordinator_killed_mid_run_resumes_to_the_uninterrupted_model
                         "--zo-perturbations", 16, "--threads", 1, "--heartbeat-interval", 0.5]
     worker = cli("worker", "--coordinator", f"127.0.0.1:{port}", "--name", "solo", "--data", data_file, "--insecure",
                  "--batch-size", 4, "--max-seq-len", 64, "--threads", 1, "--max-backoff", 1)
-    worker_output = Output(worker)
-    rng = random.Random(3)
-    kills, coordinator = 0, None
     try:
-        while True:
-            coordinator = cli(*coordinator_args)
-            output = Output(coordinator)
-            if kills < 3:
-                worker_output.wait_for(r"training examples, model version", 120, "the worker to start")
-                output.wait_for(r"worker solo joined", 120, f"the worker to join coordinator {kills + 1}")
-                output.wait_for(r" started: ", 120, "a round to start")
-                ended = output.ended.wait(rng.uniform(0.0, 0.6))  # the dice: when in the round to strike
-                assert not ended and coordinator.poll() is None, output.text()[-3000:]
-                coordinator.send_signal(signal.SIGKILL)
-                output.finish(30)
-                kills += 1
-                continue
-            out = output.finish(240)
-            assert coordinator.returncode == 0, out[-3000:]
-            break
-        worker_out = worker_output.finish(60)
-        assert worker.returncode == 0, worker_out[-3000:]
+        run_with_kills(coordinator_args, worker, kills=3, pause=random.Random(3), longest=0.6)
     finally:
-        for p in (coordinator, worker):
-            if p is not None:
-                reap(p)
+        reap(worker)
     summary = json.loads((state / "summary.json").read_text())
-    assert kills == 3 and summary["rounds_completed"] == rounds
+    assert summary["rounds_completed"] == rounds
     exported = {}
     for f in sorted((state / "export").glob("*.safetensors")):
         exported.update(load_file(f))
     for name, t in reference.items():
         assert torch.equal(exported[name], t), name
+
+
+def test_fedblock_export_of_a_zeroth_order_state_dir_is_the_replica(federation, data_file, tmp_path):
+    from safetensors.torch import load_file
+
+    from fedblock.common.config import ExportConfig
+    from fedblock.common.tools import export
+
+    fed = federation(algorithm="decomfl", rounds=3, lr=1e-3, zo_perturbations="2")
+    fed.add_worker(fed.worker_config("a", data_file, work_dir=tmp_path / "a"))
+    fed.run(timeout=60)
+    assert fed.coordinator.global_model.files_at == 0  # the blocks on disk are the initial ones
+    out = export(ExportConfig(state_dir=fed.coordinator.store.root, out=tmp_path / "out"))
+    exported = {}
+    for f in sorted((tmp_path / "out").glob("*.safetensors")):
+        exported.update(load_file(f))
+    for name, t in replica(fed.coordinator).items():
+        assert name not in exported or torch.equal(exported[name], t), name
+    assert out
+
+
+def test_a_resume_with_other_zeroth_order_settings_is_refused(tmp_path, tiny_model):
+    from fedblock.common.config import CoordinatorConfig
+    from fedblock.server import daemon
+    from fedblock.server.store import StateError
+
+    def config(p):
+        return CoordinatorConfig(model=str(tiny_model), state_dir=tmp_path / "s", insecure=True, algorithm="decomfl",
+                                 zo_perturbations=p)
+
+    daemon.build(config("3"))
+    daemon.build(config("3"))  # the same settings resume
+    with pytest.raises(StateError, match="zo_perturbations"):
+        daemon.build(config("4"))
+
+
+def test_scalars_out_of_bounds_are_refused_and_change_nothing(federation, tiny_model):
+    import threading
+
+    import grpc
+
+    from fedblock.common.messages import Assignment
+
+    fed = federation(algorithm="decomfl", rounds=1, zo_perturbations="2", max_update_norm=50.0)
+    session = Session(fed.address, "x")
+    session.join(1, "cpu", timeout=10)
+    runner = threading.Thread(target=fed.coordinator.run, daemon=True)
+    runner.start()
+    task = next(e for e in session.events() if isinstance(e, Assignment))
+    before = {n: t.clone() for n, t in replica(fed.coordinator).items()}
+    for numbers, reason in (([1e30, 0.0], "malformed"), ([float("nan"), 0.0], "malformed"), ([1.0], "malformed"),
+                            ([40.0, 40.0], "too_large_norm")):
+        with pytest.raises(grpc.RpcError) as e:
+            session.report(task.round, task.base_version, numbers, 1, 1.0)
+        assert reason in e.value.details(), e.value.details()
+    assert fed.coordinator.rounds.plans[task.round].records == {}
+    assert session.report(task.round, task.base_version, [0.5, -0.5], 1, 1.0) == "accepted"
+    runner.join(30)
+    session.close()
+    moved = max(float((before[n] - t).abs().max()) for n, t in replica(fed.coordinator).items())
+    assert 0 < moved < 1e-3
+
+
+def test_fedspzo_splits_only_where_a_block_starts(tmp_path):
+    from fedblock.common.algorithms import FedSPZO
+    from fedblock.common.messages import BlockSpec, TensorSpec
+
+    def specs(layers, per_block):
+        names = ["embed"] + [f"layers.{i}-{i + per_block - 1}" if per_block > 1 else f"layers.{i}"
+                             for i in range(0, layers, per_block)] + ["head"]
+        return [BlockSpec(n, (TensorSpec(f"{n}.w", "float32", (4,)),)) for n in names]
+
+    for layers, per_block in ((4, 2), (8, 2), (6, 3), (30, 1)):
+        blocks = specs(layers, per_block)
+        algo = FedSPZO({"zo_perturbations": "1,8"}, blocks, [b.name for b in blocks])
+        assert algo.split % per_block == 0 and 0 < algo.split < layers, (layers, per_block, algo.split)
+    assert FedSPZO({"zo_perturbations": "1,8"}, specs(30, 1), [b.name for b in specs(30, 1)]).split == 18
+    with pytest.raises(ValueError, match="inside a block"):
+        FedSPZO({"zo_perturbations": "1,8", "zo_split": "3"}, specs(8, 2), [b.name for b in specs(8, 2)])
+    with pytest.raises(ValueError, match="no trainable block"):
+        FedSPZO({"zo_perturbations": "1,8"}, specs(4, 1), ["head"])
+
+
+def test_zeroth_order_methods_refuse_a_pipeline():
+    from fedblock.common.config import ConfigError, CoordinatorConfig
+
+    with pytest.raises(ConfigError, match="depth 0"):
+        CoordinatorConfig(model="m", state_dir="s", insecure=True, algorithm="decomfl", pipeline_depth=1).check()

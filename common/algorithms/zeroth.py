@@ -39,10 +39,12 @@ import torch
 
 from .. import blocks as B
 from .. import zo
+from ..aggregation import is_finite
 from ..messages import Assignment, CatchUp, LogEntry, Patch, Update
 from .base import Algorithm, Local, Stopped, Task, Tensors
 
 SNAPSHOT_FILE = "zo-model.f32"
+MAX_LOSS_DIFFERENCE = 1000.0  # bounds a reported scalar: |g| <= this / (2 mu)
 
 
 def aggregate(values: Sequence[float], how: str) -> float:
@@ -95,6 +97,7 @@ class DeComFL(Algorithm):
         self.log: list[LogEntry] = []  # coordinator: rounds after `oldest`, in order
         self.held: dict[str, int] = {}  # coordinator: worker -> version of its copy, as last heard
         self.files_version = 0  # coordinator: the version its block files hold
+        self._previous_files = 0  # coordinator: the files' version before the last round closed
         self._snapshot = None  # worker: its copy at its last sync
         self._lock = threading.Lock()
 
@@ -136,6 +139,15 @@ class DeComFL(Algorithm):
             raise ValueError(f"expected {want} scalars ({len(task.seeds)} steps x {self.per_step}), got {len(numbers)}")
         if not all(math.isfinite(x) for x in numbers):
             raise ValueError("the scalars contain NaN or Inf")
+        # A scalar is a loss difference over 2*mu: no two forward losses of one batch differ by 1,000.
+        bound = MAX_LOSS_DIFFERENCE / (2 * self.mu)
+        if any(abs(x) > bound for x in numbers):
+            raise ValueError(f"a scalar exceeds {bound:.3g} (a loss difference above {MAX_LOSS_DIFFERENCE:g})")
+
+    def check_entry(self, e: LogEntry) -> None:
+        if len(e.scalars) != len(e.seeds) * self.per_step or not all(math.isfinite(x) for x in e.scalars):
+            raise ValueError(f"log entry of round {e.round} holds {len(e.scalars)} scalars for {len(e.seeds)} seeds; "
+                             f"this run takes {self.per_step} per seed")
 
     def close(self, plan, model: Mapping[str, Tensors]) -> dict[str, Tensors]:
         reports = list(plan.records.values())
@@ -145,17 +157,25 @@ class DeComFL(Algorithm):
         else:  # closed without a report (its participants gave up): the model stays as it is
             seeds, scalars = (), ()
         entry = LogEntry(plan.round, plan.lr, seeds, scalars)
-        self.replay(self._params(model), [entry])  # the replica, in place: only the coordinator's run thread reads it
+        params = self._params(model)
+        self.replay(params, [entry])  # the replica, in place: only the coordinator's run thread reads it
+        if not is_finite(dict(enumerate(params))):  # nothing of this round is kept: the run cannot go on
+            raise FloatingPointError(f"round {plan.round}: the replica overflowed replaying the round's scalars")
         steps = int(self.settings.get("local_steps", 1))
         with self._lock:  # catch_up reads the log from the service's threads
             self.log.append(entry)
             for w in plan.records:
                 self.held[w] = max(self.held.get(w, 0), plan.round - 1)
+            # Until this round's blocks (if written now) are announced, workers still download the
+            # previous ones: keep the log from there.
+            self._previous_files = self.files_version
             changed = {}
             if (plan.round - self.files_version) * steps * self.step_cost() > self.replay_limit / 2:
                 self.files_version = plan.round
                 changed = {b: model[b] for b in self.trainable}  # the replica's blocks, written as they are
-            keep_after = min([self.files_version, *self.held.values()])
+            # Below what a worker can replay within the limit the log serves nobody: it downloads.
+            worth = int(self.replay_limit // (steps * self.step_cost()))
+            keep_after = max(min([self._previous_files, *self.held.values()]), plan.round - worth - 1)
             self.log = [e for e in self.log if e.round > keep_after]
         return changed
 
@@ -165,12 +185,13 @@ class DeComFL(Algorithm):
     def catch_up(self, held: int, version: int, worker: str | None = None) -> CatchUp:
         steps = int(self.settings.get("local_steps", 1))
         with self._lock:
-            if worker is not None and held <= version:
-                self.held[worker] = held
             oldest = self.log[0].round - 1 if self.log else version
-            too_costly = (version - held) * steps * self.step_cost() > self.replay_limit and held != self.files_version
+            files = held in (self.files_version, self._previous_files)  # a worker that just downloaded them
+            too_costly = (version - held) * steps * self.step_cost() > self.replay_limit and not files
             if held > version or held < oldest or too_costly:
                 return CatchUp(version, download=True)
+            if worker is not None:
+                self.held[worker] = held
             return CatchUp(version, tuple(e for e in self.log if held < e.round <= version))
 
     def state(self) -> dict:
@@ -182,9 +203,11 @@ class DeComFL(Algorithm):
         try:
             self.log = [LogEntry.from_record(r) for r in state.get("log", [])]
             self.held = {str(w): int(v) for w, v in dict(state.get("held", {})).items()}
-            self.files_version = int(state.get("files_version", 0))
+            self.files_version = self._previous_files = int(state.get("files_version", 0))
         except (TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"malformed zeroth-order state in the checkpoint ({e})") from None
+        for e in self.log:
+            self.check_entry(e)
         todo = [e for e in self.log if e.round > self.files_version]
         if [e.round for e in todo] != list(range(self.files_version + 1, version + 1)):
             raise ValueError(f"the checkpoint's log does not hold rounds {self.files_version + 1}..{version}")
@@ -217,6 +240,8 @@ class DeComFL(Algorithm):
         # asked for again after a re-join), and never replay across a gap.
         at = min(e.round for e in patch.entries) - 1 if patch.blocks and patch.entries else local.version()
         entries = [e for e in patch.entries if e.round > at]
+        for e in entries:
+            self.check_entry(e)
         if entries and [e.round for e in entries] != list(range(at + 1, at + 1 + len(entries))):
             raise RuntimeError(f"log entries {[e.round for e in entries][:3]}... do not continue version {at}")
         if entries:
@@ -249,7 +274,7 @@ class DeComFL(Algorithm):
                 local.on_step(f"round {a.round}: zeroth-order step {k + 1}/{len(a.seeds)}", loss)
         finally:  # back to the copy at the last sync: the global model follows the averaged scalars
             snapshot.restore(params)
-        return Update(a.round, a.base_version, {}, rows, loss_sum / rows if rows else math.nan, tuple(numbers))
+        return Update(a.round, local.version(), {}, rows, loss_sum / rows if rows else math.nan, tuple(numbers))
 
     def estimate(self, local: Local, params, batch, seed: int) -> tuple[list[float], float]:
         from ..training import task_loss
@@ -291,9 +316,9 @@ class _Snapshot:
             self.write_one(i, t)
 
     def write_one(self, i: int, t: torch.Tensor) -> None:
-        data = t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+        data = t.detach().to("cpu", torch.float32).contiguous().numpy()
         with open(self.path, "r+b") as f:
-            os.pwrite(f.fileno(), data, self.offsets[i])
+            os.pwrite(f.fileno(), memoryview(data).cast("B"), self.offsets[i])
 
     def read(self, i: int) -> torch.Tensor:
         n = self.offsets[i + 1] - self.offsets[i]
@@ -321,18 +346,28 @@ class FedSPZO(DeComFL):
         self.num_layers = max(last for _, last in layer_blocks) + 1 if layer_blocks else 0
         if self.num_layers < 2:
             raise ValueError("fedspzo needs a model of at least two decoder layers")
+        boundaries = sorted(first for first, _ in layer_blocks if first > 0)  # where a block can start
         split = int(settings.get("zo_split", 0) or 0)
-        self.split = split or zo.default_split(self.num_layers, self.P1, self.P2)
-        if not 1 <= self.split < self.num_layers:
-            raise ValueError(f"--zo-split must be 1..{self.num_layers - 1} for a model of {self.num_layers} layers")
-        if any(first < self.split <= last for first, last in layer_blocks):
-            raise ValueError(f"--zo-split {self.split} falls inside a block: use a multiple of --layers-per-block")
+        if split:
+            self.split = split
+            if not 1 <= split < self.num_layers:
+                raise ValueError(f"--zo-split must be 1..{self.num_layers - 1} for a model of {self.num_layers} layers")
+            if split not in boundaries:
+                raise ValueError(f"--zo-split {split} falls inside a block: use a multiple of --layers-per-block")
+        else:  # the default, moved up to where a block starts (a later split only costs less)
+            wanted = zo.default_split(self.num_layers, self.P1, self.P2)
+            self.split = next((b for b in boundaries if b >= wanted), boundaries[-1] if boundaries else 0)
+            if not self.split:
+                raise ValueError("fedspzo needs at least two blocks of decoder layers")
         # Block 1: everything computed below the split (embeddings: a tied head weight too); block 2: the rest.
         below = {s.name for s in self.specs if (r := _layers(s.name)) is None and s.name == "embed"
                  or (r is not None and r[1] < self.split)}
         self.n1 = sum(1 for b, _ in self.order if b in below)
         if [b in below for b, _ in self.order] != [True] * self.n1 + [False] * (len(self.order) - self.n1):
             raise ValueError("fedspzo: the trainable blocks below the split must come first in model order")
+        if not 0 < self.n1 < len(self.order):
+            raise ValueError(f"fedspzo: --zo-split {self.split} leaves no trainable block on one side "
+                             "(see --train-blocks)")
 
     def _parse_perturbations(self, text: str) -> None:
         parts = [p.strip() for p in str(text).split(",")]
