@@ -46,6 +46,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/memory.py --quick --json $(BENCH)/memory.json
 	$(PY) benchmarks/scale.py --quick --json $(BENCH)/scale.json
 	$(PY) benchmarks/quality.py --quick --json $(BENCH)/quality.json
+	$(PY) benchmarks/zo.py --quick --json $(BENCH)/zo.json
+	$(PY) benchmarks/compare.py --quick --json $(BENCH)/compare.json
 
 proto: $(STAMP)
 	$(PY) proto/generate.py

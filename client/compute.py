@@ -62,9 +62,8 @@ class ComputeLoop:
         self.blocks = {b.name: b for b in blocks}
         self.trainer = trainer
         self.algorithm = algorithm or BlockDescent({}, (), ())
-        self.local = local or Local(model, self.blocks, (), stream, trainer, Path(tempfile.gettempdir()),
-                                    self._drain, lambda: self.book.version, self._stepped, stop)
-        self.local.boundary, self.local.on_step, self.local.version = self._drain, self._stepped, lambda: self.book.version
+        self.local = local or Local(model, self.blocks, (), stream, trainer, Path(tempfile.gettempdir()), stop)
+        self.local.boundary, self.local.version, self.local.on_step = self._drain, lambda: self.book.version, self._stepped
         self.stream = stream
         self.book = book
         self.inbox = inbox

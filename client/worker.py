@@ -185,9 +185,8 @@ class Worker:
         trainer = BlockTrainer(model, blocks, OptimConfig(grad_clip=c.grad_clip,
                                                           gradient_checkpointing=c.gradient_checkpointing))
         book = ModelBook()
-        local = Local(model, {b.name: b for b in blocks}, info.blocks, stream, trainer, work_dir,
-                      boundary=lambda: False, version=lambda: book.version, on_step=lambda what, loss: None,
-                      stop=self.stop)
+        local = Local(model, {b.name: b for b in blocks}, info.blocks, stream, trainer, work_dir, self.stop,
+                      version=lambda: book.version)
         self._initial_sync(session, algorithm, local, book, matched)
         if local_model:  # only now: the sync took the algorithm's exact copy (zeroth-order) in float32
             model.to(device=self.device, dtype=dtype).train()

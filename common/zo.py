@@ -126,14 +126,22 @@ def _chunk_size() -> int:
     return chunk
 
 
-def _sign_chunk(key: int, start: int, length: int, device, dtype: torch.dtype) -> Tensor:
-    """z for elements start .. start+length-1 (start a multiple of 32) of the stream `key`, in `dtype`."""
+def _sign_table(device, dtype: torch.dtype) -> Tensor:
+    """[256, 8]: row v holds the signs of byte value v, 2*((v >> k) & 1) - 1 for k = 0..7."""
+    v = torch.arange(256, dtype=torch.int64, device=device).unsqueeze(1)
+    return (((v >> torch.arange(8, dtype=torch.int64, device=device)) & 1) * 2 - 1).to(dtype)
+
+
+def _sign_chunk(key: int, start: int, length: int, table: Tensor) -> Tensor:
+    """z for elements start .. start+length-1 (start a multiple of 32) of the stream `key`, in the
+    table's dtype and on its device."""
     first_word = start // 32
-    words = torch.arange(first_word, first_word + (length + 31) // 32, dtype=torch.int64, device=device)
+    words = torch.arange(first_word, first_word + (length + 31) // 32, dtype=torch.int64, device=table.device)
     h = hash32(key, words)
-    shifts = torch.arange(32, dtype=torch.int64, device=device)
-    bits = ((h.unsqueeze(1) >> shifts) & 1).view(-1)[:length]  # element 32*w + b <- bit b of word w
-    return bits.to(dtype).mul_(2).sub_(1)  # 2b - 1: exactly ±1 in any float dtype
+    # Element 32*w + 8*j + k <- bit k of byte j (bits 8j..8j+7) of word w: each byte looks its 8 signs
+    # up in the table, several times faster than expanding the bits one by one, with the same values.
+    byte_values = (h.unsqueeze(1) >> torch.arange(0, 32, 8, dtype=torch.int64, device=table.device)) & 0xFF
+    return torch.nn.functional.embedding(byte_values.view(-1), table).view(-1)[:length]
 
 
 def _check_numel(numel: int) -> None:
@@ -146,10 +154,11 @@ def signs(seed: int, direction: int, index: int, numel: int, device=None, dtype:
     _check_numel(numel)
     key = key_mix(seed, direction, index)
     out = torch.empty(numel, dtype=dtype, device=device)
+    table = _sign_table(out.device, dtype)
     chunk = _chunk_size()
     for start in range(0, numel, chunk):
         length = min(chunk, numel - start)
-        out[start : start + length] = _sign_chunk(key, start, length, out.device, dtype)
+        out[start : start + length] = _sign_chunk(key, start, length, table)
     return out
 
 
@@ -180,14 +189,15 @@ def add_direction_(param: Tensor, seed: int, direction: int, index: int, scale: 
     # dtypes: torch's CPU kernel rounds alpha itself to bfloat16/float16 (CUDA keeps it in float32), so
     # we add in float32 explicitly and round the sum to the parameter's dtype: the same on every device.
     wide = flat.dtype in (torch.float32, torch.float64)
+    table = _sign_table(flat.device, flat.dtype if wide else torch.float32)
     with torch.no_grad():
         for start in range(0, flat.numel(), chunk):
             length = min(chunk, flat.numel() - start)
             part = flat[start : start + length]
             if wide:
-                part.add_(_sign_chunk(key, start, length, flat.device, flat.dtype), alpha=alpha)
+                part.add_(_sign_chunk(key, start, length, table), alpha=alpha)
             else:
-                z = _sign_chunk(key, start, length, flat.device, torch.float32)
+                z = _sign_chunk(key, start, length, table)
                 part.copy_(part.float().add_(z, alpha=alpha))
 
 

@@ -842,13 +842,15 @@ class Coordinator:
         for b, tensors in new_tensors.items():
             shas[b] = self.store.write_block(b, plan.round, tensors)
         started = self._round_started.pop(plan.round, time.monotonic())
+        # A record covers a worker's whole task; a tensor update is one block.
+        updates = len(plan.records) if self.algorithm.records else sum(len(r) for r in plan.reported.values())
         with self._cv:
             self.totals.round_history.append({
                 "round": plan.round,
                 "closed_at_s": round(self._wall_seconds(), 3),
                 "seconds": round(time.monotonic() - started, 3),
                 "workers": plan.workers_done,
-                "updates": sum(len(r) for r in plan.reported.values()),
+                "updates": updates,
                 "tokens": plan.tokens,
                 "train_loss": plan.train_loss,
                 "blocks": sorted(new_tensors),
@@ -886,7 +888,7 @@ class Coordinator:
         self.progress.clear()
         log.info(
             "round %d/%d closed: %d updates from %d workers, %d tokens, train loss %.4f, blocks %s, up %.1f MB, down %.1f MB",
-            plan.round, self.config.rounds, sum(len(r) for r in plan.reported.values()), plan.workers_done,
+            plan.round, self.config.rounds, updates, plan.workers_done,
             plan.tokens, plan.train_loss, ",".join(sorted(new_tensors)) or "-", self.totals.bytes_up / 1e6,
             self.totals.bytes_down / 1e6,
         )

@@ -58,11 +58,12 @@ class Local:
     specs: tuple[BlockSpec, ...]  # the run's block layout (the coordinator's parameter order)
     stream: BatchStream
     trainer: Any  # training.BlockTrainer for first-order methods
-    work_dir: Path
-    boundary: Callable[[], bool]  # a step boundary: apply what has arrived; True if the model changed
-    version: Callable[[], int]  # the global model version the local copy is at
-    on_step: Callable[[str, float], None]  # (what, loss) after each local step: metrics and progress
+    work_dir: Path  # the algorithm may keep files here (zeroth-order: the exact copy of the model)
     stop: threading.Event
+    # Set by the compute thread that runs the tasks:
+    boundary: Callable[[], bool] = lambda: False  # a step boundary: apply what has arrived; True if the model changed
+    version: Callable[[], int] = lambda: -1  # the global model version the local copy is at
+    on_step: Callable[[str, float], None] = lambda what, loss: None  # after each local step: metrics, progress
 
 
 class Stopped(Exception):

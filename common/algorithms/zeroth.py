@@ -245,8 +245,8 @@ class DeComFL(Algorithm):
         if entries and [e.round for e in entries] != list(range(at + 1, at + 1 + len(entries))):
             raise RuntimeError(f"log entries {[e.round for e in entries][:3]}... do not continue version {at}")
         if entries:
-            for i, p in enumerate(params):
-                exact = snapshot.read(i)
+            for i, p in enumerate(params):  # on the model's device: the directions are the same bits there
+                exact = snapshot.read(i).to(p.device)
                 zo.replay_(exact, i, [s for e in entries for s in self.steps(e.seeds, e.scalars, e.lr, i)])
                 snapshot.write_one(i, exact)
                 with torch.no_grad():
@@ -266,7 +266,8 @@ class DeComFL(Algorithm):
                     raise Stopped
                 batch = {key: v.to(params[0].device) for key, v in next(batches).items()}
                 scalars, loss = self.estimate(local, params, batch, seed)
-                self.local_step(params, seed, scalars, a.learning_rate)
+                if k < len(a.seeds) - 1:  # the last step's own update would be undone at once (below)
+                    self.local_step(params, seed, scalars, a.learning_rate)
                 numbers += scalars
                 n = int(batch["input_ids"].shape[0])
                 rows += n

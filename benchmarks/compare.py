@@ -1,0 +1,235 @@
+"""Every algorithm on the same data and budget: fedbcd, parablock, fedavg, decomfl and fedspzo.
+
+What is run: for each algorithm, one federated run on `builtin:chatterbot-topics` (9-topic
+classification; loss = cross-entropy over the choices, accuracy = the right choice has the largest
+logit): a real `fedblock coordinator` process and N worker processes on loopback, the data split as
+`fedblock simulate` splits it (10 % held out, IID shards, seed 0). The budget is the same for every
+row: the same rounds, workers, participants per round, local steps per round and examples per step
+(batch size), the same trained parameters (the decoder layers, `--train-blocks 'layers.*'`) and the
+same held-out sample. What differs is each algorithm's nature and defaults: fedbcd and parablock train
+one decoder layer per participant per round (striped schedule), fedavg all of them; decomfl and
+fedspzo move all of them along random directions (decomfl P = 5 perturbations, fedspzo P1,P2 = 1,8 at
+its default split); block methods use AdamW at 1e-4, zeroth-order ones SGD at 1e-5 (their defaults).
+The worker processes are benchmarks/zo.py's watched real workers (see there): bytes by kind from the
+worker's own counters, peak RSS from the process.
+
+Columns:
+- eval loss and accuracy: before the first round (the same for every row: see the line below the
+  table) and after the last, from the coordinator's evaluation of the global model on the held-out
+  sample (summary.json; server/evaluation.py runs `training.evaluate`; accuracy = the right choice
+  has the largest logit). `--check-export` also evaluates each exported model here and checks it.
+- up / down / control per worker: every gRPC message after Join (serialized message + 5-byte
+  frame), by kind (update, model, control; heartbeats are control), mean over the workers; the model
+  files and each worker's first download of every block are excluded (the line below the table says
+  how much that is).
+- fwd/step, bwd/step: passes of one local step in units of one full forward (or backward) pass of the
+  model, counted from what the algorithm does: block methods 1 forward + 1 backward per step (the
+  backward stops at the lowest trained block; fedavg's goes through the whole model); decomfl 2P
+  forwards (central differences), no backward; fedspzo its decoder-layer evaluations
+  2·P1·(split + P2·(n − split)) ÷ n layers (zo.layer_evaluations; the cheap embedding and head, which
+  run once per evaluation, are not counted), no backward. fwd / bwd per worker: that times the local
+  steps the worker ran over the run (measured task count × local steps).
+- wall s: the coordinator's (summary.json: start to summary, so with both evaluations and the workers'
+  first downloads); round s: the steady round time, from the close of round 1 to the close of the
+  last round ÷ (rounds − 1), as benchmarks/quality.py reads it (round 1 also waits for the workers'
+  start-up).
+- worker peak MiB: the largest peak RSS (VmHWM) of the run's workers after their first download (a
+  worker's steady state); the JSON has the lifetime peaks too.
+
+Defaults: SmolLM2-135M-Instruct, 4 workers, 2 per round, 6 rounds of 1 local step, batch 8: about
+5 minutes per row on 2 cores (the zeroth-order rows are the slow ones: a decomfl round took 35-50 s
+on the 2-core machine shared with a test run (load 3-5), 10 forwards and perturbing, stepping and
+replaying 106M parameters per step; a 3-round decomfl row took 3-3.5 minutes in all, start-up, the
+workers' first download and both evaluations included; block rows are faster, most of their time is
+start-up). `--quick`: a tiny random Llama (4 layers x 64), 2 workers, 2 per round, 6 rounds: about
+1.5 minutes in all. Run state under
+WORKDIR/compare/NAME (weights deleted after each run; logs kept).
+
+    python benchmarks/compare.py [--quick] [--json out.json] [--algorithms fedbcd,decomfl] [--rounds 6]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import parser, report  # noqa: E402
+from benchmarks.zo import SMOLLM2, TOPICS, federate, tiny_model, worker_bytes  # noqa: E402
+
+ALGORITHMS = ("fedbcd", "parablock", "fedavg", "decomfl", "fedspzo")
+FULL = {"rounds": 6, "workers": 4, "clients_per_round": 2, "local_steps": 1, "eval_max_examples": 62}
+QUICK = {"rounds": 6, "workers": 2, "clients_per_round": 2, "local_steps": 1, "eval_max_examples": 32}
+MB = 1e6
+
+
+def human(n: float) -> str:
+    """Bytes as text with their unit (the table's 3 significant digits of MB would read 0.0000562)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def passes(algorithm: str, num_layers: int, decomfl_p: int, fedspzo_p: tuple[int, int], split: int) -> tuple[float, float]:
+    """(forward, backward) passes per local step, in full-pass units."""
+    from fedblock.common import zo
+
+    if algorithm == "decomfl":
+        return zo.layer_evaluations("decomfl", num_layers, 0, P=decomfl_p) / num_layers, 0.0
+    if algorithm == "fedspzo":
+        p1, p2 = fedspzo_p
+        return zo.layer_evaluations("fedspzo", num_layers, split, P1=p1, P2=p2) / num_layers, 0.0
+    return 1.0, 1.0
+
+
+def decoder_layers(model: str) -> int:
+    import json
+
+    from fedblock.common.models import resolve_model
+
+    config = json.loads((resolve_model(model) / "config.json").read_text())
+    return int(config.get("num_hidden_layers") or config.get("n_layer"))
+
+
+def main() -> None:
+    p = parser(__doc__.split("\n\n")[0])
+    p.add_argument("--model", help=f"model folder or built-in name (default {SMOLLM2}; --quick a tiny Llama 4 x 64)")
+    p.add_argument("--algorithms", default=",".join(ALGORITHMS), help=f"rows (default {','.join(ALGORITHMS)})")
+    p.add_argument("--rounds", type=int, help=f"rounds (default {FULL['rounds']}; --quick {QUICK['rounds']})")
+    p.add_argument("--workers", type=int, help=f"worker processes (default {FULL['workers']}; --quick {QUICK['workers']})")
+    p.add_argument("--clients-per-round", type=int,
+                   help=f"participants per round (default {FULL['clients_per_round']}; --quick {QUICK['clients_per_round']})")
+    p.add_argument("--local-steps", type=int, help=f"local steps per round, every row (default {FULL['local_steps']})")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per local step, every row (default 8)")
+    p.add_argument("--max-seq-len", type=int, default=128, help="tokens per example (default 128)")
+    p.add_argument("--eval-max-examples", type=int,
+                   help=f"held-out examples evaluated (default {FULL['eval_max_examples']}, all; --quick {QUICK['eval_max_examples']})")
+    p.add_argument("--block-lr", type=float, default=1e-4, help="AdamW learning rate of the block methods (default 1e-4)")
+    p.add_argument("--zo-lr", type=float, default=1e-5, help="SGD learning rate of the zeroth-order methods (default 1e-5)")
+    p.add_argument("--decomfl-p", type=int, default=5, help="decomfl perturbations P (default 5)")
+    p.add_argument("--fedspzo-p", default="1,8", help="fedspzo P1,P2 (default 1,8)")
+    p.add_argument("--run-timeout", type=float, default=1800, help="seconds after which a run is stopped as failed")
+    p.add_argument("--check-export", action="store_true",
+                   help="also evaluate each run's export here and check it against the coordinator's evaluation")
+    args = p.parse_args()
+    defaults = QUICK if args.quick else FULL
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    root = (args.workdir / "compare").resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    model = args.model or (str(tiny_model(root, 64)) if args.quick else SMOLLM2)
+    algorithms = [a for a in args.algorithms.split(",") if a]
+    n_layers = decoder_layers(model)
+    p1, p2 = (int(x) for x in args.fedspzo_p.split(","))
+    from fedblock.common import zo
+
+    split = zo.default_split(n_layers, p1, p2)
+
+    t0 = time.monotonic()
+    load_before = os.getloadavg()[0]
+    rows, runs, initial = [], [], None
+    for i, algorithm in enumerate(algorithms, 1):
+        flags = ["--train-blocks", "layers.*"]
+        if algorithm in ("decomfl", "fedspzo"):
+            flags += ["--lr", args.zo_lr, "--zo-perturbations", args.decomfl_p if algorithm == "decomfl" else args.fedspzo_p]
+        else:
+            flags += ["--lr", args.block_lr]
+        if algorithm in ("fedbcd", "parablock"):
+            flags += ["--block-schedule", "striped"]
+        print(f"compare: [{i}/{len(algorithms)}] {algorithm} ({time.monotonic() - t0:.0f} s so far)", file=sys.stderr,
+              flush=True)
+        r = federate(root, algorithm, model=model, algorithm=algorithm, rounds=args.rounds, workers=args.workers,
+                     clients_per_round=args.clients_per_round, local_steps=args.local_steps, batch_size=args.batch_size,
+                     max_seq_len=args.max_seq_len, eval_max_examples=args.eval_max_examples, flags=tuple(flags),
+                     timeout=args.run_timeout, check_export=args.check_export)
+        runs.append(r)
+        if r["failed"]:
+            rows.append({"algorithm": algorithm, "eval loss": "failed", "failed": r["failed"], "log": r["logs"][0]})
+            continue
+        s, ws = r["summary"], r["workers"]
+        initial = initial or r["initial"]
+        per = [worker_bytes(w) for w in ws]
+        n = len(ws)
+        fwd, bwd = passes(algorithm, n_layers, args.decomfl_p, (p1, p2), split)
+        steps = sum(w["rounds"] for w in ws) * args.local_steps / n  # local steps per worker over the run
+        history = s.get("round_history") or []
+        peaks = [w["peak_rounds_mib"] for w in ws if w.get("peak_rounds_mib") is not None]
+        up, down, control = (sum(x[k] for x in per) / n for k in ("up", "down", "control"))
+        rows.append({
+            "algorithm": algorithm,
+            "eval loss": f"{s['eval_loss_initial']:.4f} → {s['eval_loss_final']:.4f}",
+            "accuracy": r["final"]["accuracy"],
+            "up/worker": human(up),
+            "down/worker": human(down),
+            "control/worker": human(control),
+            "fwd/step": fwd,
+            "bwd/step": bwd,
+            "fwd/worker": fwd * steps,
+            "bwd/worker": bwd * steps,
+            "wall s": s["wall_seconds"],
+            "round s": ((history[-1]["closed_at_s"] - history[0]["closed_at_s"]) / (len(history) - 1)
+                        if len(history) >= 2 else "n/a"),
+            "worker peak MiB": max(peaks) if peaks else "n/a",
+            # JSON only
+            "bytes_up_per_worker": up,
+            "bytes_down_per_worker": down,
+            "bytes_control_per_worker": control,
+            "eval_loss_initial": s["eval_loss_initial"],
+            "eval_loss_final": s["eval_loss_final"],
+            "accuracy_initial": r["initial"]["accuracy"],
+            "accuracy_by": r["final"]["by"],
+            "export_check": r.get("export_check"),
+            "rounds_completed": s["rounds_completed"],
+            "local_steps_per_worker": steps,
+            "bytes_per_worker": [{"name": w["name"], **x} for w, x in zip(ws, per, strict=True)],
+            "initial_download_mb_per_worker": sum(worker_bytes(w, "initial")["total"] for w in ws) / n / MB,
+            "model_files_mb_per_worker": sum(worker_bytes(w, "files")["total"] for w in ws) / n / MB,
+            "worker_peak_lifetime_mib": max(w["peak_lifetime_mib"] for w in ws),
+            "coordinator_bytes_up": s["bytes_up"],
+            "coordinator_bytes_down": s["bytes_down"],
+            "process_seconds": r["seconds"],
+            "round_history": history,
+        })
+        print(f"compare: {algorithm}: {rows[-1]['eval loss']}, accuracy {rows[-1]['accuracy']:.3f}, "
+              f"{r['seconds']:.0f} s", file=sys.stderr, flush=True)
+    extra = {
+        "settings": f"{model}, {TOPICS}, {args.workers} workers, {args.clients_per_round} per round, {args.rounds} rounds x "
+                    f"{args.local_steps} local step(s), batch {args.batch_size} (<= {args.max_seq_len} tokens), train blocks "
+                    f"layers.* ({n_layers} decoder layers), block methods AdamW lr {args.block_lr} (fedbcd/parablock "
+                    f"striped, one layer per participant), zeroth-order SGD lr {args.zo_lr}, decomfl P={args.decomfl_p}, "
+                    f"fedspzo {p1},{p2} split {split}; eval on {args.eval_max_examples} held-out examples; 1 torch thread "
+                    "per process",
+    }
+    if initial is not None:
+        extra["before the first round"] = f"accuracy {initial['accuracy']:.3f} (loss {initial['loss']:.4f}, the same for every row)"
+    ok = [r for r in rows if "eval_loss_final" in r]
+    if ok:
+        extra["excluded, per worker"] = (
+            "first download of every block: " + ", ".join(
+                f"{r['algorithm']} {human(r['initial_download_mb_per_worker'] * MB)}" for r in ok)
+            + f"; model files (config, tokenizer): {human(ok[0]['model_files_mb_per_worker'] * MB)}")
+        checked = [r["export_check"] for r in ok if r.get("export_check")]
+        if checked:
+            extra["the exports evaluated here = the coordinator's final evaluation"] = all(
+                c["loss_matches"] and c["accuracy_matches"] for c in checked)
+    extra["passes"] = ("fwd/bwd per step in full-pass units: block methods 1 + 1 (backward down to the trained block; "
+                       f"fedavg the whole model); decomfl 2P = {2 * args.decomfl_p} forwards; fedspzo "
+                       f"2·P1·(split + P2·(n − split)) ÷ n = {passes('fedspzo', n_layers, 0, (p1, p2), split)[0]:.2f} "
+                       "forwards (zo.layer_evaluations); per worker: × its local steps over the run")
+    extra["load average (1 min), start → end"] = (f"{load_before:.1f} → {os.getloadavg()[0]:.1f} on "
+                                                   f"{os.cpu_count()} CPUs (timings are shared-machine timings)")
+    extra["total seconds"] = round(time.monotonic() - t0, 1)
+    columns = ["algorithm", "eval loss", "accuracy", "up/worker", "down/worker", "control/worker", "fwd/step",
+               "bwd/step", "fwd/worker", "bwd/worker", "wall s", "round s", "worker peak MiB"]
+    report("compare", rows, args, columns=columns, **extra)
+    if any(r["failed"] for r in runs):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
