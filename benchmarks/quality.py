@@ -6,7 +6,7 @@ real gRPC, the data split Dirichlet(0.5) over the workers (10 % held out), the s
 local steps, batch, sequence length and learning rate for all three. Every run trains the decoder
 layers only (`--train-blocks 'layers.*'`): fedbcd and parablock give each worker one layer per round
 (`--block-schedule striped`: worker i trains layer (i + 4(t - 1)) mod 30, so a round covers 4 layers and
-consecutive rounds different ones: see server/scheduler.py for why `staggered` hurts parablock), and
+consecutive rounds different ones: see common/scheduler.py for why `staggered` hurts parablock), and
 fedavg, whose nature is to train everything, trains all 30 decoder layers on every worker and moves
 them all; the 28M-parameter tied embedding stays frozen in all three so that they optimise the same
 parameters.

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from ..common.aggregation import RoundSums
 from ..common.messages import Assignment
-from .scheduler import assign_blocks, learning_rate, select_workers
+from ..common.scheduler import assign_blocks, learning_rate, select_workers
 
 
 class Refused(Exception):

@@ -6,8 +6,8 @@ import torch
 from fedblock.common import blocks as B
 from fedblock.common.data import BatchStream, load_examples, tokenize
 from fedblock.common.models import load_model, load_tokenizer
+from fedblock.common.scheduler import assign_blocks
 from fedblock.common.training import BlockTrainer, OptimConfig
-from fedblock.server.scheduler import assign_blocks
 
 ROUNDS, STEPS, LR = 6, 3, 3e-3
 

@@ -2,8 +2,8 @@
 
 import pytest
 
+from fedblock.common.scheduler import assign_blocks, learning_rate, select_workers
 from fedblock.server.rounds import Refused, RoundRules, Rounds
-from fedblock.server.scheduler import assign_blocks, learning_rate, select_workers
 
 BLOCKS = ("embed", "layers.0", "layers.1", "head")
 

@@ -12,18 +12,11 @@ and adds the mean to the global block when the round closes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from .. import blocks as B
 from ..aggregation import apply_mean
 from ..messages import Assignment, Patch, Update
+from ..scheduler import assign_blocks
 from .base import Algorithm, Local, Stopped, Task, Tensors
-
-
-def assign(schedule: str, round: int, workers: Mapping[str, int], blocks, seed: int) -> dict[str, tuple[str, ...]]:
-    from ...server.scheduler import assign_blocks  # the schedules are pure functions of their arguments
-
-    return assign_blocks(schedule, round, workers, blocks, seed)
 
 
 class BlockDescent(Algorithm):
@@ -42,7 +35,7 @@ class BlockDescent(Algorithm):
     def tasks(self, round, workers, seed, schedule):
         if self.all_blocks:
             return {w: Task(self.trainable) for w in workers}
-        return {w: Task(b) for w, b in assign(schedule, round, workers, self.trainable, seed).items()}
+        return {w: Task(b) for w, b in assign_blocks(schedule, round, workers, self.trainable, seed).items()}
 
     def close(self, plan, model):
         """g + the token-weighted mean delta, for every block that received updates."""
