@@ -113,12 +113,11 @@ class Coordinator:
         metrics: CoordinatorMetrics | None = None,
         evaluate=None,
         checkpoint: Checkpoint | None = None,
-        algorithm: type[Algorithm] | None = None,
         initial_sha256: Mapping[str, bytes] | None = None,
     ):
-        """`evaluate(tensors_by_block) -> loss` is optional; `checkpoint` resumes a run. `algorithm` is
-        the class config.algorithm names (resolved by the caller); `initial_sha256` the canonical hash of
-        each block of the initial model (a worker with a local base model checks its copy against it)."""
+        """`evaluate(tensors_by_block) -> loss` is optional; `checkpoint` resumes a run; `initial_sha256`
+        is the canonical hash of each block of the initial model (a worker with a local base model
+        checks its copy against it)."""
         self.config = config
         self.store = store
         self.run_id = run_id
@@ -130,7 +129,7 @@ class Coordinator:
             raise ConfigError(f"--train-blocks {config.train_blocks!r} matches none of the blocks "
                               f"({', '.join(self.block_order[:3])}, ..., {self.block_order[-1]})")
         try:
-            self.algorithm = (algorithm or config.algorithm_class)(config.algorithm_settings(), specs, self.trainable)
+            self.algorithm: Algorithm = config.algorithm_class(config.algorithm_settings(), specs, self.trainable)
         except ValueError as e:  # settings the algorithm cannot work with (for this model)
             raise ConfigError(f"--algorithm {config.algorithm}: {e}") from None
         self.initial_sha256 = dict(initial_sha256 or {})
