@@ -280,7 +280,7 @@ class Comm:
             if generation == self._generation:  # else a re-join came meanwhile: sync once more after it
                 self._requested = version
                 self._resync = self._resync and not resync
-            self._queued = max(self._queued, version)
+            self._queued = version  # the compute thread applies patches in order: the last one says where
             self._progress["transfer"] += 1
         self.metrics.comm_seconds.inc(time.perf_counter() - t0)
         self._put(self.inbox, patch)

@@ -239,9 +239,10 @@ class Session:
         self._received("control", _size(reply))
         return reply.status
 
-    def log(self, held_version: int) -> CatchUp:
-        """What our copy at `held_version` needs to catch up (the log, or: download the blocks)."""
-        request = pb.LogRequest(held_version=max(held_version, 0))
+    def log(self, held_version: int, after_download: bool = False) -> CatchUp:
+        """What our copy at `held_version` needs to catch up (the log, or: download the blocks).
+        `after_download`: the copy is the blocks just downloaded (the log from them is what we need)."""
+        request = pb.LogRequest(held_version=max(held_version, 0), after_download=after_download)
         reply = self.stub.Log(request, metadata=self._metadata, timeout=60)
         self._sent("control", _size(request))
         self._received("model", _size(reply))

@@ -143,8 +143,10 @@ class Worker:
                  c.name, info.run_id, info.algorithm, info.pipeline_depth, len(info.blocks), info.model_version)
         try:
             algorithm = self._algorithm(info)
-        except Exception as e:  # code never travels: this site lacks it, or it fails on the run's settings
-            session.leave(f"cannot run algorithm {info.algorithm}: {e}"[:200])
+        except BaseException as e:  # code never travels: this site lacks it, or it fails on the run's settings
+            session.leave(f"cannot run algorithm {info.algorithm}: {e}"[:200])  # leaving never raises
+            if not isinstance(e, Exception):
+                raise
             raise ConfigError(f"the run uses algorithm {info.algorithm!r}, which this worker cannot run: {e}") from None
         try:
             with _heartbeating(session, info.heartbeat_interval_s):

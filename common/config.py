@@ -212,7 +212,8 @@ class CoordinatorConfig:
     codec: str = opt("codec pipeline for uploads, e.g. none, bf16, topk:0.01,bf16,zstd", "none")
     chunk_size: int = opt("transfer chunk size", 1 << 20, parse=parse_bytes)
     max_update_bytes: int = opt("largest accepted upload (wire bytes)", 16 << 30, parse=parse_bytes)
-    max_update_norm: float = opt("refuse a block update whose L2 norm exceeds this (0: no limit)", 0.0)
+    max_update_norm: float = opt("refuse a block update (or a zeroth-order record of scalars) whose L2 norm "
+                                 "exceeds this (0: no limit)", 0.0)
     resume_grace: float = opt("after a restart, seconds to wait for the workers of the open rounds before "
                               "planning without them", 120.0)
     upload_slots: int = opt("uploads assembled in memory at once; further concurrent uploads go to files under "

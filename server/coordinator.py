@@ -495,11 +495,12 @@ class Coordinator:
         self.metrics.updates.labels("accepted", "").inc()
         return "accepted"
 
-    def catch_up(self, name: str, session: str, held: int) -> CatchUp:
-        """What a worker whose copy is at version `held` needs to reach the current global version."""
+    def catch_up(self, name: str, session: str, held: int, after_download: bool = False) -> CatchUp:
+        """What a worker whose copy is at version `held` needs to reach the current global version
+        (`after_download`: its copy is the block files it just downloaded)."""
         self.registry.check(name, session)
         with self._cv:  # the log changes when a round closes
-            return self.algorithm.catch_up(held, self.global_model.version, name)
+            return self.algorithm.catch_up(held, self.global_model.version, name, after_download)
 
     def abandon(self, name: str, session: str, round: int, reason: str) -> None:
         """The worker gives up its part in `round` (its update was refused for good)."""

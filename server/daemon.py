@@ -94,7 +94,7 @@ def checkpoint_model(store: StateStore, ckpt: Checkpoint, tensors: dict) -> dict
 
     run = json.loads((store.root / "run.json").read_text())
     cls = load(run["algorithm"])
-    model = build_model_from_files(store.model_dir, device="meta")  # the layout only
+    model = build_model_from_files(store.model_dir)  # for its layout (allocated, never initialised)
     params = dict(model.named_parameters())
     blocks = partition(model, int(run.get("layers_per_block", 1)))
     specs = [BlockSpec(b.name, tuple(TensorSpec.of(n, params[n].float()) for n in b.params)) for b in blocks]

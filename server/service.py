@@ -232,7 +232,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         name, session = _identity(context)
         self.c.count_received("control", _size(request))
         try:
-            catch_up = self.c.catch_up(name, session, request.held_version)
+            catch_up = self.c.catch_up(name, session, request.held_version, request.after_download)
         except UnknownWorker as e:
             _abort(context, e)
         reply = pb.LogReply(model_version=catch_up.version, entries=[e.to_pb() for e in catch_up.entries],

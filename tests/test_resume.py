@@ -327,3 +327,40 @@ def test_a_catch_up_after_a_rejoin_starts_where_the_queued_patch_left_the_model(
         stop.set()
         thread.join(5)
     assert algorithm.asked == [3, 5]
+
+
+def test_after_a_download_from_a_coordinator_that_went_back_the_next_catch_up_starts_there():
+    """The queued patch brings the model to 5; the coordinator comes back at 3 and the worker's catch-up
+    from 5 gets blocks at 3 (it had to download). The model will then be at 3, so the next catch-up
+    asks from 3, not from 5: rounds 4 and 5 of the new history would be skipped."""
+    session, stop = RestartingCoordinator(), threading.Event()
+    session.info.model_version = 3
+    algorithm = LogCatchingUp()
+    targets = iter([5, 3, 4])
+
+    def fetch(session_, version, held, target):
+        from fedblock.common.messages import Patch
+
+        algorithm.asked.append(version)
+        algorithm.fetched.set()
+        return Patch(next(targets), {}, {}, ())
+
+    algorithm.fetch = fetch
+    inbox: queue.Queue = queue.Queue(16)
+    comm = Comm(session, ModelBook(version=3), inbox, queue.Queue(1), WorkerMetrics(), stop, Timeline("w"),
+                max_backoff=0.05, algorithm=algorithm)
+    thread = threading.Thread(target=comm.transfer, daemon=True)
+    thread.start()
+    try:
+        comm._announce(5)
+        assert algorithm.fetched.wait(5) and inbox.get(timeout=5).version == 5
+        algorithm.fetched.clear()
+        comm._rejoin(comm._generation)  # at 3: the fetch from 5 answers with the blocks of 3
+        assert algorithm.fetched.wait(5) and inbox.get(timeout=5).version == 3
+        algorithm.fetched.clear()
+        comm._announce(4)
+        assert algorithm.fetched.wait(5), algorithm.asked
+    finally:
+        stop.set()
+        thread.join(5)
+    assert algorithm.asked == [3, 5, 3]

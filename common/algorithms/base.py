@@ -15,7 +15,8 @@ Coordinator half (all calls from the coordinator's threads, never concurrently f
   (streaming: never N copies). Records are kept per worker by the round (they are a few numbers).
 - `close(plan, model)`: the next global state from a closed round. Returns the blocks whose new
   tensors must be written (a records algorithm may change `model` in place and return none).
-- `catch_up(held, version, worker)`: what a worker at version `held` needs to reach `version`.
+- `catch_up(held, version, worker, after_download)`: what a worker at version `held` needs to reach
+  `version`.
 - `state()` / `restore(state, model, version)`: its part of the checkpoint.
 
 Worker half (on the worker's compute thread; `fetch` on its communication thread):
@@ -101,7 +102,7 @@ class Algorithm:
     def close(self, plan, model: Mapping[str, Tensors]) -> dict[str, Tensors]:
         raise NotImplementedError
 
-    def catch_up(self, held: int, version: int, worker: str | None = None) -> CatchUp:
+    def catch_up(self, held: int, version: int, worker: str | None = None, after_download: bool = False) -> CatchUp:
         """Block methods catch up by a delta sync of the blocks (Download), never by a log."""
         return CatchUp(version, download=True)
 

@@ -97,7 +97,7 @@ class DeComFL(Algorithm):
         self.log: list[LogEntry] = []  # coordinator: rounds after `oldest`, in order
         self.held: dict[str, int] = {}  # coordinator: worker -> version of its copy, as last heard
         self.files_version = 0  # coordinator: the version its block files hold
-        self._previous_files = 0  # coordinator: the files' version before the last round closed
+        self.written = [0]  # coordinator: versions whose block files it wrote, recent ones (downloads)
         self._snapshot = None  # worker: its copy at its last sync
         self._lock = threading.Lock()
 
@@ -166,28 +166,30 @@ class DeComFL(Algorithm):
             self.log.append(entry)
             for w in plan.records:
                 self.held[w] = max(self.held.get(w, 0), plan.round - 1)
-            # Until this round's blocks (if written now) are announced, workers still download the
-            # previous ones: keep the log from there.
-            self._previous_files = self.files_version
             changed = {}
             if (plan.round - self.files_version) * steps * self.step_cost() > self.replay_limit / 2:
                 self.files_version = plan.round
                 changed = {b: model[b] for b in self.trainable}  # the replica's blocks, written as they are
-            # Below what a worker can replay within the limit the log serves nobody: it downloads.
+            # Keep what a worker may still replay: from block files it may be downloading (those written
+            # in the last two limits' worth of rounds, and the ones announced now), and from its own copy
+            # within the limit; but not what every known worker holds already.
             worth = int(self.replay_limit // (steps * self.step_cost()))
-            keep_after = max(min([self._previous_files, *self.held.values()]), plan.round - worth - 1)
+            horizon = plan.round - 2 * worth - 1
+            downloading = [f for f in self.written if f >= horizon] or [self.written[-1]]
+            keep_after = min(*downloading, max(min(self.held.values(), default=0), horizon))
+            self.written = [f for f in self.written if f >= min(downloading)] + ([plan.round] if changed else [])
             self.log = [e for e in self.log if e.round > keep_after]
         return changed
 
     def _params(self, model: Mapping[str, Tensors]) -> list[torch.Tensor]:
         return [model[b][n] for b, n in self.order]
 
-    def catch_up(self, held: int, version: int, worker: str | None = None) -> CatchUp:
+    def catch_up(self, held: int, version: int, worker: str | None = None, after_download: bool = False) -> CatchUp:
         steps = int(self.settings.get("local_steps", 1))
         with self._lock:
             oldest = self.log[0].round - 1 if self.log else version
-            files = held in (self.files_version, self._previous_files)  # a worker that just downloaded them
-            too_costly = (version - held) * steps * self.step_cost() > self.replay_limit and not files
+            # Replaying from blocks just downloaded is never worth a download again.
+            too_costly = (version - held) * steps * self.step_cost() > self.replay_limit and not after_download
             if held > version or held < oldest or too_costly:
                 return CatchUp(version, download=True)
             if worker is not None:
@@ -197,13 +199,14 @@ class DeComFL(Algorithm):
     def state(self) -> dict:
         with self._lock:
             return {"log": [e.to_record() for e in self.log], "held": dict(self.held),
-                    "files_version": self.files_version}
+                    "files_version": self.files_version, "written": list(self.written)}
 
     def restore(self, state, model, version) -> int:
         try:
             self.log = [LogEntry.from_record(r) for r in state.get("log", [])]
             self.held = {str(w): int(v) for w, v in dict(state.get("held", {})).items()}
-            self.files_version = self._previous_files = int(state.get("files_version", 0))
+            self.files_version = int(state.get("files_version", 0))
+            self.written = [int(f) for f in state.get("written", [self.files_version])] or [self.files_version]
         except (TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"malformed zeroth-order state in the checkpoint ({e})") from None
         for e in self.log:
@@ -222,7 +225,7 @@ class DeComFL(Algorithm):
             return Patch(reply.version, {}, {}, reply.entries)
         files_version, block_versions, stream = session.download({})
         blocks = {b.block: b.tensors for b in stream}
-        reply = session.log(files_version)
+        reply = session.log(files_version, after_download=True)
         if reply.download:
             raise ConnectionError(f"the coordinator cannot catch us up from the blocks it sent (version {files_version})")
         return Patch(reply.version, block_versions, blocks, reply.entries)

@@ -377,10 +377,12 @@ class ReportRequest(_message.Message):
     def __init__(self, round: _Optional[int] = ..., base_version: _Optional[int] = ..., numbers: _Optional[_Iterable[float]] = ..., num_tokens: _Optional[int] = ..., train_loss: _Optional[float] = ...) -> None: ...
 
 class LogRequest(_message.Message):
-    __slots__ = ("held_version",)
+    __slots__ = ("held_version", "after_download")
     HELD_VERSION_FIELD_NUMBER: _ClassVar[int]
+    AFTER_DOWNLOAD_FIELD_NUMBER: _ClassVar[int]
     held_version: int
-    def __init__(self, held_version: _Optional[int] = ...) -> None: ...
+    after_download: bool
+    def __init__(self, held_version: _Optional[int] = ..., after_download: _Optional[bool] = ...) -> None: ...
 
 class LogEntry(_message.Message):
     __slots__ = ("round", "learning_rate", "seeds", "scalars")
