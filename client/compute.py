@@ -208,4 +208,6 @@ class ComputeLoop:
                     self.outbox.put(update, timeout=POLL_S)
                     return
                 except queue.Full:
-                    pass
+                    # The communication threads may be waiting to put into a full inbox (assignments sent
+                    # again at every re-join, catch-ups) before they take from the outbox: keep taking.
+                    self._drain()

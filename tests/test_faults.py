@@ -256,7 +256,10 @@ def run_with_kills(coordinator_args, worker: subprocess.Popen, kills: int, pause
             coordinator = cli(*coordinator_args)
             output = Output(coordinator)
             if kill == kills:
-                out = output.finish(240)
+                try:
+                    out = output.finish(240)
+                except AssertionError as e:
+                    raise AssertionError(f"{e}\nthe worker:\n{worker_output.text()[-6000:]}") from None
                 assert coordinator.returncode == 0, out[-3000:]
                 break
             # Wait until the worker is in this coordinator's run (past its own start-up, joined to this

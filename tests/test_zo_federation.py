@@ -125,18 +125,18 @@ def test_a_decomfl_coordinator_killed_mid_run_resumes_to_the_uninterrupted_model
     from safetensors.torch import load_file
     from test_faults import cli, free_port, reap, run_with_kills, uninterrupted
 
-    rounds = 10
-    options = dict(algorithm="decomfl", rounds=rounds, local_steps=4, lr=1e-3, zo_perturbations="16")
+    rounds = 8
+    options = dict(algorithm="decomfl", rounds=rounds, local_steps=2, lr=1e-3, zo_perturbations="8")
     reference = uninterrupted(federation, data_file, **options)
 
     port, state = free_port(), tmp_path / "state"
     coordinator_args = ["coordinator", "--model", tiny_model, "--state-dir", state, "--listen", f"127.0.0.1:{port}",
-                        "--insecure", "--algorithm", "decomfl", "--rounds", rounds, "--local-steps", 4, "--lr", 1e-3,
-                        "--zo-perturbations", 16, "--threads", 1, "--heartbeat-interval", 0.5]
+                        "--insecure", "--algorithm", "decomfl", "--rounds", rounds, "--local-steps", 2, "--lr", 1e-3,
+                        "--zo-perturbations", 8, "--threads", 1, "--heartbeat-interval", 0.5]
     worker = cli("worker", "--coordinator", f"127.0.0.1:{port}", "--name", "solo", "--data", data_file, "--insecure",
                  "--batch-size", 4, "--max-seq-len", 64, "--threads", 1, "--max-backoff", 1)
     try:
-        run_with_kills(coordinator_args, worker, kills=3, pause=random.Random(3), longest=0.6)
+        run_with_kills(coordinator_args, worker, kills=3, pause=random.Random(3), longest=0.3)
     finally:
         reap(worker)
     summary = json.loads((state / "summary.json").read_text())
