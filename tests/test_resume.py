@@ -287,20 +287,35 @@ def test_a_round_planned_again_after_a_fallback_is_trained_again(tiny_model, dat
 
 
 class LogCatchingUp:
-    """A zeroth-order worker's fetches, recorded: from which version each one asked for the log."""
+    """A zeroth-order worker's fetches, recorded: from which version each one asked for the log. Each
+    answer brings the model to the next of `versions` (by default, the target asked for)."""
 
     catch_up_on_task = False
 
-    def __init__(self):
+    def __init__(self, versions=()):
         self.asked: list[int] = []
         self.fetched = threading.Event()
+        self._versions = iter(versions)
 
     def fetch(self, session, version, held, target):
         from fedblock.common.messages import Patch
 
         self.asked.append(version)
         self.fetched.set()
-        return Patch(target, {}, {}, ())
+        return Patch(next(self._versions, target), {}, {}, ())
+
+
+def catching_up(coordinator_version: int, algorithm: LogCatchingUp):
+    """A worker's transfer thread at model version 3, against a coordinator that restarts at
+    `coordinator_version`: (comm, inbox, stop, thread), the thread running."""
+    session, stop = RestartingCoordinator(), threading.Event()
+    session.info.model_version = coordinator_version
+    inbox: queue.Queue = queue.Queue(16)
+    comm = Comm(session, ModelBook(version=3), inbox, queue.Queue(1), WorkerMetrics(), stop, Timeline("w"),
+                max_backoff=0.05, algorithm=algorithm)
+    thread = threading.Thread(target=comm.transfer, daemon=True)
+    thread.start()
+    return comm, inbox, stop, thread
 
 
 def test_a_catch_up_after_a_rejoin_starts_where_the_queued_patch_left_the_model():
@@ -308,14 +323,8 @@ def test_a_catch_up_after_a_rejoin_starts_where_the_queued_patch_left_the_model(
     when the coordinator restarts behind it, at 4. The next catch-up must start from 5, where that
     patch brings the model, not from the book's 3: replaying rounds 4 and 5 twice corrupts the model
     (from 5, a coordinator at 4 answers "download the blocks")."""
-    session, stop = RestartingCoordinator(), threading.Event()
-    session.info.model_version = 4
     algorithm = LogCatchingUp()
-    inbox: queue.Queue = queue.Queue(16)
-    comm = Comm(session, ModelBook(version=3), inbox, queue.Queue(1), WorkerMetrics(), stop, Timeline("w"),
-                max_backoff=0.05, algorithm=algorithm)
-    thread = threading.Thread(target=comm.transfer, daemon=True)
-    thread.start()
+    comm, inbox, stop, thread = catching_up(4, algorithm)
     try:
         comm._announce(5)
         assert algorithm.fetched.wait(5)
@@ -333,24 +342,8 @@ def test_after_a_download_from_a_coordinator_that_went_back_the_next_catch_up_st
     """The queued patch brings the model to 5; the coordinator comes back at 3 and the worker's catch-up
     from 5 gets blocks at 3 (it had to download). The model will then be at 3, so the next catch-up
     asks from 3, not from 5: rounds 4 and 5 of the new history would be skipped."""
-    session, stop = RestartingCoordinator(), threading.Event()
-    session.info.model_version = 3
-    algorithm = LogCatchingUp()
-    targets = iter([5, 3, 4])
-
-    def fetch(session_, version, held, target):
-        from fedblock.common.messages import Patch
-
-        algorithm.asked.append(version)
-        algorithm.fetched.set()
-        return Patch(next(targets), {}, {}, ())
-
-    algorithm.fetch = fetch
-    inbox: queue.Queue = queue.Queue(16)
-    comm = Comm(session, ModelBook(version=3), inbox, queue.Queue(1), WorkerMetrics(), stop, Timeline("w"),
-                max_backoff=0.05, algorithm=algorithm)
-    thread = threading.Thread(target=comm.transfer, daemon=True)
-    thread.start()
+    algorithm = LogCatchingUp(versions=[5, 3, 4])
+    comm, inbox, stop, thread = catching_up(3, algorithm)
     try:
         comm._announce(5)
         assert algorithm.fetched.wait(5) and inbox.get(timeout=5).version == 5
