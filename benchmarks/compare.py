@@ -1,4 +1,4 @@
-"""Every algorithm on the same data and budget: fedbcd, parablock, fedavg, decomfl and fedspzo.
+"""Every algorithm on the same data and budget: fedbcd, parablock, fedavg, fedcybgd, decomfl and fedspzo.
 
 What is run: for each algorithm, one federated run on `builtin:chatterbot-topics` (9-topic
 classification; loss = cross-entropy over the choices, accuracy = the right choice has the largest
@@ -7,7 +7,13 @@ logit): a real `fedblock coordinator` process and N worker processes on loopback
 row: the same rounds, workers, participants per round, local steps per round and examples per step
 (batch size), the same trained parameters (the decoder layers, `--train-blocks 'layers.*'`) and the
 same held-out sample. What differs is each algorithm's nature and defaults: fedbcd and parablock train
-one decoder layer per participant per round (striped schedule), fedavg all of them; decomfl and
+one decoder layer per participant per round (striped schedule), fedavg all of them; fedcybgd (its
+default schedule, striped) in `relay` mode one layer per round, trained by one participant, the
+participants in turn, and in `parallel` mode one distinct layer per participant per round, with
+download fractions 1, 0.5 and 0.25 (`--download-fraction`: for a task a worker receives that fraction
+of the layers changed since the base model, always its own; the others revert to the base values it
+keeps, at no cost in bytes); rows `fedcybgd-relay`, `fedcybgd-parallel` (fraction 1),
+`fedcybgd-parallel-0.5`, `fedcybgd-parallel-0.25` (any `fedcybgd-MODE[-FRACTION]` works); decomfl and
 fedspzo move all of them along random directions (decomfl P = 5 perturbations, fedspzo P1,P2 = 1,8 at
 its default split); block methods use AdamW at 1e-4, zeroth-order ones SGD at 1e-5 (their defaults).
 The worker processes are benchmarks/zo.py's watched real workers (see there): bytes by kind from the
@@ -22,6 +28,11 @@ Columns:
   frame), by kind (update, model, control; heartbeats are control), mean over the workers; the model
   files and each worker's first download of every block are excluded (the line below the table says
   how much that is).
+- MB down/round: the model bytes downloaded after the start (the down column), all workers together,
+  ÷ (rounds − 1): the global models of rounds 1 .. R − 1 are what a worker can fetch (none is new
+  during round 1 and round R's is never announced: the run ends), so this is what one new global model
+  costs in downloads. Delta sync (fedbcd, parablock) fetches the blocks changed since the version a
+  worker holds; fedcybgd fetches, when a task comes, the (sampled) blocks changed since it last synced.
 - fwd/step, bwd/step: passes of one local step in units of one full forward (or backward) pass of the
   model, counted from what the algorithm does: block methods 1 forward + 1 backward per step (the
   backward stops at the lowest trained block; fedavg's goes through the whole model); decomfl 2P
@@ -37,15 +48,15 @@ Columns:
   worker's steady state); the JSON has the lifetime peaks too.
 
 Defaults: SmolLM2-135M-Instruct, 4 workers, 2 per round, 6 rounds of 1 local step, batch 8: about
-5 minutes per row on 2 cores (the zeroth-order rows are the slow ones: a decomfl round took 35-50 s
+5 minutes per row on 2 cores (9 rows by default) (the zeroth-order rows are the slow ones: a decomfl round took 35-50 s
 on the 2-core machine shared with a test run (load 3-5), 10 forwards and perturbing, stepping and
 replaying 106M parameters per step; a 3-round decomfl row took 3-3.5 minutes in all, start-up, the
 workers' first download and both evaluations included; block rows are faster, most of their time is
 start-up). `--quick`: a tiny random Llama (4 layers x 64), 2 workers, 2 per round, 6 rounds: about
-1.5 minutes in all. Run state under
+3 minutes in all (9 rows). Run state under
 WORKDIR/compare/NAME (weights deleted after each run; logs kept).
 
-    python benchmarks/compare.py [--quick] [--json out.json] [--algorithms fedbcd,decomfl] [--rounds 6]
+    python benchmarks/compare.py [--quick] [--json out.json] [--algorithms fedbcd,fedcybgd-relay] [--rounds 6]
 """
 
 from __future__ import annotations
@@ -60,7 +71,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import parser, report  # noqa: E402
 from benchmarks.zo import SMOLLM2, TOPICS, federate, tiny_model, worker_bytes  # noqa: E402
 
-ALGORITHMS = ("fedbcd", "parablock", "fedavg", "decomfl", "fedspzo")
+ALGORITHMS = ("fedbcd", "parablock", "fedavg", "fedcybgd-relay", "fedcybgd-parallel", "fedcybgd-parallel-0.5",
+              "fedcybgd-parallel-0.25", "decomfl", "fedspzo")
 FULL = {"rounds": 6, "workers": 4, "clients_per_round": 2, "local_steps": 1, "eval_max_examples": 62}
 QUICK = {"rounds": 6, "workers": 2, "clients_per_round": 2, "local_steps": 1, "eval_max_examples": 32}
 MB = 1e6
@@ -72,6 +84,14 @@ def human(n: float) -> str:
         if n >= size:
             return f"{n / size:.3g} {unit}"
     return f"{n:.0f} B"
+
+
+def row_spec(row: str) -> tuple[str, list]:
+    """(algorithm, its extra flags) of a row name: an algorithm, or `fedcybgd-MODE[-FRACTION]`."""
+    if not row.startswith("fedcybgd-"):
+        return row, []
+    mode, _, fraction = row.removeprefix("fedcybgd-").partition("-")
+    return "fedcybgd", ["--fedcybgd-mode", mode, "--download-fraction", fraction or "1"]
 
 
 def passes(algorithm: str, num_layers: int, decomfl_p: int, fedspzo_p: tuple[int, int], split: int) -> tuple[float, float]:
@@ -98,7 +118,8 @@ def decoder_layers(model: str) -> int:
 def main() -> None:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--model", help=f"model folder or built-in name (default {SMOLLM2}; --quick a tiny Llama 4 x 64)")
-    p.add_argument("--algorithms", default=",".join(ALGORITHMS), help=f"rows (default {','.join(ALGORITHMS)})")
+    p.add_argument("--algorithms", default=",".join(ALGORITHMS),
+                   help=f"rows: algorithms or fedcybgd-MODE[-FRACTION] (default {','.join(ALGORITHMS)})")
     p.add_argument("--rounds", type=int, help=f"rounds (default {FULL['rounds']}; --quick {QUICK['rounds']})")
     p.add_argument("--workers", type=int, help=f"worker processes (default {FULL['workers']}; --quick {QUICK['workers']})")
     p.add_argument("--clients-per-round", type=int,
@@ -133,39 +154,42 @@ def main() -> None:
     t0 = time.monotonic()
     load_before = os.getloadavg()[0]
     rows, runs, initial = [], [], None
-    for i, algorithm in enumerate(algorithms, 1):
-        flags = ["--train-blocks", "layers.*"]
+    for i, name in enumerate(algorithms, 1):
+        algorithm, row_flags = row_spec(name)
+        flags = ["--train-blocks", "layers.*", *row_flags]
         if algorithm in ("decomfl", "fedspzo"):
             flags += ["--lr", args.zo_lr, "--zo-perturbations", args.decomfl_p if algorithm == "decomfl" else args.fedspzo_p]
         else:
             flags += ["--lr", args.block_lr]
         if algorithm in ("fedbcd", "parablock"):
             flags += ["--block-schedule", "striped"]
-        print(f"compare: [{i}/{len(algorithms)}] {algorithm} ({time.monotonic() - t0:.0f} s so far)", file=sys.stderr,
+        print(f"compare: [{i}/{len(algorithms)}] {name} ({time.monotonic() - t0:.0f} s so far)", file=sys.stderr,
               flush=True)
-        r = federate(root, algorithm, model=model, algorithm=algorithm, rounds=args.rounds, workers=args.workers,
+        r = federate(root, name, model=model, algorithm=algorithm, rounds=args.rounds, workers=args.workers,
                      clients_per_round=args.clients_per_round, local_steps=args.local_steps, batch_size=args.batch_size,
                      max_seq_len=args.max_seq_len, eval_max_examples=args.eval_max_examples, flags=tuple(flags),
                      timeout=args.run_timeout, check_export=args.check_export)
         runs.append(r)
         if r["failed"]:
-            rows.append({"algorithm": algorithm, "eval loss": "failed", "failed": r["failed"], "log": r["logs"][0]})
+            rows.append({"algorithm": name, "eval loss": "failed", "failed": r["failed"], "log": r["logs"][0]})
             continue
         s, ws = r["summary"], r["workers"]
         initial = initial or r["initial"]
         per = [worker_bytes(w) for w in ws]
         n = len(ws)
         fwd, bwd = passes(algorithm, n_layers, args.decomfl_p, (p1, p2), split)
+        down_total = sum(x["down"] for x in per)  # all workers, after the start
         steps = sum(w["rounds"] for w in ws) * args.local_steps / n  # local steps per worker over the run
         history = s.get("round_history") or []
         peaks = [w["peak_rounds_mib"] for w in ws if w.get("peak_rounds_mib") is not None]
         up, down, control = (sum(x[k] for x in per) / n for k in ("up", "down", "control"))
         rows.append({
-            "algorithm": algorithm,
+            "algorithm": name,
             "eval loss": f"{s['eval_loss_initial']:.4f} → {s['eval_loss_final']:.4f}",
             "accuracy": r["final"]["accuracy"],
             "up/worker": human(up),
             "down/worker": human(down),
+            "MB down/round": down_total / MB / (s["rounds_completed"] - 1) if s["rounds_completed"] >= 2 else "n/a",
             "control/worker": human(control),
             "fwd/step": fwd,
             "bwd/step": bwd,
@@ -195,13 +219,13 @@ def main() -> None:
             "process_seconds": r["seconds"],
             "round_history": history,
         })
-        print(f"compare: {algorithm}: {rows[-1]['eval loss']}, accuracy {rows[-1]['accuracy']:.3f}, "
+        print(f"compare: {name}: {rows[-1]['eval loss']}, accuracy {rows[-1]['accuracy']:.3f}, "
               f"{r['seconds']:.0f} s", file=sys.stderr, flush=True)
     extra = {
         "settings": f"{model}, {TOPICS}, {args.workers} workers, {args.clients_per_round} per round, {args.rounds} rounds x "
                     f"{args.local_steps} local step(s), batch {args.batch_size} (<= {args.max_seq_len} tokens), train blocks "
                     f"layers.* ({n_layers} decoder layers), block methods AdamW lr {args.block_lr} (fedbcd/parablock "
-                    f"striped, one layer per participant), zeroth-order SGD lr {args.zo_lr}, decomfl P={args.decomfl_p}, "
+                    f"striped, one layer per participant; fedcybgd its default, striped), zeroth-order SGD lr {args.zo_lr}, decomfl P={args.decomfl_p}, "
                     f"fedspzo {p1},{p2} split {split}; eval on {args.eval_max_examples} held-out examples; 1 torch thread "
                     "per process",
     }
@@ -224,7 +248,9 @@ def main() -> None:
     extra["load average (1 min), start → end"] = (f"{load_before:.1f} → {os.getloadavg()[0]:.1f} on "
                                                    f"{os.cpu_count()} CPUs (timings are shared-machine timings)")
     extra["total seconds"] = round(time.monotonic() - t0, 1)
-    columns = ["algorithm", "eval loss", "accuracy", "up/worker", "down/worker", "control/worker", "fwd/step",
+    extra["MB down/round"] = ("all workers' model downloads after the start (down/worker x workers) ÷ (rounds - 1), "
+                              "the global models of rounds 1 .. R-1")
+    columns = ["algorithm", "eval loss", "accuracy", "up/worker", "down/worker", "MB down/round", "control/worker", "fwd/step",
                "bwd/step", "fwd/worker", "bwd/worker", "wall s", "round s", "worker peak MiB"]
     report("compare", rows, args, columns=columns, **extra)
     if any(r["failed"] for r in runs):

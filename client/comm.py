@@ -223,6 +223,12 @@ class Comm:
     def notify_handover(self) -> None:
         self.wake.set()
 
+    def refetch(self) -> None:
+        """Sync again now: the compute thread found a confirmed block not to be what it holds."""
+        with self._lock:
+            self._requested = min(self._requested, self.book.version - 1)
+            self.wake.set()
+
     def _upload(self, out: Outgoing) -> bool:
         """Send every block of the update the coordinator does not have yet; True if it has them all."""
         t0 = time.perf_counter()
@@ -274,7 +280,9 @@ class Comm:
             start = max(self.book.version, self._queued)
             generation = self._generation
         with self.timeline.span("download", announced):
-            patch = self.algorithm.fetch(self.session, start, self.book.request(announced, resync), announced)
+            held = self.book.request(announced, resync)
+            holds = self.book.claims(held) if self.codec.lossless else {}
+            patch = self.algorithm.fetch(self.session, start, held, announced, holds)
             version = patch.version
         with self._lock:
             if generation == self._generation:  # else a re-join came meanwhile: sync once more after it

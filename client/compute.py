@@ -55,9 +55,13 @@ class ComputeLoop:
         on_handover: Callable[[], None] = lambda: None,
         algorithm: Algorithm | None = None,
         local: Local | None = None,
+        claim_holds: bool = False,
+        on_stale: Callable[[], None] = lambda: None,
     ):
         """`algorithm`: the run's (its worker half runs the tasks; default a block method). `local`:
-        what it works on (default: built from the arguments, in a temporary work dir)."""
+        what it works on (default: built from the arguments, in a temporary work dir). `claim_holds`:
+        record the hash of each block handed in (the codec is lossless), so that a sync need not bring
+        it back; `on_stale`: a confirmed block was not what we hold, and must be downloaded."""
         self.model = model
         self.blocks = {b.name: b for b in blocks}
         self.trainer = trainer
@@ -73,6 +77,8 @@ class ComputeLoop:
         self.stop = stop
         self.timeline = timeline
         self.on_handover = on_handover
+        self.claim_holds = claim_holds
+        self.on_stale = on_stale
         self.steps_done = 0
         self.progress = Progress()
         self.rounds_done = 0
@@ -99,7 +105,7 @@ class ComputeLoop:
 
     def _train(self, a: Assignment) -> None:
         need = a.round - 1 - self.depth
-        while self.book.version < need:  # fedbcd waits here for the global model of round t-1
+        while self.book.version < need or self.book.unconfirmed():  # fedbcd waits here for round t-1's model
             self._take(wait_for="model")
         self._drain()
         if self.book.version >= a.round:
@@ -110,7 +116,7 @@ class ComputeLoop:
             self.metrics.rounds_ahead.inc()
         with self.timeline.span("compute", a.round, blocks=list(a.blocks)):
             update = self._local_steps(a)
-        self.book.mark_dirty(a.blocks, a.round)
+        self.book.mark_dirty(a.blocks, a.round, self._holds(update) if self.claim_holds else None)
         self._hand_over(update)
         self.rounds_done += 1
         self.metrics.rounds.inc()
@@ -128,6 +134,12 @@ class ComputeLoop:
             base,
         )
         return update
+
+    def _holds(self, update: Update) -> dict[str, bytes]:
+        """The canonical hash of each handed-in block as the local copy has it now (start + delta)."""
+        names = {s.name: [t.name for t in s.tensors] for s in self.local.specs}
+        return {b: B.canonical_sha256(B.block_params(self.model, self.blocks[b]), names[b])
+                for b in update.deltas if b in names}
 
     def _stepped(self, what: str, loss: float) -> None:
         self.steps_done += 1
@@ -195,8 +207,12 @@ class ComputeLoop:
             # are planned again. Rounds that had not closed are still on their way: never trained twice.
             gone = range(patch.version + 1, self.book.version + 1)
             self._taken = {t for t in self._taken if t[0] not in gone}
-        self.algorithm.apply(patch, self.local)
+        stale = self.algorithm.apply(patch, self.local) or ()
         self.book.applied(patch)
+        if stale:  # a patch that came after our claim changed the block: the claim no longer holds
+            log.warning("blocks %s are not the value the coordinator confirmed; downloading them", sorted(stale))
+            self.book.unconfirm(stale)
+            self.on_stale()
         self.metrics.model_version.set(self.book.version)
 
     def _hand_over(self, update: Update) -> None:

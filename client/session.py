@@ -11,6 +11,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
+from typing import NamedTuple
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +80,17 @@ class DownloadedBlock:
     block: str
     version: int
     tensors: dict
+
+
+class Sync(NamedTuple):
+    """A download: the model version, the block versions of our view (0: the base model's), the blocks
+    we hold already (block -> canonical SHA-256 of the value we claimed), and the changed blocks,
+    decoded as they stream in."""
+
+    version: int
+    block_versions: dict[str, int]
+    confirmed: dict[str, bytes]
+    blocks: Iterator[DownloadedBlock]
 
 
 class Session:
@@ -275,11 +287,16 @@ class Session:
         self._received("control", _size(reply))
         return reply
 
-    def download(self, held: Mapping[str, int]) -> tuple[int, dict[str, int], Iterator[DownloadedBlock]]:
-        """Delta sync: (model version, block versions, iterator over the changed blocks, decoded)."""
+    def download(self, held: Mapping[str, int], holds: Mapping[str, bytes] | None = None, for_task: bool = False,
+                 base_held=()) -> Sync:
+        """Delta sync of the blocks whose version differs from `held`: but for those we hold (`holds`,
+        confirmed by the coordinator), and with `for_task` of the view the algorithm gives our next
+        task (base-model blocks we keep, `base_held`, are not sent)."""
         assert self.info is not None
         specs = {b.name: b for b in self.info.blocks}
-        stream = self._download(pb.DownloadRequest(held_versions=dict(held)), metadata=self._metadata)
+        request = pb.DownloadRequest(held_versions=dict(held), holds=dict(holds or {}), for_task=for_task,
+                                     base_held=sorted(base_held))
+        stream = self._download(request, metadata=self._metadata)
         first = next(stream)
         if isinstance(first, wire.RawChunk) or first.WhichOneof("kind") != "header":
             raise wire.IntegrityError("download did not start with its header")
@@ -316,4 +333,5 @@ class Session:
                 if assembly is not None:  # a download that broke off: let its hashing thread go
                     assembly.close()
 
-        return header.model_version, dict(header.block_versions), blocks()
+        confirmed = {b: bytes(holds[b]) for b in header.confirmed if holds and b in holds}
+        return Sync(header.model_version, dict(header.block_versions), confirmed, blocks())

@@ -19,6 +19,7 @@ import torch
 
 from ..common import blocks as B
 from ..common.algorithms import Algorithm, Local, load
+from ..common.codecs import CodecPipeline
 from ..common.config import ConfigError, WorkerConfig
 from ..common.data import BatchStream, load_examples, tokenize
 from ..common.messages import Patch
@@ -219,9 +220,9 @@ class Worker:
         if algorithm.catch_up_on_task and matched == names:
             patch = Patch(0, dict.fromkeys(names, 0), {})
         else:
-            version, block_versions, stream = session.download(dict.fromkeys(matched, 0))
-            patch = Patch(version, block_versions, {block.block: block.tensors for block in stream})
-            missing = {b for b in names - set(patch.blocks) if not (b in matched and block_versions.get(b) == 0)}
+            sync = session.download(dict.fromkeys(matched, 0))
+            patch = Patch(sync.version, sync.block_versions, {block.block: block.tensors for block in sync.blocks})
+            missing = {b for b in names - set(patch.blocks) if not (b in matched and sync.block_versions.get(b) == 0)}
             if missing:
                 raise RuntimeError(f"initial download is missing blocks {sorted(missing)[:5]}")
         algorithm.apply(patch, local)
@@ -233,12 +234,16 @@ class Worker:
         model, blocks, trainer, stream = local.model, list(local.blocks.values()), local.trainer, local.stream
         inbox: queue.Queue = queue.Queue(INBOX_SIZE)
         outbox: queue.Queue = queue.Queue(1)
+        # With a lossless codec and float32 weights, a block handed in is, if nobody else trained it, the
+        # new global value: the worker claims it by hash instead of downloading it back.
+        claim = CodecPipeline(session.info.codec).lossless and all(p.dtype == torch.float32 for p in model.parameters())
         compute = ComputeLoop(model, blocks, trainer, stream, book, inbox, outbox, depth, self.metrics, self.stop,
-                              self.timeline, algorithm=algorithm, local=local)
+                              self.timeline, algorithm=algorithm, local=local, claim_holds=claim)
         comm = Comm(session, book, inbox, outbox, self.metrics, self.stop, self.timeline,
                     steps_done=lambda: compute.steps_done, num_examples=len(self.examples), device=str(self.device),
                     max_retries=self.config.max_retries, max_backoff=self.config.max_backoff, algorithm=algorithm)
         compute.on_handover = comm.notify_handover
+        compute.on_stale = comm.refetch
         threads = [
             threading.Thread(target=compute.run, name="compute", daemon=True),
             threading.Thread(target=comm.read_events, name="events", daemon=True),

@@ -1,4 +1,4 @@
-"""Codec pipelines for block deltas: tensors -> wire bytes -> tensors.
+"""Codec pipelines for block tensors: tensors -> wire bytes -> tensors.
 
 A pipeline is a comma-separated list of stages applied left to right, e.g. `none`, `bf16`,
 `topk:0.01,bf16,zstd`, `int8,shuffle,zstd:3`:
@@ -7,13 +7,17 @@ A pipeline is a comma-separated list of stages applied left to right, e.g. `none
                     int8               symmetric per-row quantisation, fp32 scale per row (lossy)
                     topk:F             keep the fraction F of entries with the largest magnitude, with
                                        error feedback: what was not sent is added to the next delta
-                                       of the same block (the residual lives in the encoder, on the worker)
+                                       of the same block (the residual lives in the encoder, on the
+                                       worker; so uploads only)
                     shuffle            byte planes of each tensor (helps zstd on floats; lossless)
     serialisation   safetensors, always (self-describing, never pickle)
-    byte stage      zstd[:LEVEL]       must be last (lossless)
+    byte stage      zstd[:LEVEL]       must be last (lossless; its output size depends on the data)
 
-The wire size is exactly `len(blob)`. `decode` checks that the result has exactly the expected tensor
-names and shapes, and raises `CodecError` for anything malformed; it returns float32 tensors.
+Each stage is a `Stage` class in `STAGES`, which parses its own argument. A pipeline encodes uploads
+(block deltas, the default) or downloads (block values, `direction="download"`), which refuse stateful
+stages. The wire size is exactly `len(blob)`; without zstd, `payload_nbytes` says in advance how many
+of those bytes are tensor data. `decode` checks that the result has exactly the expected tensor names
+and shapes, and raises `CodecError` for anything malformed; it returns float32 tensors.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from typing import ClassVar
 
 import safetensors.torch
 import torch
@@ -31,9 +35,10 @@ from torch import Tensor
 from .messages import TensorSpec
 
 Tensors = dict[str, Tensor]
+WireSpec = tuple[tuple[int, ...], torch.dtype]  # (shape, dtype) of one tensor on the wire
 
-_CAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _MAX_ZSTD_OUTPUT = 1 << 36  # decompression bound; the real bound is the expected raw size
+DIRECTIONS = ("upload", "download")
 
 
 class CodecError(ValueError):
@@ -55,63 +60,343 @@ def _dtype_from_name(name: str) -> torch.dtype:
 _PLAIN_DTYPES = {"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"}
 
 
-@dataclass
-class _Stage:
-    name: str
-    arg: float | int | None = None
-    # topk error feedback: (block, tensor) -> residual not yet sent
-    residual: dict[tuple[str, str], Tensor] = field(default_factory=dict)
+# ---- stages --------------------------------------------------------------------------------------
+
+
+class Stage:
+    """One stage of a pipeline, parsed from `name[:arg]`. A tensor stage maps a block's tensors to the
+    tensors that go on the wire (`encode`) and back (`decode`), and says what it makes of one tensor
+    (`wire_specs`). A data-dependent stage instead maps the serialised blob (`compress`, `decompress`):
+    its output size depends on the values, so it must be last."""
+
+    name: ClassVar[str]
+    arg_usage: ClassVar[str] = ""  # how the argument is written, for error messages
+    lossy: ClassVar[bool] = False
+    stateful: ClassVar[bool] = False  # keeps state per (block, tensor) from one encode to the next
+    data_dependent: ClassVar[bool] = False
+
+    @classmethod
+    def parse(cls, arg: str) -> Stage:
+        if arg:
+            raise CodecError(f"codec stage {cls.name!r} takes no argument")
+        return cls()
 
     @property
-    def lossy(self) -> bool:
-        return self.name in ("bf16", "fp16", "int8", "topk")
+    def spec(self) -> str:
+        return self.name
+
+    def encode(self, tensors: Tensors, block: str, meta: dict[str, str], state_out: dict) -> Tensors:
+        """The tensors to send for `tensors` of `block`. A stage may add string metadata to `meta`; a
+        stateful one puts its next state in `state_out` (key -> value) instead of applying it."""
+        raise NotImplementedError
+
+    def decode(self, tensors: Tensors, meta: Mapping[str, str], expected: Mapping[str, TensorSpec]) -> Tensors:
+        """Undo `encode`; the tensors come from the network, so anything malformed is a CodecError."""
+        raise NotImplementedError
+
+    def wire_specs(self, shape: tuple[int, ...], dtype: torch.dtype) -> list[WireSpec]:
+        """What `encode` makes of one tensor of this shape and dtype, exactly. A list, not a byte count,
+        so that stages compose: after top-k, a cast changes the values but not the indices."""
+        raise NotImplementedError
+
+    def commit(self, key, value) -> None:
+        """Apply one entry that `encode` put in `state_out` (stateful stages)."""
+        raise NotImplementedError
 
 
-def _parse_stage(text: str) -> _Stage:
-    name, _, arg = text.strip().partition(":")
-    if name in _CAST or name in ("int8", "shuffle"):
-        if arg:
-            raise CodecError(f"codec stage {name!r} takes no argument")
-        return _Stage(name)
-    if name == "topk":
+def _rows(t: Tensor) -> Tensor:
+    return t.reshape(1, -1) if t.dim() < 2 else t.reshape(t.shape[0], -1)
+
+
+class Cast(Stage):
+    lossy = True
+    dtype: ClassVar[torch.dtype]
+
+    def encode(self, tensors, block, meta, state_out):
+        return {n: t.to(self.dtype) if t.is_floating_point() else t for n, t in tensors.items()}
+
+    def decode(self, tensors, meta, expected):
+        return tensors  # the pipeline returns float32
+
+    def wire_specs(self, shape, dtype):
+        return [(shape, self.dtype if dtype.is_floating_point else dtype)]
+
+
+class Bf16(Cast):
+    name = "bf16"
+    dtype = torch.bfloat16
+
+
+class Fp16(Cast):
+    name = "fp16"
+    dtype = torch.float16
+
+
+class Int8(Stage):
+    name = "int8"
+    lossy = True
+
+    def encode(self, tensors, block, meta, state_out):
+        out: Tensors = {}
+        for name, t in tensors.items():
+            if not t.is_floating_point():
+                out[name] = t
+                continue
+            rows = _rows(t.float())
+            scale = rows.abs().amax(dim=1).clamp_min(1e-30) / 127.0
+            q = torch.round(rows / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+            out[name + "::q"] = q.reshape(t.shape)
+            out[name + "::scale"] = scale
+        return out
+
+    def decode(self, tensors, meta, expected):
+        out: Tensors = {}
+        for name, t in tensors.items():
+            if name.endswith("::scale"):
+                continue
+            if not name.endswith("::q"):
+                out[name] = t
+                continue
+            base = name[: -len("::q")]
+            scale = tensors.get(base + "::scale")
+            if scale is None or t.dtype != torch.int8:
+                raise CodecError(f"int8: {base} lacks its scale or is not int8")
+            rows = _rows(t)
+            if scale.shape != (rows.shape[0],):
+                raise CodecError(f"int8: {base} scale shape {tuple(scale.shape)} does not match {rows.shape[0]} rows")
+            out[base] = (rows.float() * scale.float()[:, None]).reshape(t.shape)
+        return out
+
+    def wire_specs(self, shape, dtype):
+        if not dtype.is_floating_point:
+            return [(shape, dtype)]
+        rows = 1 if len(shape) < 2 else shape[0]
+        return [(shape, torch.int8), ((rows,), torch.float32)]
+
+
+class TopK(Stage):
+    """Top-k of delta + residual; the residual, what was not sent, is per (block, tensor)."""
+
+    name = "topk"
+    arg_usage = ":F"
+    lossy = True
+    stateful = True
+
+    def __init__(self, fraction: float):
+        self.fraction = fraction
+        self.residual: dict[tuple[str, str], Tensor] = {}
+
+    @classmethod
+    def parse(cls, arg):
         try:
             fraction = float(arg)
         except ValueError:
-            raise CodecError(f"topk needs a fraction, e.g. topk:0.01 (got {text!r})") from None
+            raise CodecError(f"topk needs a fraction, e.g. topk:0.01 (got {'topk:' + arg!r})") from None
         if not 0.0 < fraction <= 1.0:
             raise CodecError(f"topk fraction must be in (0, 1], got {fraction}")
-        return _Stage(name, fraction)
-    if name == "zstd":
+        return cls(fraction)
+
+    @property
+    def spec(self):
+        return f"topk:{self.fraction}"
+
+    def _k(self, numel: int) -> int:
+        return max(1, math.ceil(self.fraction * numel))
+
+    @staticmethod
+    def _index_dtype(numel: int) -> torch.dtype:
+        return torch.int32 if numel < 2**31 else torch.int64
+
+    def encode(self, tensors, block, meta, state_out):
+        out: Tensors = {}
+        for name, t in tensors.items():
+            if not t.is_floating_point():
+                out[name] = t
+                continue
+            flat = t.reshape(-1).float()
+            key = (block, name)
+            if key in self.residual:
+                flat = flat + self.residual[key]
+            idx = torch.topk(flat.abs(), self._k(flat.numel()), sorted=False).indices
+            values = flat[idx]
+            rest = flat.clone()
+            rest[idx] = 0.0
+            state_out[key] = rest
+            out[name + "::idx"] = idx.to(self._index_dtype(flat.numel()))
+            out[name + "::val"] = values
+        return out
+
+    def decode(self, tensors, meta, expected):
+        out: Tensors = {}
+        for name, t in tensors.items():
+            if name.endswith("::val"):
+                continue
+            if not name.endswith("::idx"):
+                out[name] = t
+                continue
+            base = name[: -len("::idx")]
+            values = tensors.get(base + "::val")
+            spec = expected.get(base)
+            if values is None or spec is None:
+                raise CodecError(f"topk: unexpected or incomplete tensor {base!r}")
+            numel = math.prod(spec.shape)
+            if t.dim() != 1 or values.shape != t.shape or t.is_floating_point():
+                raise CodecError(f"topk: {base} index/value tensors are malformed")
+            idx = t.long()
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
+                raise CodecError(f"topk: {base} index out of range")
+            dense = torch.zeros(numel, dtype=torch.float32)
+            dense[idx] = values.float()
+            out[base] = dense.reshape(spec.shape)
+        return out
+
+    def wire_specs(self, shape, dtype):
+        if not dtype.is_floating_point:
+            return [(shape, dtype)]
+        numel = math.prod(shape)
+        k = self._k(numel)
+        return [((k,), self._index_dtype(numel)), ((k,), torch.float32)]
+
+    def commit(self, key, value):
+        self.residual[key] = value
+
+
+class Shuffle(Stage):
+    name = "shuffle"
+
+    def encode(self, tensors, block, meta, state_out):
+        out: Tensors = {}
+        for name, t in tensors.items():
+            planes = t.contiguous().reshape(-1).view(torch.uint8).reshape(-1, t.element_size()).t().contiguous()
+            out[name + "::shuf"] = planes
+            meta[name] = json.dumps({"dtype": _dtype_name(t.dtype), "shape": list(t.shape)})
+        return out
+
+    def decode(self, tensors, meta, expected):
+        out: Tensors = {}
+        for name, planes in tensors.items():
+            if not name.endswith("::shuf"):
+                raise CodecError(f"shuffle: unexpected tensor {name!r}")
+            base = name[: -len("::shuf")]
+            try:
+                info = json.loads(meta[base])
+                dtype = _dtype_from_name(info["dtype"])
+                shape = tuple(int(d) for d in info["shape"])
+            except (KeyError, ValueError, TypeError) as e:
+                raise CodecError(f"shuffle: missing or bad metadata for {base!r}: {e}") from None
+            size = dtype.itemsize
+            if planes.dtype != torch.uint8 or planes.dim() != 2 or planes.shape[0] != size or planes.shape[1] != math.prod(shape):
+                raise CodecError(f"shuffle: {base} byte planes do not match {info}")
+            out[base] = planes.t().contiguous().reshape(-1).view(dtype).reshape(shape)
+        return out
+
+    def wire_specs(self, shape, dtype):
+        return [((dtype.itemsize, math.prod(shape)), torch.uint8)]
+
+
+class Zstd(Stage):
+    name = "zstd"
+    arg_usage = "[:L]"
+    data_dependent = True
+
+    def __init__(self, level: int = 3):
+        self.level = level
+
+    @classmethod
+    def parse(cls, arg):
         level = 3
         if arg:
             try:
                 level = int(arg)
             except ValueError:
-                raise CodecError(f"zstd level must be an integer (got {text!r})") from None
+                raise CodecError(f"zstd level must be an integer (got {'zstd:' + arg!r})") from None
         if not 1 <= level <= 22:
             raise CodecError(f"zstd level must be 1..22, got {level}")
-        return _Stage(name, level)
-    raise CodecError(f"unknown codec stage {name!r} (known: none, bf16, fp16, int8, topk:F, shuffle, zstd[:L])")
+        return cls(level)
+
+    @property
+    def spec(self):
+        return f"zstd:{self.level}"
+
+    def compress(self, blob: bytes) -> bytes:
+        return zstandard.ZstdCompressor(level=self.level).compress(blob)
+
+    @staticmethod
+    def decompress(data, limit: int) -> bytes:
+        """Decompress at most `limit` bytes: a frame may declare (or, streamed, hide) any size."""
+        try:
+            declared = zstandard.frame_content_size(data)
+            if declared > limit:
+                raise CodecError(f"zstd frame declares {declared} bytes, more than the {limit} this block can need")
+            with zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True) as reader:
+                out = reader.read(limit + 1)
+        except zstandard.ZstdError as e:
+            raise CodecError(f"zstd: {e}") from None
+        if len(out) > limit:
+            raise CodecError(f"zstd output exceeds the {limit} bytes this block can need")
+        return out
 
 
-# What one encode changes in a pipeline's state, not yet applied: (stage index, (block, tensor)) -> residual.
+STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (Bf16, Fp16, Int8, TopK, Shuffle, Zstd)}
+
+
+def _parse_stage(text: str) -> Stage:
+    name, _, arg = text.strip().partition(":")
+    cls = STAGES.get(name)
+    if cls is None:
+        known = ", ".join(["none"] + [n + c.arg_usage for n, c in STAGES.items()])
+        raise CodecError(f"unknown codec stage {name!r} (known: {known})")
+    return cls.parse(arg)
+
+
+# ---- pipelines -----------------------------------------------------------------------------------
+
+# What one encode changes in a pipeline's state, not yet applied: (stage index, key) -> value.
 CodecState = dict
 
 
 class CodecPipeline:
-    """A parsed codec pipeline. Encoders keep per-block state (top-k residuals); use one per worker."""
+    """A parsed codec pipeline. Encoders keep per-block state (top-k residuals); use one per worker.
 
-    def __init__(self, spec: str):
+    `direction="download"` refuses stateful stages: a download is a block's values, encoded once per
+    block version and served to every worker."""
+
+    def __init__(self, spec: str, direction: str = "upload"):
+        if direction not in DIRECTIONS:
+            raise CodecError(f"codec direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
         stages = [] if spec.strip() in ("", "none") else [_parse_stage(s) for s in spec.split(",")]
         for i, stage in enumerate(stages):
-            if stage.name == "zstd" and i != len(stages) - 1:
-                raise CodecError("zstd must be the last codec stage")
+            if stage.data_dependent and i != len(stages) - 1:
+                raise CodecError(f"{stage.name} must be the last codec stage")
+            if stage.stateful and direction == "download":
+                raise CodecError(
+                    f"codec stage {stage.spec!r} cannot encode downloads: a download carries a block's values, "
+                    "not a delta, so keeping only the top fraction of entries would zero the rest of the "
+                    "weights; and downloads are encoded once per block version and served to every worker, "
+                    "so no stage may keep per-receiver state")
         self.stages = stages
-        self.spec = ",".join(s.name if s.arg is None else f"{s.name}:{s.arg}" for s in stages) or "none"
+        self.direction = direction
+        self.spec = ",".join(s.spec for s in stages) or "none"
+        # A prefix of `stages`, so an index into it is an index into `stages` (see `commit`).
+        self._tensor_stages = stages[:-1] if stages and stages[-1].data_dependent else stages
+        self._byte_stage = stages[-1] if len(self._tensor_stages) < len(stages) else None
 
     @property
     def lossless(self) -> bool:
         return not any(s.lossy for s in self.stages)
+
+    def payload_nbytes(self, specs: Sequence[TensorSpec]) -> int | None:
+        """The tensor data bytes of an encoded block with these tensors (the blob less its 8-byte
+        length and safetensors header), exactly; None when a stage's output depends on the values."""
+        if self._byte_stage is not None:
+            return None
+        total = 0
+        for spec in specs:
+            wire: list[WireSpec] = [(tuple(spec.shape), torch.float32)]  # encode starts from float32
+            for stage in self.stages:
+                wire = [out for shape, dtype in wire for out in stage.wire_specs(shape, dtype)]
+            total += sum(math.prod(shape) * dtype.itemsize for shape, dtype in wire)
+        return total
 
     # ---- encode ------------------------------------------------------------------------------
 
@@ -128,29 +413,19 @@ class CodecPipeline:
         state: CodecState = {}
         out: Tensors = {n: t.detach().float().contiguous() for n, t in tensors.items()}
         meta: dict[str, str] = {}
-        compress: _Stage | None = None
-        for i, stage in enumerate(self.stages):
-            if stage.name in _CAST:
-                out = {n: t.to(_CAST[stage.name]) if t.is_floating_point() else t for n, t in out.items()}
-            elif stage.name == "int8":
-                out = _int8_encode(out)
-            elif stage.name == "topk":
-                residual: dict = {}
-                out = _topk_encode(out, block, float(stage.arg), stage.residual, residual)
-                state.update({(i, key): r for key, r in residual.items()})
-            elif stage.name == "shuffle":
-                out = _shuffle_encode(out, meta)
-            elif stage.name == "zstd":
-                compress = stage
+        for i, stage in enumerate(self._tensor_stages):
+            pending: dict = {}
+            out = stage.encode(out, block, meta, pending)
+            state.update({(i, key): value for key, value in pending.items()})
         blob = safetensors.torch.save({n: t.contiguous() for n, t in out.items()}, metadata=meta or None)
-        if compress is not None:
-            blob = zstandard.ZstdCompressor(level=int(compress.arg)).compress(blob)
+        if self._byte_stage is not None:
+            blob = self._byte_stage.compress(blob)
         return blob, state
 
     def commit(self, state: CodecState) -> None:
         """Advance the state as `encode_pending` computed it (the receiver has that blob)."""
-        for (i, key), residual in state.items():
-            self.stages[i].residual[key] = residual
+        for (i, key), value in state.items():
+            self.stages[i].commit(key, value)
 
     # ---- decode ------------------------------------------------------------------------------
 
@@ -168,16 +443,11 @@ class CodecPipeline:
         expected_by_name = {s.name: s for s in expected}
         raw_bound = sum(4 * math.prod(s.shape) for s in expected) + (1 << 20) * max(1, len(expected))
         data = blob
-        if self.stages and self.stages[-1].name == "zstd":
-            data = _unzstd(data, limit=min(raw_bound * 2, _MAX_ZSTD_OUTPUT))
+        if self._byte_stage is not None:
+            data = self._byte_stage.decompress(data, limit=min(raw_bound * 2, _MAX_ZSTD_OUTPUT))
         tensors, meta = load_safetensors(data)
-        for stage in reversed(self.stages):
-            if stage.name == "shuffle":
-                tensors = _shuffle_decode(tensors, meta)
-            elif stage.name == "topk":
-                tensors = _topk_decode(tensors, expected_by_name)
-            elif stage.name == "int8":
-                tensors = _int8_decode(tensors)
+        for stage in reversed(self._tensor_stages):
+            tensors = stage.decode(tensors, meta, expected_by_name)
         if set(tensors) != set(expected_by_name):
             missing = sorted(set(expected_by_name) - set(tensors))
             extra = sorted(set(tensors) - set(expected_by_name))
@@ -193,136 +463,7 @@ class CodecPipeline:
         return result
 
 
-def _unzstd(data, limit: int) -> bytes:
-    """Decompress at most `limit` bytes: a frame may declare (or, streamed, hide) any size."""
-    try:
-        declared = zstandard.frame_content_size(data)
-        if declared > limit:
-            raise CodecError(f"zstd frame declares {declared} bytes, more than the {limit} this block can need")
-        with zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True) as reader:
-            out = reader.read(limit + 1)
-    except zstandard.ZstdError as e:
-        raise CodecError(f"zstd: {e}") from None
-    if len(out) > limit:
-        raise CodecError(f"zstd output exceeds the {limit} bytes this block can need")
-    return out
-
-
-# ---- stages --------------------------------------------------------------------------------------
-
-
-def _rows(t: Tensor) -> Tensor:
-    return t.reshape(1, -1) if t.dim() < 2 else t.reshape(t.shape[0], -1)
-
-
-def _int8_encode(tensors: Tensors) -> Tensors:
-    out: Tensors = {}
-    for name, t in tensors.items():
-        if not t.is_floating_point():
-            out[name] = t
-            continue
-        rows = _rows(t.float())
-        scale = rows.abs().amax(dim=1).clamp_min(1e-30) / 127.0
-        q = torch.round(rows / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-        out[name + "::q"] = q.reshape(t.shape)
-        out[name + "::scale"] = scale
-    return out
-
-
-def _int8_decode(tensors: Tensors) -> Tensors:
-    out: Tensors = {}
-    for name, t in tensors.items():
-        if name.endswith("::scale"):
-            continue
-        if not name.endswith("::q"):
-            out[name] = t
-            continue
-        base = name[: -len("::q")]
-        scale = tensors.get(base + "::scale")
-        if scale is None or t.dtype != torch.int8:
-            raise CodecError(f"int8: {base} lacks its scale or is not int8")
-        rows = _rows(t)
-        if scale.shape != (rows.shape[0],):
-            raise CodecError(f"int8: {base} scale shape {tuple(scale.shape)} does not match {rows.shape[0]} rows")
-        out[base] = (rows.float() * scale.float()[:, None]).reshape(t.shape)
-    return out
-
-
-def _topk_encode(tensors: Tensors, block: str, fraction: float, residual: Mapping, new_residual: dict) -> Tensors:
-    """Top-k of delta + `residual`; what is not sent goes into `new_residual` (applied on commit)."""
-    out: Tensors = {}
-    for name, t in tensors.items():
-        if not t.is_floating_point():
-            out[name] = t
-            continue
-        flat = t.reshape(-1).float()
-        key = (block, name)
-        if key in residual:
-            flat = flat + residual[key]
-        k = max(1, math.ceil(fraction * flat.numel()))
-        idx = torch.topk(flat.abs(), k, sorted=False).indices
-        values = flat[idx]
-        rest = flat.clone()
-        rest[idx] = 0.0
-        new_residual[key] = rest
-        out[name + "::idx"] = idx.to(torch.int32 if flat.numel() < 2**31 else torch.int64)
-        out[name + "::val"] = values
-    return out
-
-
-def _topk_decode(tensors: Tensors, expected: Mapping[str, TensorSpec]) -> Tensors:
-    out: Tensors = {}
-    for name, t in tensors.items():
-        if name.endswith("::val"):
-            continue
-        if not name.endswith("::idx"):
-            out[name] = t
-            continue
-        base = name[: -len("::idx")]
-        values = tensors.get(base + "::val")
-        spec = expected.get(base)
-        if values is None or spec is None:
-            raise CodecError(f"topk: unexpected or incomplete tensor {base!r}")
-        numel = math.prod(spec.shape)
-        if t.dim() != 1 or values.shape != t.shape or t.is_floating_point():
-            raise CodecError(f"topk: {base} index/value tensors are malformed")
-        idx = t.long()
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
-            raise CodecError(f"topk: {base} index out of range")
-        dense = torch.zeros(numel, dtype=torch.float32)
-        dense[idx] = values.float()
-        out[base] = dense.reshape(spec.shape)
-    return out
-
-
-def _shuffle_encode(tensors: Tensors, meta: dict[str, str]) -> Tensors:
-    out: Tensors = {}
-    for name, t in tensors.items():
-        size = t.element_size()
-        planes = t.contiguous().reshape(-1).view(torch.uint8).reshape(-1, size).t().contiguous()
-        out[name + "::shuf"] = planes
-        meta[name] = json.dumps({"dtype": _dtype_name(t.dtype), "shape": list(t.shape)})
-    return out
-
-
-def _shuffle_decode(tensors: Tensors, meta: Mapping[str, str]) -> Tensors:
-    out: Tensors = {}
-    for name, planes in tensors.items():
-        if not name.endswith("::shuf"):
-            raise CodecError(f"shuffle: unexpected tensor {name!r}")
-        base = name[: -len("::shuf")]
-        try:
-            info = json.loads(meta[base])
-            dtype = _dtype_from_name(info["dtype"])
-            shape = tuple(int(d) for d in info["shape"])
-        except (KeyError, ValueError, TypeError) as e:
-            raise CodecError(f"shuffle: missing or bad metadata for {base!r}: {e}") from None
-        size = torch.empty((), dtype=dtype).element_size()
-        if planes.dtype != torch.uint8 or planes.dim() != 2 or planes.shape[0] != size or planes.shape[1] != math.prod(shape):
-            raise CodecError(f"shuffle: {base} byte planes do not match {info}")
-        out[base] = planes.t().contiguous().reshape(-1).view(dtype).reshape(shape)
-    return out
-
+# ---- safetensors ---------------------------------------------------------------------------------
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

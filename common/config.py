@@ -23,7 +23,7 @@ import yaml
 
 from .rpc import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
-BLOCK_SCHEDULES = ("round-robin", "random", "staggered", "striped")
+BLOCK_SCHEDULES = ("round-robin", "random", "staggered", "striped", "descending")
 LR_SCHEDULES = ("constant", "cosine")
 REQUIRED: Any = dataclasses.MISSING
 
@@ -180,7 +180,7 @@ class CoordinatorConfig:
     state_dir: Path = opt("directory for checkpoints, incoming uploads, summary.json and the export")
     listen: str = opt("address to serve gRPC on", "0.0.0.0:50051")
     metrics_port: int = opt("Prometheus /metrics port (0: off)", 0)
-    algorithm: str = opt("federated algorithm: fedbcd, parablock, fedavg, decomfl, fedspzo, or package.module:Name "
+    algorithm: str = opt("federated algorithm: fedbcd, parablock, fedavg, fedcybgd, decomfl, fedspzo, or package.module:Name "
                          "(an importable fedblock Algorithm class)", "parablock")
     rounds: int = opt("number of rounds", 20)
     clients_per_round: int = opt("workers per round (0: every connected worker)", 0)
@@ -210,6 +210,13 @@ class CoordinatorConfig:
                                  "(rounds missed x steps x perturbations x parameters)", 1e11)
     pipeline_depth: int | None = opt("rounds a worker may train ahead of the global model (default: parablock 1, others 0)", None)
     codec: str = opt("codec pipeline for uploads, e.g. none, bf16, topk:0.01,bf16,zstd", "none")
+    download_codec: str = opt("codec pipeline for downloads, encoded once per block version: none or "
+                              "shuffle,zstd (lossless), bf16 or int8,zstd (lossy: the workers train on a "
+                              "rounded copy)", "none")
+    fedcybgd_mode: str = opt("fedcybgd: relay (one worker per round, in turn, trains one block) or parallel "
+                             "(every participant trains a distinct block)", "relay", choices=("relay", "parallel"))
+    download_fraction: float = opt("fedcybgd: a worker receives this fraction of the blocks changed since the base "
+                                   "model (always its own block); the others revert to the base model's values", 1.0)
     chunk_size: int = opt("transfer chunk size", 1 << 20, parse=parse_bytes)
     max_update_bytes: int = opt("largest accepted upload (wire bytes)", 16 << 30, parse=parse_bytes)
     max_update_norm: float = opt("refuse a block update (or a zeroth-order record of scalars) whose L2 norm "
@@ -292,6 +299,14 @@ class CoordinatorConfig:
             CodecPipeline(self.codec)
         except CodecError as e:
             raise ConfigError(f"--codec: {e}") from None
+        try:
+            download = CodecPipeline(self.download_codec, direction="download")
+        except CodecError as e:
+            raise ConfigError(f"--download-codec: {e}") from None
+        _require(download.lossless or not self.algorithm_class.records, f"--download-codec {self.download_codec}: "
+                 f"{self.algorithm} workers replay the log on an exact copy of the model; use a lossless codec")
+        _require(0 < self.download_fraction <= 1, f"--download-fraction must be in (0, 1], got {self.download_fraction}")
+        _require(self.fedcybgd_mode in ("relay", "parallel"), "--fedcybgd-mode must be relay or parallel")
         _require((self.tls_cert is None) == (self.tls_key is None), "--tls-cert and --tls-key go together")
         _require(self.tls_cert is not None or self.insecure,
                  "plaintext gRPC needs --insecure; or serve TLS with --tls-cert and --tls-key")
@@ -308,7 +323,8 @@ class CoordinatorConfig:
 
     def algorithm_settings(self) -> dict[str, str]:
         """The settings an algorithm reads (its workers get those it lists in `options`)."""
-        names = ("zo_perturbations", "zo_mu", "zo_estimator", "zo_aggregate", "zo_split", "zo_replay_limit", "local_steps")
+        names = ("zo_perturbations", "zo_mu", "zo_estimator", "zo_aggregate", "zo_split", "zo_replay_limit", "local_steps",
+                 "fedcybgd_mode", "download_fraction")
         return {n: str(getattr(self, n)) for n in names if getattr(self, n) is not None}
 
     @property

@@ -168,12 +168,15 @@ class LogEntry:
 @dataclass(frozen=True)
 class Patch:
     """For the compute thread: the model at `version`. `blocks` holds the global blocks that changed since
-    the request (at `block_versions`); `entries` the log rounds to replay on them (zeroth-order)."""
+    the request (at `block_versions`); `entries` the log rounds to replay on them (zeroth-order).
+    `confirmed`: blocks not sent because the worker holds their global value (block -> its canonical
+    SHA-256, which the worker checks against its copy before it counts the block as at its version)."""
 
     version: int
     block_versions: dict[str, int]
     blocks: dict[str, dict[str, torch.Tensor]]
     entries: tuple[LogEntry, ...] = ()
+    confirmed: Mapping[str, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ Schedules (`--block-schedule`), for round t (1-based) and B trainable blocks:
                  ParaBlock a worker starts round t before round t-1's result has arrived; under
                  `staggered` it would train exactly the block a neighbour changed in round t-1, from
                  the value before that change, and the two deltas would overlap. `striped` avoids that.
+- `descending`:  `striped` from the last block down: worker i trains block B-1 - ((i + P·(t - 1)) mod B)
+                 (FedCyBGD's descending order; its ascending order is `striped`).
 - `random`:      each worker draws a block uniformly, seeded by (seed, round, worker name).
 """
 
@@ -36,6 +38,8 @@ def assign_blocks(
         return {w: (blocks[(i + round - 1) % n],) for w, i in workers.items()}
     if schedule == "striped":
         return {w: (blocks[(i + len(workers) * (round - 1)) % n],) for w, i in workers.items()}
+    if schedule == "descending":
+        return {w: (blocks[n - 1 - (i + len(workers) * (round - 1)) % n],) for w, i in workers.items()}
     if schedule == "random":
         return {w: (random.Random(f"{seed}/{round}/{w}").choice(list(blocks)),) for w in workers}
     raise ValueError(f"unknown block schedule {schedule!r}")

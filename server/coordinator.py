@@ -21,14 +21,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..common import blocks as B
 from ..common import wire
 from ..common.aggregation import is_finite, l2_norm
 from ..common.algorithms import Algorithm, Task
-from ..common.codecs import CodecPipeline
+from ..common.codecs import CodecPipeline, load_safetensors
 from ..common.config import ConfigError, CoordinatorConfig
 from ..common.messages import BlockSpec, CatchUp, Event, Manifest, ModelFile, ModelNotice, RunEnd, RunInfo
 from ..common.progress import Progress
 from ..common.rpc import message_limit
+from .evaluation import BackgroundEvaluation
 from .metrics import CoordinatorMetrics
 from .registry import Registry
 from .rounds import Refused, RoundPlan, RoundRules, Rounds
@@ -91,6 +93,18 @@ class UploadState:
     closed: bool = False  # its round has closed: send nothing
 
 
+@dataclass(frozen=True)
+class Sync:
+    """What one download sends a worker: its view of the global model `g` (block -> version; an
+    algorithm may give some blocks at 0, the base model's), the blocks to stream at those versions, and
+    the blocks it holds already (its own update, applied alone: block -> canonical SHA-256)."""
+
+    g: GlobalModel
+    versions: dict[str, int]
+    send: list[str]
+    confirmed: dict[str, bytes]
+
+
 @dataclass
 class Totals:
     bytes_up: int = 0  # upload wire bytes received
@@ -134,8 +148,10 @@ class Coordinator:
             raise ConfigError(f"--algorithm {config.algorithm}: {e}") from None
         self.initial_sha256 = dict(initial_sha256 or {})
         self.codec = CodecPipeline(config.codec)
+        self.download_codec = CodecPipeline(config.download_codec, direction="download")
         self.metrics = metrics or CoordinatorMetrics()
         self._evaluate = evaluate
+        self._evaluations = BackgroundEvaluation(evaluate, self._evaluated) if evaluate is not None else None
         self.registry = Registry()
         self.global_model = initial
         self._awaited: set[str] = set()  # after a restart: workers of the open rounds not back yet
@@ -206,6 +222,13 @@ class Coordinator:
         self.model_files = tuple(
             ModelFile(p.name, p.stat().st_size, wire.sha256(p.read_bytes())) for p in store.model_files()
         )
+        self._hash_lock = threading.Lock()
+        self._canonical: dict[str, tuple[int, bytes]] = {}  # block -> (version, canonical SHA-256), newest asked
+        self._blobs: dict[tuple[str, int], tuple[Path, int, bytes]] = {}  # encoded downloads: (path, size, sha)
+        self._encode_lock = threading.Lock()  # one encoding at a time: a block version is encoded once
+        # The base model's block files, which an algorithm's views may hand out (FedCyBGD's layer dropping).
+        store.keep_base = store.keep_base or self.algorithm.needs_base
+        self._base_sha256 = self._check_base_files() if self.algorithm.needs_base else {}
 
     # ---- calls from workers (via the service) ------------------------------------------------------
 
@@ -526,33 +549,113 @@ class Coordinator:
             has = self.rounds.has_update(name, round, block)
             return UploadState([], has, delivered=has)
 
-    def download(self, name: str, session: str, held: Mapping[str, int]) -> tuple[GlobalModel, list[str]]:
-        """The current global version and the blocks (in model order) newer than what the worker holds.
-        The blocks are those of `files_at` (for a records algorithm it may be older than `version`)."""
+    def download(self, name: str, session: str, held: Mapping[str, int], holds: Mapping[str, bytes] | None = None,
+                 for_task: bool = False, base_held: Iterable[str] = ()) -> Sync:
+        """What a worker holding block versions `held` is sent. Its view is the global model, or what the
+        algorithm gives it for its next task (`for_task`; without one, the view of a worker with no task).
+        A block the worker keeps the base values of (`base_held`) is not sent when its view is the base.
+        A block it claims to hold (`holds`, its own lossless update) is not sent when the claim is the
+        global value's canonical hash. The blocks are those of `files_at` (for a records algorithm it
+        may be older than `version`)."""
         self.registry.check(name, session)
         g = self.global_model
-        # Any difference counts: a worker can be ahead of a coordinator that restarted from a checkpoint.
-        wanted = [b for b in self.block_order if held.get(b, -1) != g.block_versions[b]]
-        return g, wanted
+        task = self._next_task(name) if for_task else None
+        versions = dict(self.algorithm.view(g.block_versions, task)) if for_task or self.algorithm.needs_base \
+            else dict(g.block_versions)
+        holds = {} if self.algorithm.records else dict(holds or {})  # a records replica moves in place
+        base_held = set(base_held)
+        send, confirmed = [], {}
+        for b in self.block_order:
+            v = versions[b]
+            # Any difference counts: a worker can be ahead of a coordinator that restarted from a checkpoint.
+            if held.get(b, -1) == v or (v == 0 and b in base_held):
+                continue
+            claim = holds.get(b)
+            if claim is not None and v == g.block_versions[b] and claim == self._canonical_sha256(g, b):
+                confirmed[b] = claim
+            else:
+                send.append(b)
+        return Sync(g, versions, send, confirmed)
 
-    def download_manifest(self, g: GlobalModel, block: str) -> tuple[Manifest, Path]:
-        """Downloads stream the checkpoint's block files as they are: safetensors, codec "none"."""
-        path = self.store.block_path(block, g.block_versions[block])
-        size = path.stat().st_size
+    def _next_task(self, name: str) -> Task | None:
+        """The worker's earliest task that it has not handed in."""
+        with self._cv:
+            for round in sorted(self.rounds.plans):
+                plan = self.rounds.plans[round]
+                if name in plan.assignments and name not in plan.handed_in:
+                    return Task(plan.assignments[name], plan.seeds.get(name, ()))
+        return None
+
+    def _canonical_sha256(self, g: GlobalModel, block: str) -> bytes:
+        """The canonical hash of the global block (a block method never changes its tensors in place)."""
+        version = g.block_versions[block]
+        with self._hash_lock:
+            hit = self._canonical.get(block)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        digest = B.canonical_sha256(g.tensors[block], [t.name for t in self.specs[block].tensors])
+        with self._hash_lock:
+            self._canonical[block] = (version, digest)
+        return digest
+
+    def _check_base_files(self) -> dict[str, str]:
+        """SHA-256 of each base block file (version 0), checked against the initial model's hashes."""
+        shas = {}
+        for b in self.block_order:
+            path = self.store.block_path(b, 0)
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                raise StateError(f"{self.config.algorithm} with these settings hands out the base model, whose block "
+                                 f"file {path.name} is gone; use another --state-dir") from None
+            names = [t.name for t in self.specs[b].tensors]
+            expected = self.initial_sha256.get(b)
+            if expected is not None and B.canonical_sha256(load_safetensors(bytearray(data))[0], names) != expected:
+                raise StateError(f"base block file {path.name} is not the initial model's {b}")
+            shas[b] = wire.sha256(data).hex()
+        return shas
+
+    def download_manifest(self, g: GlobalModel, block: str, version: int) -> tuple[Manifest, Path]:
+        """The manifest and the file a download of (block, version) streams: the block file itself
+        (codec "none"), or its encoding with --download-codec, made once per block version."""
+        file_sha = g.block_sha256[block] if version == g.block_versions[block] else self._base_sha256[block]
+        if self.download_codec.spec == "none":
+            path = self.store.block_path(block, version)
+            size, sha = path.stat().st_size, bytes.fromhex(file_sha)
+        else:
+            path, size, sha = self._encoded(block, version, file_sha)
         spec = self.specs[block]
         manifest = Manifest(
             round=g.version,
             block=block,
-            base_version=g.block_versions[block],
+            base_version=version,
             tensors=spec.tensors,
-            codec="none",
+            codec=self.download_codec.spec,
             raw_bytes=spec.numel * 4,
             wire_bytes=size,
-            blob_sha256=bytes.fromhex(g.block_sha256[block]),
+            blob_sha256=sha,
             chunk_size=self.config.chunk_size,
             num_chunks=wire.num_chunks(size, self.config.chunk_size),
         )
         return manifest, path
+
+    def _encoded(self, block: str, version: int, file_sha: str) -> tuple[Path, int, bytes]:
+        key = (block, version)
+        with self._hash_lock:
+            hit = self._blobs.get(key)
+        if hit is not None and hit[0].is_file():
+            return hit
+        with self._encode_lock:
+            with self._hash_lock:
+                hit = self._blobs.get(key)
+            if hit is not None and hit[0].is_file():  # encoded while we waited
+                return hit
+            blob = self.download_codec.encode(block, self.store.read_block(block, version, file_sha))
+            path = self.store.write_blob(block, version, self.download_codec.spec, blob)
+            hit = (path, len(blob), wire.sha256(blob))
+            with self._hash_lock:
+                self._blobs[key] = hit
+            return hit
 
     def count_sent(self, kind: str, nbytes: int) -> None:
         self.metrics.bytes_sent.labels(kind).inc(nbytes)
@@ -598,8 +701,8 @@ class Coordinator:
     def run(self) -> dict:
         """Run rounds until `--rounds` are done (or `stop()`); then evaluate, export, summarise."""
         self._t0 = time.monotonic()
-        if self._evaluate is not None and not self.totals.eval_history:
-            self._eval(0)
+        if not self.totals.eval_history:  # on its own thread: round 1 does not wait for it
+            self._submit_eval()
         started = self.global_model.version > 0
         while not self._stop.is_set():
             plan = None
@@ -893,21 +996,28 @@ class Coordinator:
             self.totals.bytes_down / 1e6,
         )
         every = self.config.eval_every
-        if self._evaluate is not None and every and plan.round % every == 0 and plan.round < self.config.rounds:
-            self._eval(plan.round)
+        if every and plan.round % every == 0 and plan.round < self.config.rounds:
+            self._submit_eval()
 
-    def _eval(self, round: int) -> float:
-        t = time.perf_counter()
-        loss = float(self._evaluate(self.global_model.tensors))
-        # Where the data has answers to choose from, the evaluator also scores them: [round, loss, accuracy].
-        accuracy = getattr(getattr(self._evaluate, "last", None), "accuracy", None)
-        entry = [round, loss] if accuracy is None else [round, loss, float(accuracy)]
+    def _submit_eval(self) -> None:
+        """Evaluate the current global model on the evaluation thread. A block method's tensors are
+        never changed in place, so they are the snapshot; a records algorithm's replica is copied."""
+        if self._evaluations is None:
+            return
+        g = self.global_model
+        tensors = g.tensors
+        if self.algorithm.records:
+            tensors = {b: {n: t.clone() for n, t in ts.items()} for b, ts in tensors.items()}
+        self._evaluations.submit(g.version, tensors)
+
+    def _evaluated(self, round: int, loss: float, accuracy: float | None, seconds: float) -> None:
+        """On the evaluation thread: record one result ([round, loss] or [round, loss, accuracy])."""
+        entry = [round, loss] if accuracy is None else [round, loss, accuracy]
         with self._cv:
-            self.totals.eval_history = [e for e in self.totals.eval_history if e[0] != round] + [entry]
+            self.totals.eval_history = sorted([e for e in self.totals.eval_history if e[0] != round] + [entry])
         self.metrics.eval_loss.set(loss)
         log.info("eval after round %d: loss %.4f%s (%.1f s)", round, loss,
-                 "" if accuracy is None else f", accuracy {accuracy:.3f}", time.perf_counter() - t)
-        return loss
+                 "" if accuracy is None else f", accuracy {accuracy:.3f}", seconds)
 
     def _wall_seconds(self) -> float:
         return self.totals.wall_seconds_before + (time.monotonic() - self._t0)
@@ -920,8 +1030,14 @@ class Coordinator:
             end = RunEnd("finished" if finished else "stopped", g.version)
             for name in self.registry.connected():
                 self.registry.send(name, end)
-        if self._evaluate is not None and finished and (not self.totals.eval_history or self.totals.eval_history[-1][0] != g.version):
-            self._eval(g.version)
+        if self._evaluations is not None:
+            if finished and (not self.totals.eval_history or self.totals.eval_history[-1][0] != g.version):
+                self._submit_eval()
+            if finished:  # the evaluations asked for complete, the final one last; a stopped run waits for none
+                self._evaluations.wait_idle(self._stop)
+            self._evaluations.close()
+            if self._evaluations.error is not None:
+                log.error("evaluation failed: %s", self._evaluations.error)
         if finished:
             out = self.config.export_dir or (self.store.root / "export")
             try:

@@ -1,8 +1,12 @@
-"""Held-out evaluation of the global model on the coordinator."""
+"""Held-out evaluation of the global model on the coordinator, on a thread of its own."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -11,6 +15,8 @@ from torch import Tensor
 from ..common.data import DataError, load_examples, sample, tokenize
 from ..common.models import build_model_from_files, load_tokenizer
 from ..common.training import Evaluation, evaluate
+
+log = logging.getLogger("fedblock.coordinator")
 
 
 class Evaluator:
@@ -37,3 +43,79 @@ class Evaluator:
                     self._params[name].copy_(t)
         self.last = evaluate(self.model, self.data, self.batch_size, self.pad_id)
         return self.last.loss
+
+
+class BackgroundEvaluation:
+    """Evaluates snapshots of the global model on its own thread, one at a time, oldest first, so that
+    the round loop never waits for an evaluation. A snapshot must not change while it waits or is
+    evaluated. `submit` never blocks: beyond `backlog` waiting snapshots the oldest waiting one is
+    dropped (with a warning), so memory stays bounded when evaluating is slower than training.
+
+    `evaluate(tensors) -> loss` (with an optional `.last.accuracy`, as `Evaluator` has);
+    `on_result(round, loss, accuracy or None, seconds)` is called on the evaluation thread. An
+    evaluation that raises ends the evaluations (`error`); training goes on."""
+
+    def __init__(self, evaluate, on_result: Callable[[int, float, float | None, float], None], backlog: int = 2):
+        self._evaluate = evaluate
+        self._on_result = on_result
+        self._backlog = backlog
+        self._waiting: deque[tuple[int, Mapping]] = deque()
+        self._busy = False
+        self._closed = False
+        self._cv = threading.Condition()
+        self.error: BaseException | None = None
+        self._threads = torch.get_num_threads()  # per OS thread: carry the creator's setting over
+        self._thread = threading.Thread(target=self._run, name="evaluation", daemon=True)
+        self._thread.start()
+
+    def submit(self, round: int, tensors: Mapping[str, Mapping[str, Tensor]]) -> None:
+        with self._cv:
+            if self._closed or self.error is not None:
+                return
+            if len(self._waiting) >= self._backlog:
+                dropped, _ = self._waiting.popleft()
+                log.warning("evaluation of round %d skipped: evaluations are slower than rounds", dropped)
+            self._waiting.append((round, tensors))
+            self._cv.notify_all()
+
+    def wait_idle(self, stop: threading.Event, poll_s: float = 0.1) -> bool:
+        """Wait until every submitted evaluation is done: True, or False if `stop` is set first or an
+        evaluation failed."""
+        with self._cv:
+            while (self._waiting or self._busy) and not stop.is_set() and self.error is None:
+                self._cv.wait(poll_s)
+            return not (self._waiting or self._busy) and self.error is None
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Drop what waits; an evaluation under way may finish (within `timeout`), its result recorded."""
+        with self._cv:
+            self._closed = True
+            self._waiting.clear()
+            self._cv.notify_all()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        torch.set_num_threads(self._threads)
+        while True:
+            with self._cv:
+                while not self._waiting and not self._closed:
+                    self._cv.wait()
+                if not self._waiting:
+                    return
+                round, tensors = self._waiting.popleft()
+                self._busy = True
+            try:
+                t0 = time.perf_counter()
+                loss = float(self._evaluate(tensors))
+                # Where the data has answers to choose from, the evaluator also scores them.
+                accuracy = getattr(getattr(self._evaluate, "last", None), "accuracy", None)
+                self._on_result(round, loss, None if accuracy is None else float(accuracy), time.perf_counter() - t0)
+            except Exception as e:
+                log.exception("evaluation of round %d failed; no more evaluations this run", round)
+                with self._cv:
+                    self.error = e
+                    self._waiting.clear()
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()

@@ -255,11 +255,13 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         UNAVAILABLE (workers download again), not UNKNOWN."""
         name, session = _identity(context)
         try:
-            g, blocks = self.c.download(name, session, dict(request.held_versions))
+            sync = self.c.download(name, session, dict(request.held_versions), dict(request.holds), request.for_task,
+                                   request.base_held)
         except UnknownWorker as e:
             _abort(context, e)
+        g = sync.g
         try:
-            pin = self.c.store.pin({b: g.block_versions[b] for b in blocks})
+            pin = self.c.store.pin({b: sync.versions[b] for b in sync.send})
         except BlockFileMissing as e:  # e.g. pruned between the round's checkpoint and its announcement
             _missing_block_file(context, g.version, str(e))
         if not context.add_callback(pin.release):  # a cancelled stream may never resume this generator
@@ -267,20 +269,20 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             return
         try:
             header = pb.DownloadMessage(
-                header=pb.DownloadHeader(model_version=g.files_at, num_blocks=len(blocks),
-                                         block_versions=dict(g.block_versions))
+                header=pb.DownloadHeader(model_version=g.files_at, num_blocks=len(sync.send),
+                                         block_versions=sync.versions, confirmed=sorted(sync.confirmed))
             )
             self.c.count_sent("control", _size(header))
             yield header
-            for block in blocks:
+            for block in sync.send:
                 try:
-                    manifest, path = self.c.download_manifest(g, block)
+                    manifest, path = self.c.download_manifest(g, block, sync.versions[block])
                     f = open(path, "rb")
-                except FileNotFoundError as e:  # pinned, so removed by someone else
+                except (FileNotFoundError, BlockFileMissing) as e:  # pinned, so removed by someone else
                     if not context.is_active():
                         return
-                    _missing_block_file(context, g.version, f"block file {os.path.basename(e.filename or block)} "
-                                                            "is not on disk")
+                    _missing_block_file(context, g.version, f"block file of {block}@{sync.versions[block]} "
+                                                            f"is not on disk ({e})")
                 message = pb.DownloadMessage(manifest=manifest.to_pb())
                 self.c.count_sent("model", _size(message))
                 with f:

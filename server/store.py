@@ -7,6 +7,8 @@ Layout of `--state-dir`:
     initial.json                  canonical SHA-256 of each block of the initial model
     model/                        config.json and tokenizer files (what workers fetch; what export copies)
     blocks/<block>@<version>.safetensors   one file per block version, written once
+    blocks/<block>@<version>.safetensors.<codec>.blob   that version as --download-codec encodes it
+                                  (a cache: made at its first download, removed with its block file)
     checkpoints/round-000012.json block versions + SHA-256 of each block file, registry, counters
     incoming/                     partial uploads (chunks land here, not in memory)
     summary.json                  written at the end of a run
@@ -18,10 +20,13 @@ complete before it was written; loading verifies each file's hash. Only blocks t
 are written, so a checkpoint costs in proportion to what changed.
 
 Block files that a download is streaming are pinned: pruning leaves them until the download ends.
+With `keep_base`, the base model's block files (version 0) are never pruned: an algorithm that hands
+workers base values (FedCyBGD's --download-fraction) serves them all run long.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -122,9 +127,10 @@ class Pin:
 
 
 class StateStore:
-    def __init__(self, root: Path, keep: int = 3):
+    def __init__(self, root: Path, keep: int = 3, keep_base: bool = False):
         self.root = Path(root)
         self.keep = keep
+        self.keep_base = keep_base
         self.model_dir = self.root / "model"
         self.blocks_dir = self.root / "blocks"
         self.ckpt_dir = self.root / "checkpoints"
@@ -139,11 +145,11 @@ class StateStore:
         """Remove what a killed coordinator left behind: partial uploads (incoming/*.part) and the
         temporary files of unfinished atomic writes (.*.tmp). Returns how many files went. Only for the
         coordinator that owns the state dir, before it serves: a running one is still writing these."""
-        stale = list(self.incoming_dir.glob("*.part"))
+        stale = list(self.incoming_dir.glob("*.part")) + list(self.blocks_dir.glob("*.blob"))  # blobs: a cache
         for d in (self.root, self.blocks_dir, self.ckpt_dir):  # where atomic_write writes
             stale += d.glob(".*.tmp")
         removed = 0
-        for path in stale:
+        for path in stale:  # (a cached blob may predate a rewrite of its block file after a crash)
             if path.is_file() and not path.is_symlink():
                 path.unlink(missing_ok=True)
                 removed += 1
@@ -218,8 +224,23 @@ class StateStore:
     def write_block(self, block: str, version: int, tensors: Mapping[str, Tensor]) -> str:
         """Write one block version; returns the file's SHA-256 (hex)."""
         data = safetensors.torch.save({n: t.detach().contiguous().cpu() for n, t in tensors.items()})
-        atomic_write(self.block_path(block, version), data)
+        path = self.block_path(block, version)
+        _remove_blobs(path)  # a round written again after a restart: what was encoded from before is stale
+        atomic_write(path, data)
         return hashlib.sha256(data).hexdigest()
+
+    def blob_path(self, block: str, version: int, codec: str) -> Path:
+        """Where (block, version) encoded with download codec `codec` is cached."""
+        tag = re.sub(r"[^A-Za-z0-9]+", "-", codec)
+        return self.block_path(block, version).with_name(f"{self.block_path(block, version).name}.{tag}.blob")
+
+    def write_blob(self, block: str, version: int, codec: str, data: bytes) -> Path:
+        path = self.blob_path(block, version, codec)
+        with self._lock:  # not for a block file that pruning has taken meanwhile
+            if not self.block_path(block, version).is_file():
+                raise BlockFileMissing(f"block file {self.block_path(block, version).name} is not on disk")
+            atomic_write(path, data)
+        return path
 
     def read_block(self, block: str, version: int, sha256_hex: str) -> Tensors:
         path = self.block_path(block, version)
@@ -313,6 +334,7 @@ class StateStore:
                     continue
                 del self._pins[name]
                 if self._live is not None and name not in self._live:  # pruning skipped it for us
+                    _remove_blobs(self.blocks_dir / name)
                     (self.blocks_dir / name).unlink(missing_ok=True)
 
     def _prune(self) -> None:
@@ -326,10 +348,13 @@ class StateStore:
             except ValueError:
                 continue
             live.update(self.block_path(b, v).name for b, v in ckpt["block_versions"].items())
+            if self.keep_base:
+                live.update(self.block_path(b, 0).name for b in ckpt["block_versions"])
         with self._lock:
             self._live = live
             for f in self.blocks_dir.iterdir():
                 if f.suffix == ".safetensors" and f.name not in live and f.name not in self._pins:
+                    _remove_blobs(f)
                     f.unlink(missing_ok=True)
 
     # ---- end of run -------------------------------------------------------------------------------
@@ -338,6 +363,12 @@ class StateStore:
         path = self.root / "summary.json"
         atomic_write_json(path, dict(summary))
         return path
+
+
+def _remove_blobs(block_file: Path) -> None:
+    """Remove the cached encodings of a block file."""
+    for blob in block_file.parent.glob(f"{glob.escape(block_file.name)}.*.blob"):
+        blob.unlink(missing_ok=True)
 
 
 def check_export_dir(out: Path, state_dir: Path | None = None) -> None:

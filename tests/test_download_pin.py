@@ -23,12 +23,12 @@ class Gate:
         self.entered, self.open, self.calls = threading.Event(), threading.Event(), 0
         original = coordinator.download_manifest
 
-        def gated(g, block):
+        def gated(g, block, version):
             self.calls += 1
             if self.calls == at:
                 self.entered.set()
                 assert self.open.wait(30)
-            return original(g, block)
+            return original(g, block, version)
 
         coordinator.download_manifest = gated
 
@@ -60,7 +60,7 @@ def test_rounds_that_prune_during_a_download_do_not_break_it(federation):
     gate = Gate(c, at=2)
     session = joined(fed)
     try:
-        version, versions, blocks = session.download({})
+        version, versions, _, blocks = session.download({})
         first = next(blocks)  # one block fully received; the handler waits before opening the second
         assert gate.entered.wait(30)
         close_rounds(c.store, g, [1, 2, 3])
@@ -106,7 +106,7 @@ def test_a_block_file_that_is_gone_is_a_retryable_error_that_says_which(federati
     session = joined(fed)
     try:
         with pytest.raises(grpc.RpcError) as error:
-            _, _, blocks = session.download({})
+            _, _, _, blocks = session.download({})
             list(blocks)
     finally:
         session.close()
@@ -120,7 +120,7 @@ def test_a_block_file_removed_during_the_download_is_a_retryable_error(federatio
     gate = Gate(c, at=2)
     session = joined(fed)
     try:
-        _, _, blocks = session.download({})
+        _, _, _, blocks = session.download({})
         next(blocks)
         assert gate.entered.wait(30)
         c.store.block_path(c.block_order[1], 0).unlink()  # not pruning: someone else

@@ -44,3 +44,57 @@ def test_a_compute_thread_waiting_to_hand_over_still_takes_what_arrives():
         stop.set()
         thread.join(10)
     assert loop.error is None, loop.error
+
+
+def test_a_confirmed_block_that_a_later_patch_changed_is_downloaded_before_training(tiny_model, tmp_path):
+    """The race that a claim by hash must survive: a patch queued before the claim was read (a resync
+    carrying the block's older value) is applied after it, so the confirmation that follows does not
+    describe the local copy any more. The compute thread checks the hash, asks for the block, and does
+    not train on a copy it knows is wrong."""
+    import torch
+
+    from fedblock.common import blocks as B
+    from fedblock.common.algorithms import Local
+    from fedblock.common.algorithms.blockwise import BlockDescent
+    from fedblock.common.messages import BlockSpec, Patch, TensorSpec
+    from fedblock.common.models import load_model
+
+    model = load_model(tiny_model)
+    blocks = B.partition(model)
+    params = dict(model.named_parameters())
+    specs = tuple(BlockSpec(b.name, tuple(TensorSpec(n, tuple(params[n].shape), "float32") for n in b.params))
+                  for b in blocks)
+    names = [b.name for b in blocks]
+
+    class Instant(BlockDescent):  # the real apply (and its check); a task that takes no time
+        def run(self, a, local):
+            return Update(a.round, local.version(), {}, 1, 0.0)
+
+    stop = threading.Event()
+    local = Local(model, {b.name: b for b in blocks}, specs, None, None, tmp_path, stop)
+    book = ModelBook(version=1, block_versions=dict.fromkeys(names, 1))
+    inbox: queue.Queue = queue.Queue(8)
+    outbox: queue.Queue = queue.Queue(1)
+    stale = threading.Event()
+    loop = ComputeLoop(model, blocks, None, None, book, inbox, outbox, 0, WorkerMetrics(), stop, Timeline("w"),
+                       algorithm=Instant({}, specs, names), local=local, on_stale=stale.set)
+    live = B.block_params(model, local.blocks["layers.0"])
+    claim = B.canonical_sha256(live, [t.name for t in specs[names.index("layers.0")].tensors])
+    older = {n: p.detach() - 1.0 for n, p in live.items()}
+    inbox.put(Patch(1, {"layers.0": 1}, {"layers.0": older}))  # queued before the claim was read
+    inbox.put(Patch(2, dict.fromkeys(names, 2), {}, confirmed={"layers.0": claim}))
+    inbox.put(Assignment(3, ("layers.1",), 1, 1e-3, 2))
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    try:
+        assert stale.wait(10)  # it asked for the block again
+        assert book.block_versions["layers.0"] == -1
+        assert outbox.empty()  # and waits for it before training round 3
+        fixed = {n: p.detach().clone() + 0.5 for n, p in live.items()}
+        inbox.put(Patch(2, {"layers.0": 2}, {"layers.0": fixed}))
+        assert outbox.get(timeout=10).round == 3
+        assert all(torch.equal(live[n], fixed[n]) for n in live)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert loop.error is None, loop.error

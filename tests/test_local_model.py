@@ -13,7 +13,7 @@ import torch
 from test_faults import global_params, wait_for
 from test_zo_federation import caught_up, max_diff, replica
 
-from fedblock.client.session import Session
+from fedblock.client.session import Session, Sync
 from fedblock.common.models import make_tiny_model
 
 CHANGED_BLOCK, CHANGED_TENSOR = "layers.2", "model.layers.2.mlp.down_proj.weight"
@@ -29,8 +29,8 @@ def downloads(monkeypatch):
     seen, headers = Downloads(list), defaultdict(list)
     original = Session.download
 
-    def download(self, held):
-        version, versions, blocks = original(self, held)
+    def download(self, held, **kw):
+        version, versions, confirmed, blocks = original(self, held, **kw)
         got = []
         seen[self.name].append(got)
         headers[self.name].append(dict(versions))
@@ -40,7 +40,7 @@ def downloads(monkeypatch):
                 got.append(block.block)
                 yield block
 
-        return version, versions, recorded()
+        return Sync(version, versions, confirmed, recorded())
 
     monkeypatch.setattr(Session, "download", download)
     seen.headers = headers  # per worker, per download: the block versions its header announced

@@ -288,7 +288,10 @@ def _in_ns(ns: str, log: Path, *args) -> subprocess.Popen:
 
 
 def run_federation(topo: Topology, algorithm: str, model: Path, data: Path, local_steps: int, work: Path,
-                   rounds: int = ROUNDS) -> Run:
+                   rounds: int = ROUNDS, block_schedule: str | None = "round-robin", local_model: bool = False) -> Run:
+    """One run over the topology. `block_schedule`: the coordinator's --block-schedule (None: the
+    algorithm's default). `local_model`: each worker is given `--model model` (the coordinator's own
+    folder), so that it downloads no block at start."""
     state = work / "state"
     names = ["coordinator", *(f"w{i}" for i in range(topo.workers))]
     logs = {name: work / f"{name}.log" for name in names}
@@ -301,7 +304,8 @@ def run_federation(topo: Topology, algorithm: str, model: Path, data: Path, loca
         procs["coordinator"] = coordinator = _in_ns(
             topo.coordinator_ns, logs["coordinator"], "coordinator", "--model", model, "--state-dir", state,
             "--listen", f"0.0.0.0:{PORT}", "--algorithm", algorithm, "--rounds", rounds, "--local-steps", local_steps,
-            "--lr", "1e-3", "--min-workers", topo.workers, "--block-schedule", "round-robin", "--train-blocks", "layers.*",
+            "--lr", "1e-3", "--min-workers", topo.workers, *(("--block-schedule", block_schedule) if block_schedule else ()),
+            "--train-blocks", "layers.*",
             "--seed", 0, "--round-timeout", 0, "--heartbeat-interval", 1, "--threads", 1, "--linger", RUN_TIMEOUT_S,
             "--insecure",  # plaintext gRPC: the namespaces' links are private to this test
         )
@@ -310,6 +314,7 @@ def run_federation(topo: Topology, algorithm: str, model: Path, data: Path, loca
                 topo.worker_ns(i), logs[f"w{i}"], "worker", "--coordinator", topo.coordinator_address(i), "--name", f"w{i}",
                 "--data", data, "--batch-size", BATCH, "--max-seq-len", SEQ, "--seed", i, "--threads", 1, "--device", "cpu",
                 "--connect-timeout", 60, "--timeline", work / f"w{i}.timeline.jsonl", "--insecure",
+                *(("--model", model) if local_model else ()),
             )
         workers = [procs[n] for n in names[1:]]
         while time.monotonic() < started + RUN_TIMEOUT_S:

@@ -62,6 +62,29 @@ def test_only_the_last_k_checkpoints_and_their_blocks_are_kept(tmp_path):
     assert sorted(p.name for p in store.blocks_dir.iterdir()) == ["a@2.safetensors", "a@3.safetensors", "b@0.safetensors"]
 
 
+def test_encoded_downloads_live_and_go_with_their_block_file(tmp_path):
+    """A block version's download encoding is a cache beside its file: pruned with it, never outliving a
+    rewrite of it, and removed at start (a killed coordinator may have rewritten the file after it)."""
+    store = StateStore(tmp_path, keep=1, keep_base=True)
+    shas = {"a": store.write_block("a", 0, tensors(0))}
+    store.write_checkpoint(Checkpoint(0, {"a": 0}, dict(shas)))
+    base_blob = store.write_blob("a", 0, "shuffle,zstd:3", b"base")
+    assert base_blob.name == "a@0.safetensors.shuffle-zstd-3.blob"
+    for r in (1, 2):
+        shas["a"] = store.write_block("a", r, tensors(r))
+        store.write_blob("a", r, "bf16", b"x" * r)
+        with store.pin({"a": r}):
+            store.write_checkpoint(Checkpoint(r, {"a": r}, dict(shas)))
+    # keep_base: version 0 stays with its blob; version 1 went with its blob; version 2 is live.
+    assert sorted(p.name for p in store.blocks_dir.iterdir()) == [
+        "a@0.safetensors", "a@0.safetensors.shuffle-zstd-3.blob", "a@2.safetensors", "a@2.safetensors.bf16.blob"]
+    store.write_block("a", 2, tensors(7))  # round 2 again, after a restart: its old encoding is stale
+    assert not store.blob_path("a", 2, "bf16").exists()
+    with pytest.raises(BlockFileMissing):
+        store.write_blob("a", 5, "bf16", b"no such block file")
+    assert store.remove_leftovers() == 1 and not base_blob.exists()
+
+
 def test_unreadable_newest_checkpoint_falls_back(tmp_path):
     store = StateStore(tmp_path, keep=3)
     sha = store.write_block("a", 0, tensors(0))

@@ -10,9 +10,10 @@ import importlib
 
 from .base import Algorithm, Local, Stopped, Task
 from .blockwise import BlockDescent, FedAvg, ParaBlock
+from .cyclic import FedCyBGD
 from .zeroth import DeComFL, FedSPZO
 
-BUILTIN: dict[str, type[Algorithm]] = {a.name: a for a in (BlockDescent, ParaBlock, FedAvg, DeComFL, FedSPZO)}
+BUILTIN: dict[str, type[Algorithm]] = {a.name: a for a in (BlockDescent, ParaBlock, FedAvg, FedCyBGD, DeComFL, FedSPZO)}
 
 __all__ = ["BUILTIN", "Algorithm", "AlgorithmError", "Local", "Stopped", "Task", "load"]
 

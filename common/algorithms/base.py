@@ -17,12 +17,16 @@ Coordinator half (all calls from the coordinator's threads, never concurrently f
   tensors must be written (a records algorithm may change `model` in place and return none).
 - `catch_up(held, version, worker, after_download)`: what a worker at version `held` needs to reach
   `version`.
+- `view(versions, task)`: the block versions a worker with `task` (None: no task yet) should hold; the
+  global model's by default. A block at version 0 is the base model's (FedCyBGD's layer dropping).
 - `state()` / `restore(state, model, version)`: its part of the checkpoint.
 
 Worker half (on the worker's compute thread; `fetch` on its communication thread):
 - `run(task, local)`: run the task on the local model; returns the Update (tensors or numbers).
-- `fetch(session, version, held, target)`: what to download to reach model version `target`.
-- `apply(patch, local)`: bring the local model up to the patch's version.
+- `fetch(session, version, held, target, holds)`: what to download to reach model version `target`
+  (`holds`: blocks whose new global value the worker may hold already, by canonical hash).
+- `apply(patch, local)`: bring the local model up to the patch's version. Returns the blocks the
+  patch confirms (`patch.confirmed`) whose local copy is not the confirmed value: they are downloaded.
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ class Algorithm:
     pipeline_depth: ClassVar[int] = 0  # rounds a worker may train ahead of the global model
     records: ClassVar[bool] = False  # updates are a record of numbers (Report), not block tensors
     catch_up_on_task: ClassVar[bool] = False  # workers catch up when given a task, not on every new model
+    needs_base: bool = False  # views hand out the base model's blocks: the coordinator keeps their files
     # Config options (as attribute names) and this algorithm's defaults for those the user left unset.
     defaults: ClassVar[Mapping[str, Any]] = {}
     # Config options the workers need: sent at Join as strings, read back by `__init__` on the worker.
@@ -106,6 +111,9 @@ class Algorithm:
         """Block methods catch up by a delta sync of the blocks (Download), never by a log."""
         return CatchUp(version, download=True)
 
+    def view(self, versions: Mapping[str, int], task: Task | None) -> Mapping[str, int]:
+        return versions
+
     def state(self) -> dict:
         return {}
 
@@ -119,11 +127,14 @@ class Algorithm:
     def run(self, task: Assignment, local: Local) -> Update:
         raise NotImplementedError
 
-    def fetch(self, session, version: int, held: Mapping[str, int], target: int) -> Patch:
+    def fetch(self, session, version: int, held: Mapping[str, int], target: int,
+              holds: Mapping[str, bytes] | None = None) -> Patch:
         """What brings a local copy at `version` (its blocks at `held`) to `target` or later. Block
-        methods: a delta sync of the blocks whose version differs from `held`."""
-        version, block_versions, blocks = session.download(held)
-        return Patch(version, block_versions, {b.block: b.tensors for b in blocks})
+        methods: a delta sync of the blocks whose version differs from `held`, but for those the
+        coordinator confirms we hold (`holds`)."""
+        sync = session.download(held, holds=holds)
+        return Patch(sync.version, sync.block_versions, {b.block: b.tensors for b in sync.blocks},
+                     confirmed=sync.confirmed)
 
-    def apply(self, patch: Patch, local: Local) -> None:
+    def apply(self, patch: Patch, local: Local) -> set[str] | None:
         raise NotImplementedError

@@ -74,19 +74,34 @@ class BlockDescent(Algorithm):
         loss = loss_sum / tokens if tokens else float("nan")
         return Update(a.round, base_version, deltas, tokens, loss)
 
-    def apply(self, patch: Patch, local: Local) -> None:
+    def apply(self, patch: Patch, local: Local) -> set[str]:
         for name, tensors in patch.blocks.items():
             live = self._training.get(name)
             if live is not None:  # the block being trained: keep our progress, rebased on the new global
                 B.rebase_(live, self._start[name], tensors)
             else:
                 B.assign_(B.block_params(local.model, local.blocks[name]), tensors)
+        return self.check_confirmed(patch, local)
+
+    def check_confirmed(self, patch: Patch, local: Local) -> set[str]:
+        """The confirmed blocks whose local copy (its start values, for the block being trained) is
+        not the value confirmed: a patch applied after the claim was made changed it."""
+        names = {s.name: [t.name for t in s.tensors] for s in local.specs}
+        stale = set()
+        for name, sha in patch.confirmed.items():
+            values = self._start.get(name) or B.block_params(local.model, local.blocks[name])
+            if B.canonical_sha256(values, names[name]) != sha:
+                stale.add(name)
+        return stale
 
 
 class ParaBlock(BlockDescent):
     name = "parablock"
     summary = "fedbcd with communication overlapped with the next round's training"
     pipeline_depth = 1
+    # Consecutive rounds on disjoint blocks: a round trained on a model one round stale then never
+    # trains the block a neighbour changed in the round before (see scheduler.py).
+    defaults = {**BlockDescent.defaults, "block_schedule": "striped"}
 
 
 class FedAvg(BlockDescent):

@@ -219,16 +219,16 @@ class DeComFL(Algorithm):
 
     # ---- worker half -------------------------------------------------------------------------
 
-    def fetch(self, session, version, held, target) -> Patch:
+    def fetch(self, session, version, held, target, holds=None) -> Patch:
         reply = session.log(version)
         if not reply.download:
             return Patch(reply.version, {}, {}, reply.entries)
-        files_version, block_versions, stream = session.download({})
-        blocks = {b.block: b.tensors for b in stream}
-        reply = session.log(files_version, after_download=True)
+        sync = session.download({})
+        blocks = {b.block: b.tensors for b in sync.blocks}
+        reply = session.log(sync.version, after_download=True)
         if reply.download:
-            raise ConnectionError(f"the coordinator cannot catch us up from the blocks it sent (version {files_version})")
-        return Patch(reply.version, block_versions, blocks, reply.entries)
+            raise ConnectionError(f"the coordinator cannot catch us up from the blocks it sent (version {sync.version})")
+        return Patch(reply.version, sync.block_versions, blocks, reply.entries)
 
     def apply(self, patch: Patch, local: Local) -> None:
         snapshot = self._snapshot_of(local)

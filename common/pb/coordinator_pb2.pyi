@@ -253,7 +253,7 @@ class AbandonReply(_message.Message):
     def __init__(self) -> None: ...
 
 class DownloadRequest(_message.Message):
-    __slots__ = ("held_versions",)
+    __slots__ = ("held_versions", "holds", "for_task", "base_held")
     class HeldVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -261,12 +261,25 @@ class DownloadRequest(_message.Message):
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class HoldsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     HELD_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_FIELD_NUMBER: _ClassVar[int]
+    FOR_TASK_FIELD_NUMBER: _ClassVar[int]
+    BASE_HELD_FIELD_NUMBER: _ClassVar[int]
     held_versions: _containers.ScalarMap[str, int]
-    def __init__(self, held_versions: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    holds: _containers.ScalarMap[str, bytes]
+    for_task: bool
+    base_held: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, held_versions: _Optional[_Mapping[str, int]] = ..., holds: _Optional[_Mapping[str, bytes]] = ..., for_task: _Optional[bool] = ..., base_held: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DownloadHeader(_message.Message):
-    __slots__ = ("model_version", "num_blocks", "block_versions")
+    __slots__ = ("model_version", "num_blocks", "block_versions", "confirmed")
     class BlockVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -277,10 +290,12 @@ class DownloadHeader(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    CONFIRMED_FIELD_NUMBER: _ClassVar[int]
     model_version: int
     num_blocks: int
     block_versions: _containers.ScalarMap[str, int]
-    def __init__(self, model_version: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_versions: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    confirmed: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_version: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_versions: _Optional[_Mapping[str, int]] = ..., confirmed: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DownloadMessage(_message.Message):
     __slots__ = ("header", "manifest", "chunk")
