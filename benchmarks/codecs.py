@@ -35,7 +35,7 @@ codec must give the `none` row's loss exactly (printed below the table).
 
 Time: 9 rows, each about 3 minutes on the 2-core development machine (start-up, the first download,
 two evaluations and the export are most of it): about 25-30 minutes. `--quick`: a tiny random Llama
-(4 layers x 256; blocks of about 0.8M parameters), `layers.1,layers.3`, 4 rounds of 2 steps, batch 4 x
+(4 layers x 256; blocks of about 0.6M parameters), `layers.1,layers.3`, 4 rounds of 2 steps, batch 4 x
 64, 16 eval examples: about 2-3 minutes. State dirs and logs go to WORKDIR/codecs/NAME (weights deleted
 after each run unless --keep-state).
 

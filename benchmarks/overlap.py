@@ -6,33 +6,45 @@ Loopback rows: each run is `fedblock simulate` (a coordinator and one worker pro
 loopback) with `--max-upload-rate` and `--max-download-rate` on the worker, at comm ÷ comp 0.25, 0.5, 1
 and 2 (`--quick`: 1). simulate hands the worker the coordinator's `--model`, so it downloads no block at
 start, and as the only trainer of its block it downloads nothing after a round either (the coordinator
-confirms its copy by hash): a round's communication is one block up. A calibration run without a limit
-gives the compute time per round T, a second at a trial rate the bytes a round moves through the limiter
-B (comm time × rate: the token bucket's burst lets the start of each transfer through at once); the rate
-for a ratio r is B / (r·T). Per round, from the worker's timeline: compute (training), comm (upload +
-download), idle (the compute thread waiting on communication) and the round time (the steady state:
-median interval between the starts of consecutive rounds). Ratio = parablock round ÷ fedbcd round.
-Ideal at r = 1: 0.5; target (README, Performance targets): ≤ 0.55.
+confirms its copy by hash): a round's communication is one block up. A calibration run (fedbcd, at a
+trial rate of a layer block a second) gives the compute time per round T and the bytes a round moves
+through the limiter B (comm time × rate: the token bucket's burst lets the start of each transfer
+through at once); the rate for a ratio r is B / (r·T). Per round, from the worker's timeline: compute
+(training), comm (upload + download), idle (the compute thread waiting on communication) and the round
+time (the steady state: median interval between the starts of consecutive rounds). Ratio = parablock
+round ÷ fedbcd round. Ideal at r = 1: 0.5; target (README, Performance targets): ≤ 0.55.
 
 Netns rows (where this runs as root with `ip netns` and `tc`; `--netns auto|on|off`): the coordinator
 and one or two workers as `fedblock` processes, each in its own network namespace, joined by veth pairs
 shaped with tc at 12 Mbit/s both ways (tests/test_netns.py's Topology and run_federation, with the
 algorithms' default schedules). Both algorithms, with one worker and with two, each once without and
-once with the workers' local `--model` (the coordinator's folder: no block is downloaded at start).
-Local steps are calibrated (tests/test_netns.py's calibrate_local_steps, CPU time of a step on one
-thread) so that training takes as long as a round's transfers: with two workers a round moves one block
-up and one down (each worker downloads the block the other trained, or the averaged one), with one
-worker only one block up (its own block is confirmed by hash), so one worker trains half the steps.
-Reported per row (means over the workers where there are two):
-- compute, comm, idle, median round and round ÷ max(compute, comm), from the worker timelines (as above);
+once with the workers' local `--model` (the coordinator's folder: no block is downloaded at start). The
+model: a Llama of the test's layer size (hidden 128, 0.59 MB a layer block) with 4 layers where the test
+has 2, all trainable: the striped schedule gives P workers disjoint blocks in consecutive rounds only
+with at least 2·P trainable blocks; with 2 blocks each worker would train the same block every round,
+starting round t+1 on it before round t's value is confirmed (the worker then finds its claimed block
+changed and downloads it again, every other round).
+Local steps are calibrated so that training takes as long as a round's transfers: with two workers a
+round moves one block up and one down (each worker downloads the block the other trained, or the
+averaged one), with one worker only one block up (its own block is confirmed by hash). First from the
+CPU time of a step (tests/test_netns.py's calibrate_local_steps; one worker: half its steps), then, per
+worker count, by a pilot: a fedbcd run of 5 rounds over the topology whose comm ÷ compute per round
+(medians, wall time: workers sharing the 2 cores slow each other's steps down) scales the steps.
+`--quick` runs the two-worker rows only, 6 rounds.
+Reported per row:
+- compute, comm, idle and the median round from the worker timelines, as above (means over the workers
+  where there are two); round ÷ max(compute, comm): the median round over the slowest worker's
+  max(compute, comm), since a round closes when every worker has delivered (with the striped schedule
+  worker 0 always trains layers.0, whose backward pass crosses both layers, and worker 1 layers.1);
 - start-up s: from the processes' launch to the first compute event of the last worker to start training;
 - MB down at start: summary.json's round_history[0]["bytes_down"], the coordinator's count of block bytes
   sent when round 1 closed. Nothing newer than version 0 exists before round 1 closes (its checkpoint is
   written before the new model is announced), so that is exactly the workers' initial sync, all workers
   together; the worker timelines record no interval for it (their first download is after round 1);
-- wall s: summary.json's wall_seconds (from the coordinator's run loop starting, after its own start-up,
-  to the end: the workers' start-up, every round, the export), and launch→summary s, from the processes'
-  launch to summary.json being written (the coordinator's start-up included);
+- wall s: summary.json's wall_seconds, from the coordinator's run loop starting (after its own start-up:
+  imports, model load; the workers, launched with it, are by then importing too) to the end (the rest of
+  the workers' start-up, every round, the export); and launch→summary s, from the processes' launch to
+  summary.json being written, every process's start-up included;
 - parablock ÷ fedbcd for the median round, the wall time and launch→summary, per (workers, local model).
 A second table breaks the start-up down per run: coordinator ready (launch → its run loop: summary.json's
 mtime less wall_seconds), per worker joined and synced (its log lines "joined run" and "N training
@@ -85,6 +97,19 @@ def make_inputs(workdir: Path) -> tuple[Path, Path]:
                           ("assistant", f"{i} times {i % 7 + 2} is {i * (i % 7 + 2)}, of course.")))
                  for i in range(400)], data)
     return model, data
+
+
+def layer_bytes(model: Path) -> int:
+    """float32 bytes of one decoder layer: a layer block's upload, about."""
+    import math
+
+    from safetensors import safe_open
+
+    total = 0
+    for path in model.glob("*.safetensors"):
+        with safe_open(path, "pt") as f:
+            total += sum(4 * math.prod(f.get_slice(n).get_shape()) for n in f.keys() if ".layers.0." in n)
+    return total
 
 
 def run(workdir: Path, model: Path, data: Path, algorithm: str, rounds: int, steps: int, rate: int) -> dict:
@@ -182,6 +207,10 @@ def netns_figures(N, r, work: Path, launched: float, elapsed: float) -> tuple[di
     """(figures for the main table, the start-up breakdown) of one netns run."""
     per_worker = [per_round(t) for t in r.timelines]
     stats = {k: sum(s[k] for s in per_worker) / len(per_worker) for k in per_worker[0]}
+    # A round closes when every worker has delivered: its bound is the slowest worker's max(compute, comm)
+    # (with the striped schedule worker 0 always trains layers.0, whose backward pass goes through both
+    # layers, worker 1 layers.1: their compute differs by design).
+    stats["round/max(compute, comm)"] = stats["round s"] / max(max(s["compute s"], s["comm s"]) for s in per_worker)
     s = r.summary
     workers = len(r.timelines)
     first = [min(e["start"] for e in t if e["kind"] == "compute") - launched for t in r.timelines]
@@ -194,7 +223,9 @@ def netns_figures(N, r, work: Path, launched: float, elapsed: float) -> tuple[di
         **stats, "span s": span(r.timelines), "start-up s": max(first), "MB down at start": start_bytes / 1e6,
         "MB down per round": (s["bytes_down"] - start_bytes) / max(1, s["rounds_completed"]) / 1e6,
         "wall s": s["wall_seconds"], "launch→summary s": summary_at, "run_federation s": elapsed,
-        "first compute s (each worker)": first, "rounds_completed": s["rounds_completed"],
+        "first compute s (each worker)": first,
+        "round/max(compute, comm) (each worker)": [w["round/max(compute, comm)"] for w in per_worker],
+        "rounds_completed": s["rounds_completed"],
         "round_history_seconds": [h["seconds"] for h in history],
     }
     startup = {
@@ -210,10 +241,49 @@ def netns_figures(N, r, work: Path, launched: float, elapsed: float) -> tuple[di
     return figures, startup
 
 
-def netns_runs(workdir: Path, rounds: int) -> tuple[list[dict], list[dict], dict, dict, list[str]]:
-    """fedbcd and parablock, with one worker and with two, without and with the workers' local --model,
-    each process in its own network namespace with tc-shaped links. Returns (rows, start-up rows, extras,
-    timelines to draw, failures); ([], [], {"netns_skipped": why}, {}, []) where namespaces cannot be made."""
+PILOT_ROUNDS = 5  # fedbcd's round-robin trains layers.0-3, then layers.0 again
+
+
+def pilot_figures(timelines: list[list[dict]], rounds: int) -> tuple[float, float]:
+    """(compute, comm) per round of a fedbcd pilot: medians over the workers' rounds, the first round's
+    training (warm-up) and the last round's transfers (the run's end) left out."""
+    compute, comm = [], []
+    for t in timelines:
+        per: dict[int, float] = {}
+        for e in t:
+            if e["kind"] == "compute" and e["round"] >= 2:
+                compute.append(e["end"] - e["start"])
+            elif e["kind"] in ("upload", "download") and e["round"] is not None and e["round"] < rounds:
+                per[e["round"]] = per.get(e["round"], 0.0) + e["end"] - e["start"]
+        comm += per.values()
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return median(compute), median(comm)
+
+
+def pilot(N, topo, model: Path, data: Path, steps: int, work: Path) -> tuple[int, dict]:
+    """(local steps, what the pilot measured): a short fedbcd run over the topology (local --model) at
+    the CPU-time calibration's steps; the steps are then scaled by its comm ÷ compute per round, so that
+    training takes as long as the transfers in wall time on this machine as it is (workers sharing the
+    cores slow each other down; a step's CPU time alone says nothing of that). The CPU-time steps where
+    the pilot fails."""
+    subprocess.run(["rm", "-rf", str(work)], check=True)
+    work.mkdir(parents=True)
+    try:
+        r = N.run_federation(topo, "fedbcd", model, data, steps, work, rounds=PILOT_ROUNDS, block_schedule=None,
+                             local_model=True)
+        compute, comm = pilot_figures(r.timelines, PILOT_ROUNDS)
+    except Exception as e:  # noqa: BLE001
+        return steps, {"failed": str(e)[:500], "cpu-time steps": steps}
+    scaled = max(10, min(500, round(steps * N.COMPUTE_VS_LINK * comm / compute)))
+    return scaled, {"cpu-time steps": steps, "compute s": round(compute, 3), "comm s": round(comm, 3)}
+
+
+def netns_runs(workdir: Path, rounds: int, worker_counts: tuple[int, ...] = (1, 2)
+               ) -> tuple[list[dict], list[dict], dict, dict, list[str]]:
+    """fedbcd and parablock, with one worker and with two (`worker_counts`), without and with the workers'
+    local --model, each process in its own network namespace with tc-shaped links. Returns (rows, start-up
+    rows, extras, timelines to draw, failures); ([], [], {"netns_skipped": why}, {}, []) where namespaces
+    cannot be made."""
     try:
         N = netns_module()
     except ImportError as e:
@@ -223,23 +293,29 @@ def netns_runs(workdir: Path, rounds: int) -> tuple[list[dict], list[dict], dict
         return [], [], {"netns_skipped": why}, {}, []
     from fedblock.common.data import Example, write_jsonl
 
-    model = workdir / "netns-model"
-    if not (model / "config.json").exists():  # the test's model: 2 layers of hidden 128, 0.59 MB a layer
-        N.make_tiny_model(model, "llama", seed=0, num_layers=2, hidden_size=128)
+    # The test's layer size (hidden 128, 0.59 MB a layer block) but 4 layers, not the test's 2: striped
+    # gives two workers disjoint blocks in consecutive rounds only with at least 4 trainable blocks.
+    model = workdir / "netns-model-4x128"
+    if not (model / "config.json").exists():
+        N.make_tiny_model(model, "llama", seed=0, num_layers=4, hidden_size=128)
     data = workdir / "netns-data.jsonl"  # the test suite's arithmetic examples (~40 tokens each)
     write_jsonl([Example((("user", f"What is {i} plus {i + 1}?"), ("assistant", f"{i} plus {i + 1} is {2 * i + 1}.")))
                  for i in range(48)], data)
     two, step_s, transfer_s = N.calibrate_local_steps(model)
     # One worker moves one block a round (up), two workers two (up, then the other's down).
-    steps = {1: max(20, min(500, round(0.5 * N.COMPUTE_VS_LINK * transfer_s / step_s))), 2: two}
-    print(f"netns: {step_s * 1e3:.1f} ms a step, transfers {transfer_s:.2f} s a round (one block up, one down) at "
-          f"{N.RATE_MBIT} Mbit/s: --local-steps {steps[2]} with two workers, {steps[1]} with one", flush=True)
+    cpu_steps = {1: max(20, min(500, round(0.5 * N.COMPUTE_VS_LINK * transfer_s / step_s))), 2: two}
+    print(f"netns: {step_s * 1e3:.1f} ms a step (CPU time), transfers {transfer_s:.2f} s a round (one block up, one "
+          f"down) at {N.RATE_MBIT} Mbit/s: --local-steps {cpu_steps[2]} with two workers, {cpu_steps[1]} with one",
+          flush=True)
     model_mb = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 1e6
-    runs, other, failures = {}, {}, []
-    for workers in (1, 2):
+    runs, other, failures, steps, pilots = {}, {}, [], {}, {}
+    for workers in worker_counts:
         topo = N.Topology(workers, kind)
         try:
             topo.create()
+            steps[workers], pilots[workers] = pilot(N, topo, model, data, cpu_steps[workers],
+                                                    workdir / f"netns-{workers}w-pilot")
+            print(f"netns, {workers} worker(s): pilot {pilots[workers]}: --local-steps {steps[workers]}", flush=True)
             for local in (False, True):
                 for algorithm in ("fedbcd", "parablock"):
                     key = (workers, local, algorithm)
@@ -304,6 +380,7 @@ def netns_runs(workdir: Path, rounds: int) -> tuple[list[dict], list[dict], dict
         extras["netns_targets_met"] = True
     extras.update({
         "netns_rounds": rounds, "netns_local_steps": {f"{w} worker(s)": n for w, n in steps.items()},
+        "netns_pilots": {f"{w} worker(s)": v for w, v in pilots.items()},
         "netns_step_ms": round(step_s * 1e3, 2), "netns_transfer_s": round(transfer_s, 3), "netns_qdisc": kind,
         "netns_model_mb": round(model_mb, 3),
         "netns_other_cpus": {f"{w}w {'local' if loc else 'fetch'} {a}": round(v, 2) for (w, loc, a), v in other.items()},
@@ -360,16 +437,14 @@ def main() -> None:
     rounds = 5 if args.quick else args.rounds
     model, data = make_inputs(workdir)
 
-    # Calibration: the compute time per round T (no link limit), then the link time per round at a
-    # trial rate, which gives the bytes a round really moves through the limiter (the token bucket's
-    # burst lets the start of each transfer through at once): B = comm time × rate.
-    free = run(workdir, model, data, "fedbcd", rounds, args.local_steps, 0)
-    compute_s = per_round(free["events"])["compute s"]
-    s = free["summary"]
-    moved = s["bytes_up"] + s["bytes_down"] - start_download_bytes(s)  # the rounds', not the first sync's
-    trial_rate = max(1, int(moved / rounds / compute_s))
+    # Calibration, one fedbcd run at a trial rate (a layer block a second: a round moves one block up):
+    # its compute time per round T (fedbcd never trains while it communicates) and its link time per
+    # round, which gives the bytes a round really moves through the limiter (the token bucket's burst
+    # lets the start of each transfer through at once): B = comm time × rate.
+    trial_rate = layer_bytes(model)
     trial = run(workdir, model, data, "fedbcd", rounds, args.local_steps, trial_rate)
-    bytes_per_round = per_round(trial["events"])["comm s"] * trial_rate
+    calibration = per_round(trial["events"])
+    compute_s, bytes_per_round = calibration["compute s"], calibration["comm s"] * trial_rate
     rows, timelines = [], {}
     for r in ratios:
         rate = int(bytes_per_round / (r * compute_s))
@@ -394,7 +469,7 @@ def main() -> None:
     if args.netns != "off":
         try:
             netns_rows, startup_rows, netns, netns_timelines, failures = netns_runs(
-                workdir, 6 if args.quick else args.netns_rounds)
+                workdir, 6 if args.quick else args.netns_rounds, (2,) if args.quick else (1, 2))
             if failures:
                 netns_error = RuntimeError(f"{len(failures)} netns run(s) failed:\n" + "\n".join(failures))
         except Exception as e:  # reported with the rest, then raised

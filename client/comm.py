@@ -127,6 +127,7 @@ class Comm:
         self._queued = book.version  # newest version a patch handed to the compute thread brings the model to
         # Algorithms that catch up only when given a task: the newest base version of one (else: all).
         self._wanted = book.version if self.algorithm.catch_up_on_task else None
+        self._tasks = 0  # tasks received, for an algorithm whose view depends on the task (needs_base)
         self._resync = False  # the next delta sync asks for every block we changed
         # Updates accepted for rounds that have not closed yet: a coordinator killed before it checkpointed
         # such a round has lost them, and gets them again after the re-join (deterministic rounds plan the
@@ -147,6 +148,9 @@ class Comm:
                 if self._wanted is not None:
                     with self._lock:
                         self._wanted = max(self._wanted, event.base_version)
+                        if self.algorithm.needs_base:  # the view depends on the task: sync for each one
+                            self._requested = min(self._requested, event.base_version - 1)
+                            self._tasks += 1
                         self.wake.set()
                 self._put(self.inbox, event)
             elif isinstance(event, ModelNotice):
@@ -278,14 +282,15 @@ class Comm:
             # that far (a log catch-up from the book's version would replay those rounds twice). A re-join
             # does not reset it: a coordinator now behind it answers "download the blocks".
             start = max(self.book.version, self._queued)
-            generation = self._generation
+            generation, tasks = self._generation, self._tasks
         with self.timeline.span("download", announced):
             held = self.book.request(announced, resync)
             holds = self.book.claims(held) if self.codec.lossless else {}
             patch = self.algorithm.fetch(self.session, start, held, announced, holds)
             version = patch.version
         with self._lock:
-            if generation == self._generation:  # else a re-join came meanwhile: sync once more after it
+            # Else a re-join came meanwhile, or a task whose view this sync may not be: sync once more.
+            if generation == self._generation and tasks == self._tasks:
                 self._requested = version
                 self._resync = self._resync and not resync
             self._queued = version  # the compute thread applies patches in order: the last one says where

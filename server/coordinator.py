@@ -151,7 +151,7 @@ class Coordinator:
         self.download_codec = CodecPipeline(config.download_codec, direction="download")
         self.metrics = metrics or CoordinatorMetrics()
         self._evaluate = evaluate
-        self._evaluations = BackgroundEvaluation(evaluate, self._evaluated) if evaluate is not None else None
+        self._evaluations: BackgroundEvaluation | None = None  # its thread runs while `run` does
         self.registry = Registry()
         self.global_model = initial
         self._awaited: set[str] = set()  # after a restart: workers of the open rounds not back yet
@@ -181,7 +181,9 @@ class Coordinator:
             self.totals.updates_accepted = int(checkpoint.counters.get("updates_accepted", 0))
             self.totals.refusals = {k: int(checkpoint.counters.get(k, 0)) for k in ("updates_rejected", "updates_late")}
             self.totals.wall_seconds_before = float(checkpoint.counters.get("wall_seconds", 0.0))
-            self.totals.eval_history = [list(e) for e in checkpoint.eval_history]
+            # Evaluations finish on their own thread, after the checkpoint of their round: merge what came.
+            evaluated = {int(e[0]): list(e) for e in [*checkpoint.eval_history, *store.read_evaluations(checkpoint.round)]}
+            self.totals.eval_history = [evaluated[r] for r in sorted(evaluated)]
             self.totals.round_history = [dict(r) for r in checkpoint.round_history]
             # The algorithm's state (a zeroth-order log) brings the checkpoint's block files to its round.
             try:
@@ -552,7 +554,7 @@ class Coordinator:
     def download(self, name: str, session: str, held: Mapping[str, int], holds: Mapping[str, bytes] | None = None,
                  for_task: bool = False, base_held: Iterable[str] = ()) -> Sync:
         """What a worker holding block versions `held` is sent. Its view is the global model, or what the
-        algorithm gives it for its next task (`for_task`; without one, the view of a worker with no task).
+        algorithm gives its next task (`for_task`).
         A block the worker keeps the base values of (`base_held`) is not sent when its view is the base.
         A block it claims to hold (`holds`, its own lossless update) is not sent when the claim is the
         global value's canonical hash. The blocks are those of `files_at` (for a records algorithm it
@@ -560,8 +562,7 @@ class Coordinator:
         self.registry.check(name, session)
         g = self.global_model
         task = self._next_task(name) if for_task else None
-        versions = dict(self.algorithm.view(g.block_versions, task)) if for_task or self.algorithm.needs_base \
-            else dict(g.block_versions)
+        versions = dict(self.algorithm.view(g.block_versions, task))
         holds = {} if self.algorithm.records else dict(holds or {})  # a records replica moves in place
         base_held = set(base_held)
         send, confirmed = [], {}
@@ -701,6 +702,15 @@ class Coordinator:
     def run(self) -> dict:
         """Run rounds until `--rounds` are done (or `stop()`); then evaluate, export, summarise."""
         self._t0 = time.monotonic()
+        if self._evaluate is not None:
+            self._evaluations = BackgroundEvaluation(self._evaluate, self._evaluated)
+        try:
+            return self._run()
+        finally:
+            if self._evaluations is not None:
+                self._evaluations.close()
+
+    def _run(self) -> dict:
         if not self.totals.eval_history:  # on its own thread: round 1 does not wait for it
             self._submit_eval()
         started = self.global_model.version > 0
@@ -1015,6 +1025,8 @@ class Coordinator:
         entry = [round, loss] if accuracy is None else [round, loss, accuracy]
         with self._cv:
             self.totals.eval_history = sorted([e for e in self.totals.eval_history if e[0] != round] + [entry])
+            history = [list(e) for e in self.totals.eval_history]
+        self.store.write_evaluations(history)  # only this thread writes it
         self.metrics.eval_loss.set(loss)
         log.info("eval after round %d: loss %.4f%s (%.1f s)", round, loss,
                  "" if accuracy is None else f", accuracy {accuracy:.3f}", seconds)
@@ -1036,8 +1048,6 @@ class Coordinator:
             if finished:  # the evaluations asked for complete, the final one last; a stopped run waits for none
                 self._evaluations.wait_idle(self._stop)
             self._evaluations.close()
-            if self._evaluations.error is not None:
-                log.error("evaluation failed: %s", self._evaluations.error)
         if finished:
             out = self.config.export_dir or (self.store.root / "export")
             try:

@@ -87,7 +87,8 @@ class BackgroundEvaluation:
             return not (self._waiting or self._busy) and self.error is None
 
     def close(self, timeout: float = 5.0) -> None:
-        """Drop what waits; an evaluation under way may finish (within `timeout`), its result recorded."""
+        """Drop what waits; an evaluation under way is left to finish (its result is not recorded).
+        Closing twice is harmless."""
         with self._cv:
             self._closed = True
             self._waiting.clear()
@@ -109,7 +110,10 @@ class BackgroundEvaluation:
                 loss = float(self._evaluate(tensors))
                 # Where the data has answers to choose from, the evaluator also scores them.
                 accuracy = getattr(getattr(self._evaluate, "last", None), "accuracy", None)
-                self._on_result(round, loss, None if accuracy is None else float(accuracy), time.perf_counter() - t0)
+                with self._cv:
+                    closed = self._closed
+                if not closed:  # after `close` the run's results are written: this one comes too late
+                    self._on_result(round, loss, None if accuracy is None else float(accuracy), time.perf_counter() - t0)
             except Exception as e:
                 log.exception("evaluation of round %d failed; no more evaluations this run", round)
                 with self._cv:

@@ -10,6 +10,7 @@ Layout of `--state-dir`:
     blocks/<block>@<version>.safetensors.<codec>.blob   that version as --download-codec encodes it
                                   (a cache: made at its first download, removed with its block file)
     checkpoints/round-000012.json block versions + SHA-256 of each block file, registry, counters
+    evaluations.json              the evaluations so far (also in each checkpoint, up to its round)
     incoming/                     partial uploads (chunks land here, not in memory)
     summary.json                  written at the end of a run
     export/                       the final model as a Hugging Face folder (default export place)
@@ -356,6 +357,20 @@ class StateStore:
                 if f.suffix == ".safetensors" and f.name not in live and f.name not in self._pins:
                     _remove_blobs(f)
                     f.unlink(missing_ok=True)
+
+    # ---- evaluations ------------------------------------------------------------------------------
+
+    def write_evaluations(self, history: list[list[float]]) -> None:
+        """The evaluations so far, as each arrives (they come from their own thread, between checkpoints)."""
+        atomic_write_json(self.root / "evaluations.json", {"eval_history": history})
+
+    def read_evaluations(self, up_to: int) -> list[list[float]]:
+        """Evaluations recorded of rounds up to `up_to` ([] when there are none, or the file is unreadable)."""
+        try:
+            history = json.loads((self.root / "evaluations.json").read_text())["eval_history"]
+            return [[float(x) if i else int(x) for i, x in enumerate(e)] for e in history if int(e[0]) <= up_to]
+        except (OSError, ValueError, TypeError, KeyError, IndexError):
+            return []
 
     # ---- end of run -------------------------------------------------------------------------------
 

@@ -56,7 +56,7 @@ def test_a_view_keeps_a_seeded_fraction_of_the_changed_blocks_and_always_the_own
         assert len(set(kept) | {own} & set(changed)) == max(math.ceil(fraction * 3), 1 if own in changed else 0)
         assert all(view[b] in (0, versions[b]) for b in versions)
         assert view["embed"] == view["head"] == view["layers.2"] == 0  # never changed: the base anyway
-    assert algo.view(versions, None) == (versions if fraction == 1 else dict.fromkeys(versions, 0))
+    assert algo.view(versions, None) == versions  # no task: the global model
 
 
 def run(federation, data_file, workers=2, rounds=6, work_dir=None, **options):
@@ -139,9 +139,45 @@ def test_download_codec_encodes_once_and_workers_decode_it(federation, data_file
     ({"download_fraction": 0.0, "algorithm": "fedcybgd"}, "download-fraction"),
     ({"download_fraction": 1.5, "algorithm": "fedcybgd"}, "download-fraction"),
     ({"fedcybgd_mode": "ring", "algorithm": "fedcybgd"}, "fedcybgd-mode"),
+    ({"min_updates": 2, "algorithm": "fedcybgd"}, "one trainer"),
 ])
 def test_bad_download_settings_are_refused_with_a_reason(tmp_path, options, message):
     from fedblock.common.config import ConfigError, CoordinatorConfig
 
     with pytest.raises(ConfigError, match=message):
         CoordinatorConfig(model="m", state_dir=tmp_path, insecure=True, **options).check()
+
+
+def test_a_dropped_block_reverts_to_the_base_values_the_worker_keeps(tiny_model, tmp_path):
+    """The worker half: the first sync keeps the base values; a later view that has a block at version 0
+    (dropped) brings it back to them from disk, with nothing on the wire for it."""
+    import threading
+
+    from fedblock.client.session import Sync
+    from fedblock.common.algorithms import Local
+    from fedblock.common.messages import Patch
+
+    model = load_model(tiny_model)
+    blocks = B.partition(model)
+    params = dict(model.named_parameters())
+    specs = tuple(BlockSpec(b.name, tuple(TensorSpec(n, tuple(params[n].shape), "float32") for n in b.params))
+                  for b in blocks)
+    names = [b.name for b in blocks]
+    algo = FedCyBGD({"download_fraction": "0.5"}, specs, LAYERS)
+    local = Local(model, {b.name: b for b in blocks}, specs, None, None, tmp_path, threading.Event())
+    base = {n: p.detach().clone() for n, p in params.items()}
+    algo.apply(Patch(0, dict.fromkeys(names, 0), {}), local)  # a local base model: nothing came
+    trained = {n: base[n] + 1.0 for n in B.block_params(model, local.blocks["layers.2"])}
+    algo.apply(Patch(4, {**dict.fromkeys(names, 0), "layers.2": 4}, {"layers.2": trained}), local)
+    assert torch.equal(params["model.layers.2.mlp.up_proj.weight"], trained["model.layers.2.mlp.up_proj.weight"])
+
+    class Session:
+        def download(self, held, holds=None, for_task=False, base_held=()):
+            assert for_task and set(base_held) == set(LAYERS)
+            self.held = held
+            return Sync(6, {**dict.fromkeys(names, 0), "layers.1": 6}, {}, iter(()))
+
+    patch = algo.fetch(Session(), 4, {**dict.fromkeys(names, 0), "layers.2": 4}, 6)
+    assert set(patch.blocks) == {"layers.2"}  # layers.1 at 6 would have come on the wire; none here
+    algo.apply(patch, local)
+    assert all(torch.equal(params[n], base[n]) for n in trained)  # layers.2 is the base model's again

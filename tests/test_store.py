@@ -296,3 +296,12 @@ def test_export_never_replaces_the_state_dir_or_a_folder_holding_it(tmp_path, ti
         export_model(store.model_dir, by_block, store.ckpt_dir)  # empty now, full of checkpoints later
     assert store.root.is_dir() and (store.model_dir / ".complete").exists()
     assert (export_model(store.model_dir, by_block, store.root / "export") / EXPORT_MARKER).is_file()
+
+
+def test_evaluations_recorded_between_checkpoints_are_read_back_up_to_the_resumed_round(tmp_path):
+    store = StateStore(tmp_path)
+    assert store.read_evaluations(10) == []
+    store.write_evaluations([[0, 3.5], [2, 3.1, 0.25], [4, 2.9]])
+    assert store.read_evaluations(3) == [[0, 3.5], [2, 3.1, 0.25]]  # round 4's model is not the one resumed
+    (tmp_path / "evaluations.json").write_text("{ truncated")
+    assert store.read_evaluations(3) == []

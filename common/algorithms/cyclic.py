@@ -13,8 +13,9 @@
   ceil(F·n) of the n blocks changed since the base model, always including its own; the others revert
   to the base model's values. The subset is drawn with a seed sent with the task (drawn from the run's
   seed, the round and the worker) over the blocks changed at the version the task builds on, when the
-  worker syncs for it. The worker keeps the base values on disk (WORK_DIR/base), so a reverted block
-  costs no bytes; the coordinator keeps the base block files for a worker that lacks them.
+  worker syncs for it (once per task). The worker keeps the base values on disk (WORK_DIR/base), so a
+  reverted block costs no bytes; the coordinator keeps the base block files for a worker that lacks
+  them (one that joined late).
 
 Where we differ from the authors' code, on purpose:
 - Their `ascending` gives client i the block i mod B in every round, so with fewer clients than blocks
@@ -31,6 +32,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 from pathlib import Path
 
 import safetensors.torch
@@ -74,16 +76,16 @@ class FedCyBGD(BlockDescent):
 
     def view(self, versions, task):
         """Layer dropping: of the changed blocks, the task's own and a seeded sample of the rest keep
-        their global versions; the others are the base model's (version 0). No task: the base model."""
-        if not self.needs_base:
+        their global versions; the others are the base model's (version 0). Without a task (a worker
+        starting, or syncing between tasks) the global model: a view that drops blocks is only ever
+        the view of the task it was drawn for."""
+        if not self.needs_base or task is None:
             return versions
         changed = [b for b in self.trainable if versions.get(b, 0) > 0]
-        keep: set[str] = set()
-        if task is not None:
-            own = set(task.blocks)
-            others = [b for b in changed if b not in own]
-            n = max(0, math.ceil(self.fraction * len(changed)) - len(own & set(changed)))
-            keep = own | set(random.Random(task.seeds[0] if task.seeds else 0).sample(others, min(n, len(others))))
+        own = set(task.blocks)
+        others = [b for b in changed if b not in own]
+        n = max(0, math.ceil(self.fraction * len(changed)) - len(own & set(changed)))
+        keep = own | set(random.Random(task.seeds[0] if task.seeds else 0).sample(others, min(n, len(others))))
         return {b: (v if b in keep or b not in changed else 0) for b, v in versions.items()}
 
     # ---- worker half -------------------------------------------------------------------------
@@ -112,11 +114,13 @@ class FedCyBGD(BlockDescent):
 
     def _keep_base(self, patch: Patch, local: Local) -> None:
         """Keep the base values of the trainable blocks: those that arrive at version 0, and on the
-        first patch (the start-up sync) those the local copy holds at version 0 already."""
+        first patch (the start-up sync) those the local copy holds at version 0. What a work dir kept
+        before this run is not trusted: it may be another model's."""
         first = self._base_dir is None
         if first:
             self._base_dir = local.work_dir / "base"
-            self._base_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self._base_dir, ignore_errors=True)
+            self._base_dir.mkdir(parents=True)
         kept = self._kept()
         for b in self.trainable:
             if b in kept or patch.block_versions.get(b) != 0 or not (b in patch.blocks or first):
