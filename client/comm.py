@@ -171,7 +171,15 @@ class Comm:
 
     def _transfer_once(self) -> None:
         while not self.stop.is_set():
-            out = self._next_outgoing()
+            # Updates to send again first (a round cannot close without them); then a new model before a
+            # new update: the compute thread waits for the model sooner than the coordinator for the
+            # update (with ParaBlock, round t+2 needs version t, which must not queue behind update t+1).
+            out = self._next_resend()
+            target = self._download_target() if out is None else None
+            if target is not None:
+                self._download(target)
+                continue
+            out = out or self._next_fresh()
             if out is not None:
                 generation = self._generation
                 try:
@@ -185,21 +193,21 @@ class Comm:
                     elif accepted and out.round > self._announced:
                         self._unclosed.append(out)
                 continue
-            with self._lock:
-                newest = self._announced if self._wanted is None else min(self._announced, self._wanted)
-                target = newest if newest > self._requested else None
-            if target is not None:
-                self._download(target)
-                continue
             self.wake.wait(timeout=0.5)
             self.wake.clear()
 
-    def _next_outgoing(self) -> Outgoing | None:
-        """The oldest update to send: one to send again first (a round cannot close without it, and
-        a later round cannot be planned before it), else a fresh one from the compute thread."""
+    def _download_target(self) -> int | None:
+        """The model version to sync to now, if any."""
         with self._lock:
-            if self._resend:
-                return self._resend.pop(0)
+            newest = self._announced if self._wanted is None else min(self._announced, self._wanted)
+            return newest if newest > self._requested else None
+
+    def _next_resend(self) -> Outgoing | None:
+        """The oldest update to send again (a later round cannot be planned before it)."""
+        with self._lock:
+            return self._resend.pop(0) if self._resend else None
+
+    def _next_fresh(self) -> Outgoing | None:
         try:
             return Outgoing(self.outbox.get_nowait())
         except queue.Empty:
