@@ -21,25 +21,36 @@ download sent, all workers together; `round_history` has the cumulative bytes_up
 each round's close):
 - MB up/round: the mean of the per-round upload deltas of rounds 1..R (bytes_up at the close of round
   t less that at the close of t - 1, bytes_up = 0 before round 1), i.e. bytes_up(R) / R.
-- MB down/round: the mean of the per-round download deltas of rounds 2..R (bytes_down(R) -
+- MB down/round: the mean of the per-round download deltas of rounds 2..R, (bytes_down(R) -
   bytes_down(1)) / (R - 1): what was downloaded between the closes of round 1 and round R, the global
-  blocks of rounds 1..R-1. Round 1's delta is left out: it is the workers' first download of the whole
-  model (`MB down init`, in the download codec too), nothing else (every worker starts from version 0).
+  blocks of rounds 1..R-1 (a fedbcd worker fetches version t before it trains round t + 1; round R's
+  blocks are never fetched, the run ends). Round 1's delta is left out: it is the workers' first
+  download of the model, nothing else (every worker starts from version 0); it is `MB down init`,
+  0 under simulate, whose workers load the same base model locally and check it against the
+  coordinator's (the per-round figures do not depend on that).
 - up ÷ none, down ÷ none: those bytes over the `none` row's, up and down separately.
 - eval loss final and loss ÷ none: the held-out loss after round R and its ratio to the `none` row's.
 
 Targets (the issue): `int8,zstd` at most 0.27 x the fp32 (none) upload bytes and at most 1.01 x its
 eval loss; `topk:0.01` at most 0.03 x the bytes and at most 1.03 x the loss. The `target` column says
-for those two rows whether both hold. fedbcd with round-robin is deterministic, so a lossless download
-codec must give the `none` row's loss exactly (printed below the table).
+for those two rows whether both hold. Measured with the defaults: int8,zstd 0.245x the bytes at 1.0000x
+the loss (met); topk:0.01 0.020x the bytes but 1.27x the loss (not met: with 3 visits of 3 steps per
+block and 2 workers, at most 6 % of a block's entries have moved, where dense training moves them all; topk:0.1
+still gives 1.11x, and 12 visits of 1 step (`--train-blocks layers.10 --rounds 12 --local-steps 1`)
+1.17x). fedbcd with round-robin is deterministic, so a lossless download
+codec must give the `none` row's loss up to float rounding (printed below the table: the coordinator's
+running mean of the deltas, a lerp per arriving update, depends on the order in which they arrive).
 
-Time: 9 rows, each about 3 minutes on the 2-core development machine (start-up, the first download,
-two evaluations and the export are most of it): about 25-30 minutes. `--quick`: a tiny random Llama
-(4 layers x 256; blocks of about 0.6M parameters), `layers.1,layers.3`, 4 rounds of 2 steps, batch 4 x
-64, 16 eval examples: about 2-3 minutes. State dirs and logs go to WORKDIR/codecs/NAME (weights deleted
-after each run unless --keep-state).
+Time: 9 rows of 1.8-2.8 minutes each on the 2-core development machine shared with other runs (load
+2-4.5): 20 minutes in all; start-up (about 35 s), the two evaluations (25-45 s) and the export are half
+of a row, the 6 rounds 60-70 s. `--quick`: a tiny random Llama (4 layers x 256; blocks of about 0.6M
+parameters), 2 workers, `layers.1,layers.3`, 4 rounds of 2 steps, batch 4 x 64, 16 eval examples:
+25-45 s per row, 5-6.5 minutes in all, measured with other jobs on the 2 cores (load 3-4); the
+coordinator's own wall time is 4-10 s of a row, the rest is the three processes' start-up (Python,
+torch), so the time is what the machine's load makes it. State dirs and logs go to
+WORKDIR/codecs/NAME (weights deleted after each run unless --keep-state).
 
-    python benchmarks/codecs.py [--quick] [--json out.json] [--workdir runs/bench] [--codecs none,int8,zstd]
+    python benchmarks/codecs.py [--quick] [--json out.json] [--workdir runs/bench] [--codecs 'none;int8,zstd'] [--download-codecs 'bf16']
 """
 
 from __future__ import annotations
@@ -62,9 +73,9 @@ UPLOAD = ("none", "bf16", "int8", "int8,zstd", "topk:0.01", "topk:0.01,int8,zstd
 DOWNLOAD = ("shuffle,zstd", "bf16", "int8,zstd")
 # row (upload codec) -> (most upload bytes ÷ none, most eval loss ÷ none)
 TARGETS = {"int8,zstd": (0.27, 1.01), "topk:0.01": (0.03, 1.03)}
-FULL = {"model": "smollm2-135m-instruct", "train_blocks": "layers.10,layers.20", "rounds": 6, "local_steps": 3,
+FULL = {"model": "smollm2-135m-instruct", "workers": 2, "train_blocks": "layers.10,layers.20", "rounds": 6, "local_steps": 3,
         "max_seq_len": 128, "eval_max_examples": 32}
-QUICK = {"model": None, "train_blocks": "layers.1,layers.3", "rounds": 4, "local_steps": 2, "max_seq_len": 64,
+QUICK = {"model": None, "workers": 2, "train_blocks": "layers.1,layers.3", "rounds": 4, "local_steps": 2, "max_seq_len": 64,
          "eval_max_examples": 16}
 
 
@@ -78,6 +89,11 @@ def plan(args) -> list[tuple[str, str]]:
     if ("none", "none") not in rows:
         rows.insert(0, ("none", "none"))  # the baseline of every ratio
     return rows
+
+
+def ratio(a, b) -> float | str:
+    """a ÷ b, or n/a (a single worker downloads nothing: it holds the blocks it trained)."""
+    return a / b if isinstance(a, float) and isinstance(b, float) and b > 0 else "n/a"
 
 
 def name_of(up: str, down: str) -> str:
@@ -164,7 +180,7 @@ def main() -> None:
     p.add_argument("--download-codecs", help=f"download codec rows, separated by ';' (default {';'.join(DOWNLOAD)})")
     p.add_argument("--data", default="builtin:chatterbot", help="data set (default builtin:chatterbot)")
     p.add_argument("--split", default="iid", help="how the data is split over the workers (default iid)")
-    p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    p.add_argument("--workers", type=int, help=f"worker processes (default {FULL['workers']}; --quick {QUICK['workers']})")
     p.add_argument("--rounds", type=int, help=f"rounds (default {FULL['rounds']}; --quick {QUICK['rounds']})")
     p.add_argument("--local-steps", type=int, help=f"local steps per round (default {FULL['local_steps']}; --quick {QUICK['local_steps']})")
     p.add_argument("--batch-size", type=int, default=4, help="training batch size (default 4)")
@@ -206,14 +222,16 @@ def main() -> None:
     for x in rows:
         if base is None or not isinstance(x.get("eval_loss_final"), float):
             continue
-        x["up ÷ none"] = x["MB up/round"] / base["MB up/round"]
-        x["down ÷ none"] = x["MB down/round"] / base["MB down/round"]
+        x["up ÷ none"] = ratio(x["MB up/round"], base["MB up/round"])
+        x["down ÷ none"] = ratio(x["MB down/round"], base["MB down/round"])
         x["loss ÷ none"] = f"{x['eval_loss_final'] / base['eval_loss_final']:.4f}"
         x["loss_ratio"] = x["eval_loss_final"] / base["eval_loss_final"]
         target = TARGETS.get(x["codec (up)"]) if x["codec (down)"] == "none" else None
         if target:
-            ok = x["up ÷ none"] <= target[0] and x["loss_ratio"] <= target[1]
-            x["target"] = (f"{'met' if ok else 'NOT met'} (≤ {target[0]}x bytes: {x['up ÷ none']:.4f}; "
+            up_ratio = x["up ÷ none"]
+            ok = isinstance(up_ratio, float) and up_ratio <= target[0] and x["loss_ratio"] <= target[1]
+            shown = f"{up_ratio:.4f}" if isinstance(up_ratio, float) else up_ratio
+            x["target"] = (f"{'met' if ok else 'NOT met'} (≤ {target[0]}x bytes: {shown}; "
                            f"≤ {target[1]}x loss: {x['loss_ratio']:.4f})")
             verdicts.append(ok)
         else:
@@ -224,8 +242,9 @@ def main() -> None:
                     f"{args.local_steps} local steps, batch {args.batch_size} x {args.max_seq_len} tokens, AdamW lr "
                     f"{args.lr}, eval on {args.eval_max_examples} held-out examples, 1 torch thread per process",
         "bytes": "the coordinator's wire bytes, all workers together: MB up/round = bytes_up(R) / R (rounds 1..R); "
-                 "MB down/round = (bytes_down(R) - bytes_down(1)) / (R - 1) (rounds 2..R; round 1's delta is the "
-                 "workers' first download of the whole model, MB down init)",
+                 "MB down/round = (bytes_down(R) - bytes_down(1)) / (R - 1) (rounds 2..R; round 1's delta is only the "
+                 "workers' first download of the model, MB down init, 0 when they hold the base model locally "
+                 "as simulate's workers do)",
     }
     lossless = [x for x in rows if x["codec (up)"] == "none" and x["codec (down)"] != "none"
                 and isinstance(x.get("eval_loss_final"), float)]
@@ -233,8 +252,9 @@ def main() -> None:
 
     for x in lossless:
         if CodecPipeline(x["codec (down)"], direction="download").lossless and base is not None:
-            extra[f"download {x['codec (down)']} (lossless) gives the none row's loss exactly"] = (
-                x["eval_loss_final"] == base["eval_loss_final"])
+            diff = abs(x["eval_loss_final"] - base["eval_loss_final"])
+            extra[f"download {x['codec (down)']} (lossless): final eval loss - the none row's"] = (
+                f"{diff:.2g} ({'float rounding' if diff < 1e-5 else 'MORE than float rounding'})")
     if verdicts:
         extra["targets (int8,zstd ≤ 0.27x bytes, ≤ 1.01x loss; topk:0.01 ≤ 0.03x bytes, ≤ 1.03x loss)"] = (
             "met" if all(verdicts) else "NOT met")

@@ -47,13 +47,14 @@ Columns:
 - worker peak MiB: the largest peak RSS (VmHWM) of the run's workers after their first download (a
   worker's steady state); the JSON has the lifetime peaks too.
 
-Defaults: SmolLM2-135M-Instruct, 4 workers, 2 per round, 6 rounds of 1 local step, batch 8: about
-5 minutes per row on 2 cores (9 rows by default) (the zeroth-order rows are the slow ones: a decomfl round took 35-50 s
+Defaults: SmolLM2-135M-Instruct, 4 workers, 2 per round, 6 rounds of 1 local step, batch 8, 9 rows:
+block rows about 1.5 minutes each on 2 cores (fedbcd, parablock and the four fedcybgd rows took 82-96 s
+each at load 1.5-4.5), zeroth-order rows up to 5 minutes (a decomfl round took 35-50 s
 on the 2-core machine shared with a test run (load 3-5), 10 forwards and perturbing, stepping and
 replaying 106M parameters per step; a 3-round decomfl row took 3-3.5 minutes in all, start-up, the
 workers' first download and both evaluations included; block rows are faster, most of their time is
 start-up). `--quick`: a tiny random Llama (4 layers x 64), 2 workers, 2 per round, 6 rounds: about
-3 minutes in all (9 rows). Run state under
+20-30 s per row, 4 minutes for the 9 rows at load 4-5. Run state under
 WORKDIR/compare/NAME (weights deleted after each run; logs kept).
 
     python benchmarks/compare.py [--quick] [--json out.json] [--algorithms fedbcd,fedcybgd-relay] [--rounds 6]

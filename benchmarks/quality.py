@@ -18,12 +18,13 @@ first round and after the last (the same seeded sample of `--eval-max-examples` 
 every algorithm of a data set), the coordinator's wall time (`wall s`: first eval to summary, so it includes
 both evals and the workers' first model download) and the steady round time (`round s`: from the close
 of round 1 to the close of round R, divided by R - 1, read from the checkpoints), and the bytes up and
-down. `MB down` includes the first download of the whole model (about 538 MB fp32) by every worker;
+down. `MB down` includes the workers' first download of the whole model (about 538 MB fp32 each; 0 where
+they hold the base model locally and it matches the coordinator's, as simulate's workers do);
 `MB down init` is that part (the downloads counted when round 1 closed) and the per-round columns
 exclude it (`MB down/round`: what was downloaded between the closes of round 1 and round R, per round;
 `MB up/round`: all uploads ÷ R). Some runs (by default fedbcd and parablock on the first data set) are repeated with the
 workers' link limited (`--max-upload-rate` and `--max-download-rate`, default 20MB/s each), to show the
-wall time with and without a link limit; at that rate the first model download alone takes ~27 s.
+wall time with and without a link limit; at that rate a first model download alone takes ~27 s.
 
 Target (README, Performance targets): parablock's final eval loss ≤ 1.02 × fedbcd's, per data set, after the same
 number of rounds (the unlimited runs), each with its default schedule. The part that judges it alone

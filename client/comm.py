@@ -127,7 +127,10 @@ class Comm:
         self._queued = book.version  # newest version a patch handed to the compute thread brings the model to
         # Algorithms that catch up only when given a task: the newest base version of one (else: all).
         self._wanted = book.version if self.algorithm.catch_up_on_task else None
-        self._tasks = 0  # tasks received, for an algorithm whose view depends on the task (needs_base)
+        # An algorithm whose views depend on the task (needs_base): the task the compute thread is about
+        # to start, whose view the syncs ask for, and how many times that changed.
+        self._view_for = 0
+        self._views = 0
         self._resync = False  # the next delta sync asks for every block we changed
         # Updates accepted for rounds that have not closed yet: a coordinator killed before it checkpointed
         # such a round has lost them, and gets them again after the re-join (deterministic rounds plan the
@@ -148,9 +151,6 @@ class Comm:
                 if self._wanted is not None:
                     with self._lock:
                         self._wanted = max(self._wanted, event.base_version)
-                        if self.algorithm.needs_base:  # the view depends on the task: sync for each one
-                            self._requested = min(self._requested, event.base_version - 1)
-                            self._tasks += 1
                         self.wake.set()
                 self._put(self.inbox, event)
             elif isinstance(event, ModelNotice):
@@ -235,6 +235,16 @@ class Comm:
     def notify_handover(self) -> None:
         self.wake.set()
 
+    def want_view(self, round: int) -> None:
+        """The compute thread starts the task of `round` next, on its own view (needs_base): sync for it,
+        at the task's base version or later."""
+        with self._lock:
+            self._view_for = round
+            self._views += 1
+            self._wanted = max(self._wanted or 0, round - 1)
+            self._requested = min(self._requested, round - 2)
+            self.wake.set()
+
     def refetch(self) -> None:
         """Sync again now: the compute thread found a confirmed block not to be what it holds."""
         with self._lock:
@@ -290,15 +300,18 @@ class Comm:
             # that far (a log catch-up from the book's version would replay those rounds twice). A re-join
             # does not reset it: a coordinator now behind it answers "download the blocks".
             start = max(self.book.version, self._queued)
-            generation, tasks = self._generation, self._tasks
+            generation, views, task_round = self._generation, self._views, self._view_for
+        if self.algorithm.needs_base:  # views are not monotone: ask from what the queued patches leave
+            while self.book.version != self._queued and not self.stop.wait(0.05):
+                pass
         with self.timeline.span("download", announced):
             held = self.book.request(announced, resync)
             holds = self.book.claims(held) if self.codec.lossless else {}
-            patch = self.algorithm.fetch(self.session, start, held, announced, holds)
+            patch = self.algorithm.fetch(self.session, start, held, announced, holds, task_round)
             version = patch.version
         with self._lock:
-            # Else a re-join came meanwhile, or a task whose view this sync may not be: sync once more.
-            if generation == self._generation and tasks == self._tasks:
+            # Else a re-join came meanwhile, or a task whose view this sync is not: sync once more.
+            if generation == self._generation and views == self._views:
                 self._requested = version
                 self._resync = self._resync and not resync
             self._queued = version  # the compute thread applies patches in order: the last one says where

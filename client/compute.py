@@ -57,11 +57,14 @@ class ComputeLoop:
         local: Local | None = None,
         claim_holds: bool = False,
         on_stale: Callable[[], None] = lambda: None,
+        want_view: Callable[[int], None] = lambda round: None,
     ):
         """`algorithm`: the run's (its worker half runs the tasks; default a block method). `local`:
         what it works on (default: built from the arguments, in a temporary work dir). `claim_holds`:
         record the hash of each block handed in (the codec is lossless), so that a sync need not bring
-        it back; `on_stale`: a confirmed block was not what we hold, and must be downloaded."""
+        it back; `on_stale`: a confirmed block was not what we hold, and must be downloaded;
+        `want_view(round)`: for an algorithm whose views depend on the task (`needs_base`), the task
+        that starts next, which waits for a patch of its own view."""
         self.model = model
         self.blocks = {b.name: b for b in blocks}
         self.trainer = trainer
@@ -79,6 +82,8 @@ class ComputeLoop:
         self.on_handover = on_handover
         self.claim_holds = claim_holds
         self.on_stale = on_stale
+        self.want_view = want_view
+        self._view_round = 0  # the task round whose view the last patch applied was (0: the global model)
         self.steps_done = 0
         self.progress = Progress()
         self.rounds_done = 0
@@ -105,8 +110,20 @@ class ComputeLoop:
 
     def _train(self, a: Assignment) -> None:
         need = a.round - 1 - self.depth
-        while self.book.version < need or self.book.unconfirmed():  # fedbcd waits here for round t-1's model
+        own_view = self.algorithm.needs_base
+        if own_view:
+            self.want_view(a.round)
+
+        def waiting() -> bool:  # fedbcd waits here for round t-1's model (FedCyBGD also for the task's view)
+            if self.book.version < need or self.book.unconfirmed():
+                return True
+            return own_view and self._view_round != a.round and self.book.version < a.round
+
+        while waiting():
             self._take(wait_for="model")
+            if any(b.round < a.round for b in self._assignments):  # an earlier round came (again): first
+                self._assignments.append(a)
+                return
         self._drain()
         if self.book.version >= a.round:
             log.info("round %d closed before it started here; skipped", a.round)
@@ -150,9 +167,13 @@ class ComputeLoop:
     # ---- the inbox ---------------------------------------------------------------------------
 
     def _next_assignment(self) -> Assignment:
+        """The earliest round given: a later one may need the model that the earlier one makes (a relay
+        whose next turn arrived before the round a departed worker left it, planned again)."""
         while not self._assignments:
             self._take(wait_for="assignment")
-        return self._assignments.popleft()
+        a = min(self._assignments, key=lambda x: x.round)
+        self._assignments.remove(a)
+        return a
 
     def _take(self, wait_for: str | None = None) -> bool:
         """Handle one inbox item. With `wait_for` (what we wait for) block until one comes, counting the
@@ -209,6 +230,7 @@ class ComputeLoop:
             self._taken = {t for t in self._taken if t[0] not in gone}
         stale = self.algorithm.apply(patch, self.local) or ()
         self.book.applied(patch)
+        self._view_round = patch.view_round
         if stale:  # a patch that came after our claim changed the block: the claim no longer holds
             log.warning("blocks %s are not the value the coordinator confirmed; downloading them", sorted(stale))
             self.book.unconfirm(stale)

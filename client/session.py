@@ -91,6 +91,7 @@ class Sync(NamedTuple):
     block_versions: dict[str, int]
     confirmed: dict[str, bytes]
     blocks: Iterator[DownloadedBlock]
+    view_round: int = 0  # the task round whose view this is (0: the global model's)
 
 
 class Session:
@@ -287,14 +288,14 @@ class Session:
         self._received("control", _size(reply))
         return reply
 
-    def download(self, held: Mapping[str, int], holds: Mapping[str, bytes] | None = None, for_task: bool = False,
+    def download(self, held: Mapping[str, int], holds: Mapping[str, bytes] | None = None, task_round: int = 0,
                  base_held=()) -> Sync:
         """Delta sync of the blocks whose version differs from `held`: but for those we hold (`holds`,
-        confirmed by the coordinator), and with `for_task` of the view the algorithm gives our next
-        task (base-model blocks we keep, `base_held`, are not sent)."""
+        confirmed by the coordinator), and with `task_round` of the view the algorithm gives our task
+        of that round (base-model blocks we keep, `base_held`, are not sent)."""
         assert self.info is not None
         specs = {b.name: b for b in self.info.blocks}
-        request = pb.DownloadRequest(held_versions=dict(held), holds=dict(holds or {}), for_task=for_task,
+        request = pb.DownloadRequest(held_versions=dict(held), holds=dict(holds or {}), task_round=task_round,
                                      base_held=sorted(base_held))
         stream = self._download(request, metadata=self._metadata)
         first = next(stream)
@@ -305,6 +306,7 @@ class Session:
 
         def blocks() -> Iterator[DownloadedBlock]:
             assembly: wire.Assembly | None = None
+            received = 0
             try:
                 for message in stream:
                     raw = isinstance(message, wire.RawChunk)
@@ -318,6 +320,7 @@ class Session:
                             tensors = CodecPipeline(m.codec).decode(assembly.finish(), specs[m.block].tensors)
                             assembly.close()
                             assembly = None
+                            received += 1
                             yield DownloadedBlock(m.block, m.base_version, tensors)
                         continue
                     kind = "chunk" if raw else message.WhichOneof("kind")
@@ -329,9 +332,12 @@ class Session:
                         raise wire.IntegrityError(f"download of unknown block {manifest.block!r}")
                     wire.check_specs(manifest.tensors, spec.tensors)
                     assembly = wire.Assembly(manifest)
+                if assembly is not None or received != header.num_blocks:  # a stream that ended early
+                    raise wire.IntegrityError(f"download ended after {received} of {header.num_blocks} blocks"
+                                              + (" in the middle of one" if assembly is not None else ""))
             finally:
                 if assembly is not None:  # a download that broke off: let its hashing thread go
                     assembly.close()
 
         confirmed = {b: bytes(holds[b]) for b in header.confirmed if holds and b in holds}
-        return Sync(header.model_version, dict(header.block_versions), confirmed, blocks())
+        return Sync(header.model_version, dict(header.block_versions), confirmed, blocks(), header.view_round)

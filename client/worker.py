@@ -244,6 +244,7 @@ class Worker:
                     max_retries=self.config.max_retries, max_backoff=self.config.max_backoff, algorithm=algorithm)
         compute.on_handover = comm.notify_handover
         compute.on_stale = comm.refetch
+        compute.want_view = comm.want_view
         threads = [
             threading.Thread(target=compute.run, name="compute", daemon=True),
             threading.Thread(target=comm.read_events, name="events", daemon=True),

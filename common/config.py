@@ -307,8 +307,13 @@ class CoordinatorConfig:
                  f"{self.algorithm} workers replay the log on an exact copy of the model; use a lossless codec")
         _require(0 < self.download_fraction <= 1, f"--download-fraction must be in (0, 1], got {self.download_fraction}")
         _require(self.fedcybgd_mode in ("relay", "parallel"), "--fedcybgd-mode must be relay or parallel")
-        _require(not (self.algorithm == "fedcybgd" and self.fedcybgd_mode == "relay" and self.min_updates > 1),
+        from .algorithms.cyclic import FedCyBGD
+
+        cyclic = issubclass(self.algorithm_class, FedCyBGD)
+        _require(not (cyclic and self.fedcybgd_mode == "relay" and self.min_updates > 1),
                  "--min-updates: a fedcybgd relay round has one trainer (use --fedcybgd-mode parallel for more)")
+        _require(not (cyclic and self.download_fraction < 1 and self.depth),
+                 "--pipeline-depth: with --download-fraction below 1 a task starts on its own view (depth 0)")
         _require((self.tls_cert is None) == (self.tls_key is None), "--tls-cert and --tls-key go together")
         _require(self.tls_cert is not None or self.insecure,
                  "plaintext gRPC needs --insecure; or serve TLS with --tls-cert and --tls-key")

@@ -177,6 +177,7 @@ class Patch:
     blocks: dict[str, dict[str, torch.Tensor]]
     entries: tuple[LogEntry, ...] = ()
     confirmed: Mapping[str, bytes] = field(default_factory=dict)
+    view_round: int = 0  # the task round whose view this is (0: the global model's; see Algorithm.view)
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,7 @@ class Sync:
     versions: dict[str, int]
     send: list[str]
     confirmed: dict[str, bytes]
+    view_round: int = 0  # the task round whose view this is (0: the global model's)
 
 
 @dataclass
@@ -552,16 +553,16 @@ class Coordinator:
             return UploadState([], has, delivered=has)
 
     def download(self, name: str, session: str, held: Mapping[str, int], holds: Mapping[str, bytes] | None = None,
-                 for_task: bool = False, base_held: Iterable[str] = ()) -> Sync:
+                 task_round: int = 0, base_held: Iterable[str] = ()) -> Sync:
         """What a worker holding block versions `held` is sent. Its view is the global model, or what the
-        algorithm gives its next task (`for_task`).
+        algorithm gives its task of `task_round` (while that round is open and the worker in it).
         A block the worker keeps the base values of (`base_held`) is not sent when its view is the base.
         A block it claims to hold (`holds`, its own lossless update) is not sent when the claim is the
         global value's canonical hash. The blocks are those of `files_at` (for a records algorithm it
         may be older than `version`)."""
         self.registry.check(name, session)
         g = self.global_model
-        task = self._next_task(name) if for_task else None
+        task = self._task(name, task_round) if task_round else None
         versions = dict(self.algorithm.view(g.block_versions, task))
         holds = {} if self.algorithm.records else dict(holds or {})  # a records replica moves in place
         base_held = set(base_held)
@@ -576,16 +577,15 @@ class Coordinator:
                 confirmed[b] = claim
             else:
                 send.append(b)
-        return Sync(g, versions, send, confirmed)
+        return Sync(g, versions, send, confirmed, task_round if task is not None else 0)
 
-    def _next_task(self, name: str) -> Task | None:
-        """The worker's earliest task that it has not handed in."""
+    def _task(self, name: str, round: int) -> Task | None:
+        """The worker's task in `round`, if that round is open and it takes part."""
         with self._cv:
-            for round in sorted(self.rounds.plans):
-                plan = self.rounds.plans[round]
-                if name in plan.assignments and name not in plan.handed_in:
-                    return Task(plan.assignments[name], plan.seeds.get(name, ()))
-        return None
+            plan = self.rounds.plans.get(round)
+            if plan is None or name not in plan.assignments:
+                return None
+            return Task(plan.assignments[name], plan.seeds.get(name, ()))
 
     def _canonical_sha256(self, g: GlobalModel, block: str) -> bytes:
         """The canonical hash of the global block (a block method never changes its tensors in place)."""

@@ -216,10 +216,13 @@ class Rounds:
     # ---- workers coming and going ----------------------------------------------------------------
 
     def rejoined(self, worker: str) -> None:
-        """A worker's new session must be sent again what it was given but has not handed in."""
+        """A worker's new session must be sent again what it was given and has not completed: a process
+        started again under the same name lost what it had handed in but not finished sending (the old
+        one, re-joining, knows those assignments and sends the rest of its update)."""
         for plan in self.plans.values():
-            if worker not in plan.handed_in:
+            if worker in plan.assignments and not plan.done(worker):
                 plan.delivered.discard(worker)
+                plan.handed_in.discard(worker)
 
     def departed(self, worker: str) -> None:
         """Drop a gone worker from every round it has not completed (it may be given them again when it

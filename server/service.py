@@ -255,7 +255,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         UNAVAILABLE (workers download again), not UNKNOWN."""
         name, session = _identity(context)
         try:
-            sync = self.c.download(name, session, dict(request.held_versions), dict(request.holds), request.for_task,
+            sync = self.c.download(name, session, dict(request.held_versions), dict(request.holds), request.task_round,
                                    request.base_held)
         except UnknownWorker as e:
             _abort(context, e)
@@ -270,7 +270,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         try:
             header = pb.DownloadMessage(
                 header=pb.DownloadHeader(model_version=g.files_at, num_blocks=len(sync.send),
-                                         block_versions=sync.versions, confirmed=sorted(sync.confirmed))
+                                         block_versions=sync.versions, confirmed=sorted(sync.confirmed),
+                                         view_round=sync.view_round)
             )
             self.c.count_sent("control", _size(header))
             yield header

@@ -60,7 +60,7 @@ def test_rounds_that_prune_during_a_download_do_not_break_it(federation):
     gate = Gate(c, at=2)
     session = joined(fed)
     try:
-        version, versions, _, blocks = session.download({})
+        version, versions, _, blocks, _ = session.download({})
         first = next(blocks)  # one block fully received; the handler waits before opening the second
         assert gate.entered.wait(30)
         close_rounds(c.store, g, [1, 2, 3])
@@ -106,7 +106,7 @@ def test_a_block_file_that_is_gone_is_a_retryable_error_that_says_which(federati
     session = joined(fed)
     try:
         with pytest.raises(grpc.RpcError) as error:
-            _, _, _, blocks = session.download({})
+            _, _, _, blocks, _ = session.download({})
             list(blocks)
     finally:
         session.close()
@@ -120,7 +120,7 @@ def test_a_block_file_removed_during_the_download_is_a_retryable_error(federatio
     gate = Gate(c, at=2)
     session = joined(fed)
     try:
-        _, _, _, blocks = session.download({})
+        _, _, _, blocks, _ = session.download({})
         next(blocks)
         assert gate.entered.wait(30)
         c.store.block_path(c.block_order[1], 0).unlink()  # not pruning: someone else

@@ -140,6 +140,8 @@ def test_download_codec_encodes_once_and_workers_decode_it(federation, data_file
     ({"download_fraction": 1.5, "algorithm": "fedcybgd"}, "download-fraction"),
     ({"fedcybgd_mode": "ring", "algorithm": "fedcybgd"}, "fedcybgd-mode"),
     ({"min_updates": 2, "algorithm": "fedcybgd"}, "one trainer"),
+    ({"min_updates": 2, "algorithm": "fedblock.common.algorithms.cyclic:FedCyBGD"}, "one trainer"),
+    ({"pipeline_depth": 1, "download_fraction": 0.5, "algorithm": "fedcybgd"}, "own view"),
 ])
 def test_bad_download_settings_are_refused_with_a_reason(tmp_path, options, message):
     from fedblock.common.config import ConfigError, CoordinatorConfig
@@ -172,12 +174,12 @@ def test_a_dropped_block_reverts_to_the_base_values_the_worker_keeps(tiny_model,
     assert torch.equal(params["model.layers.2.mlp.up_proj.weight"], trained["model.layers.2.mlp.up_proj.weight"])
 
     class Session:
-        def download(self, held, holds=None, for_task=False, base_held=()):
-            assert for_task and set(base_held) == set(LAYERS)
+        def download(self, held, holds=None, task_round=0, base_held=()):
+            assert task_round == 5 and set(base_held) == set(LAYERS)
             self.held = held
             return Sync(6, {**dict.fromkeys(names, 0), "layers.1": 6}, {}, iter(()))
 
-    patch = algo.fetch(Session(), 4, {**dict.fromkeys(names, 0), "layers.2": 4}, 6)
+    patch = algo.fetch(Session(), 4, {**dict.fromkeys(names, 0), "layers.2": 4}, 6, task_round=5)
     assert set(patch.blocks) == {"layers.2"}  # layers.1 at 6 would have come on the wire; none here
     algo.apply(patch, local)
     assert all(torch.equal(params[n], base[n]) for n in trained)  # layers.2 is the base model's again

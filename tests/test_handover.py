@@ -3,6 +3,8 @@
 import queue
 import threading
 
+import pytest
+
 from fedblock.client.compute import ComputeLoop
 from fedblock.client.metrics import WorkerMetrics
 from fedblock.client.state import ModelBook
@@ -12,6 +14,8 @@ from fedblock.common.messages import Assignment, Update
 
 class Instant:
     """An algorithm whose tasks take no time: the compute thread goes straight to the hand-over."""
+
+    needs_base = False
 
     def run(self, a, local):
         return Update(a.round, a.base_version, {}, 1, 0.0, (0.0,))
@@ -94,6 +98,58 @@ def test_a_confirmed_block_that_a_later_patch_changed_is_downloaded_before_train
         inbox.put(Patch(2, {"layers.0": 2}, {"layers.0": fixed}))
         assert outbox.get(timeout=10).round == 3
         assert all(torch.equal(live[n], fixed[n]) for n in live)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert loop.error is None, loop.error
+
+
+def test_the_earliest_round_given_is_trained_first():
+    """A relay's next turn (round 4, on version 3) arrived before round 3, planned again for the same
+    worker after the one it was given left: round 4 waits for the model only round 3 makes, so the
+    compute thread must take round 3 first, also when it arrives while round 4 waits."""
+    inbox: queue.Queue = queue.Queue(8)
+    outbox: queue.Queue = queue.Queue(4)
+    stop = threading.Event()
+    loop = ComputeLoop(None, [], None, None, ModelBook(version=2), inbox, outbox, 0, WorkerMetrics(), stop,
+                       Timeline("w"), algorithm=Instant())
+    inbox.put(Assignment(4, ("embed",), 1, 1e-3, 3))
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    try:
+        inbox.put(Assignment(3, ("embed",), 1, 1e-3, 2))
+        assert outbox.get(timeout=10).round == 3
+        assert outbox.empty()  # round 4 still waits for version 3
+    finally:
+        stop.set()
+        thread.join(10)
+    assert loop.error is None, loop.error
+
+
+def test_a_task_whose_view_is_its_own_waits_for_that_view():
+    """FedCyBGD's layer dropping: the model at the task's base version is not enough, the task starts
+    on the view drawn for it (a patch of that view), which the compute thread asks for."""
+    from fedblock.common.messages import Patch
+
+    class OwnView(Instant):
+        needs_base = True
+
+    inbox: queue.Queue = queue.Queue(8)
+    outbox: queue.Queue = queue.Queue(4)
+    stop, asked = threading.Event(), queue.Queue()
+    loop = ComputeLoop(None, [], None, None, ModelBook(version=3), inbox, outbox, 0, WorkerMetrics(), stop,
+                       Timeline("w"), algorithm=OwnView(), want_view=asked.put)
+    inbox.put(Assignment(4, ("embed",), 1, 1e-3, 3))
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    try:
+        assert asked.get(timeout=10) == 4
+        inbox.put(Patch(3, {}, {}))  # the global model at the base version: not the task's view
+        inbox.put(Patch(3, {}, {}, view_round=5))  # another task's
+        with pytest.raises(queue.Empty):
+            outbox.get(timeout=0.5)
+        inbox.put(Patch(3, {}, {}, view_round=4))
+        assert outbox.get(timeout=10).round == 4
     finally:
         stop.set()
         thread.join(10)

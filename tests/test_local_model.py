@@ -13,7 +13,7 @@ import torch
 from test_faults import global_params, wait_for
 from test_zo_federation import caught_up, max_diff, replica
 
-from fedblock.client.session import Session, Sync
+from fedblock.client.session import Session
 from fedblock.common.models import make_tiny_model
 
 CHANGED_BLOCK, CHANGED_TENSOR = "layers.2", "model.layers.2.mlp.down_proj.weight"
@@ -30,7 +30,8 @@ def downloads(monkeypatch):
     original = Session.download
 
     def download(self, held, **kw):
-        version, versions, confirmed, blocks = original(self, held, **kw)
+        sync = original(self, held, **kw)
+        versions, blocks = sync.block_versions, sync.blocks
         got = []
         seen[self.name].append(got)
         headers[self.name].append(dict(versions))
@@ -40,7 +41,7 @@ def downloads(monkeypatch):
                 got.append(block.block)
                 yield block
 
-        return Sync(version, versions, confirmed, recorded())
+        return sync._replace(blocks=recorded())
 
     monkeypatch.setattr(Session, "download", download)
     seen.headers = headers  # per worker, per download: the block versions its header announced

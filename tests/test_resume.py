@@ -294,13 +294,14 @@ class LogCatchingUp:
     answer brings the model to the next of `versions` (by default, the target asked for)."""
 
     catch_up_on_task = False
+    needs_base = False
 
     def __init__(self, versions=()):
         self.asked: list[int] = []
         self.fetched = threading.Event()
         self._versions = iter(versions)
 
-    def fetch(self, session, version, held, target, holds=None):
+    def fetch(self, session, version, held, target, holds=None, task_round=0):
         from fedblock.common.messages import Patch
 
         self.asked.append(version)

@@ -211,6 +211,24 @@ def test_rejoin_redelivers_what_was_not_handed_in():
     assert [(w, a.round) for w, a in r.deliveries()] == [("b", 1)]
 
 
+def test_rejoin_redelivers_what_was_handed_in_but_not_finished():
+    """A worker process started again under the same name lost the update it had begun sending: its
+    unfinished rounds go out again (else the coordinator waits for the rest of that upload and the new
+    process for the model that round makes), the next one only after it hands that one in again."""
+    r = Rounds(rules(depth=0))
+    r.plan(1, {"a": 0})
+    r.deliveries()
+    r.hand_in("a", 1, {"a": 0})  # its upload started: round 2 is planned and goes out
+    assert [(w, a.round) for w, a in r.deliveries()] == [("a", 2)]
+    r.rejoined("a")
+    assert [(w, a.round) for w, a in r.deliveries()] == [("a", 1)]
+    r.hand_in("a", 1, {"a": 0})
+    assert [(w, a.round) for w, a in r.deliveries()] == [("a", 2)]
+    report(r, "a", 1)
+    r.rejoined("a")  # a finished round is not given again
+    assert [(w, a.round) for w, a in r.deliveries()] == [("a", 2)]
+
+
 def test_top_up_brings_in_idle_workers_when_too_few_remain():
     r = Rounds(rules(min_updates=2, clients_per_round=2))
     r.plan(1, {"a": 0, "b": 1})

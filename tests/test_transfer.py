@@ -53,7 +53,7 @@ def test_block_of_many_chunks_round_trips_bit_exactly(one_round):
     for n, t in delta.items():  # weight 1 and one update: the global moves by exactly the delta
         assert torch.equal(after.tensors["layers.1"][n], before[n] + t)
     # ... and a worker downloading it gets the same bits.
-    version, versions, _, blocks = session.download({b: 0 for b in fed.coordinator.block_order})
+    version, versions, _, blocks, _ = session.download({b: 0 for b in fed.coordinator.block_order})
     (got,) = list(blocks)
     assert version == 1 and got.block == "layers.1" and got.version == 1
     assert all(torch.equal(got.tensors[n], after.tensors["layers.1"][n]) for n in delta)
@@ -188,16 +188,16 @@ def test_assignment_rules_are_enforced(one_round):
 def test_download_is_a_delta_sync(one_round):
     fed, session, a, runner = one_round
     everything = fed.coordinator.block_order
-    version, _, _, blocks = session.download({})
+    version, _, _, blocks, _ = session.download({})
     assert version == 0 and [b.block for b in blocks] == everything
-    version, _, _, blocks = session.download({b: 0 for b in everything})
+    version, _, _, blocks, _ = session.download({b: 0 for b in everything})
     assert list(blocks) == []
     manifest, blob = pack(block_delta(fed, "layers.1"), "layers.1")
     session.upload(manifest, blob)
     runner.join(30)
-    version, versions, _, blocks = session.download({b: 0 for b in everything})
+    version, versions, _, blocks, _ = session.download({b: 0 for b in everything})
     assert version == 1 and [b.block for b in blocks] == ["layers.1"] and versions["layers.1"] == 1
     # A block the worker marks as not held (-1) comes even when unchanged; so does one whose version
     # differs in either direction (a worker ahead of a coordinator restarted from a checkpoint).
-    _, _, _, blocks = session.download({**versions, "head": -1, "embed": 7})
+    _, _, _, blocks, _ = session.download({**versions, "head": -1, "embed": 7})
     assert [b.block for b in blocks] == ["embed", "head"]

@@ -23,8 +23,9 @@ Coordinator half (all calls from the coordinator's threads, never concurrently f
 
 Worker half (on the worker's compute thread; `fetch` on its communication thread):
 - `run(task, local)`: run the task on the local model; returns the Update (tensors or numbers).
-- `fetch(session, version, held, target, holds)`: what to download to reach model version `target`
-  (`holds`: blocks whose new global value the worker may hold already, by canonical hash).
+- `fetch(session, version, held, target, holds, task_round)`: what to download to reach model version
+  `target` (`holds`: blocks whose new global value the worker may hold already, by canonical hash;
+  `task_round`: the task whose view is wanted, for an algorithm with `needs_base`).
 - `apply(patch, local)`: bring the local model up to the patch's version. Returns the blocks the
   patch confirms (`patch.confirmed`) whose local copy is not the confirmed value: they are downloaded.
 """
@@ -81,7 +82,9 @@ class Algorithm:
     pipeline_depth: ClassVar[int] = 0  # rounds a worker may train ahead of the global model
     records: ClassVar[bool] = False  # updates are a record of numbers (Report), not block tensors
     catch_up_on_task: ClassVar[bool] = False  # workers catch up when given a task, not on every new model
-    needs_base: bool = False  # views hand out the base model's blocks: the coordinator keeps their files
+    # Views hand out the base model's blocks: the coordinator keeps their files, and a worker syncs for
+    # each task and starts it only on that task's view.
+    needs_base: bool = False
     # Config options (as attribute names) and this algorithm's defaults for those the user left unset.
     defaults: ClassVar[Mapping[str, Any]] = {}
     # Config options the workers need: sent at Join as strings, read back by `__init__` on the worker.
@@ -128,7 +131,7 @@ class Algorithm:
         raise NotImplementedError
 
     def fetch(self, session, version: int, held: Mapping[str, int], target: int,
-              holds: Mapping[str, bytes] | None = None) -> Patch:
+              holds: Mapping[str, bytes] | None = None, task_round: int = 0) -> Patch:
         """What brings a local copy at `version` (its blocks at `held`) to `target` or later. Block
         methods: a delta sync of the blocks whose version differs from `held`, but for those the
         coordinator confirms we hold (`holds`)."""

@@ -90,16 +90,16 @@ class FedCyBGD(BlockDescent):
 
     # ---- worker half -------------------------------------------------------------------------
 
-    def fetch(self, session, version, held, target, holds=None) -> Patch:
+    def fetch(self, session, version, held, target, holds=None, task_round=0) -> Patch:
         if not self.needs_base:
             return super().fetch(session, version, held, target, holds)
         kept = self._kept()
-        sync = session.download(held, holds=holds, for_task=True, base_held=kept)
+        sync = session.download(held, holds=holds, task_round=task_round, base_held=kept)
         blocks = {b.block: b.tensors for b in sync.blocks}
         for b, v in sync.block_versions.items():
             if v == 0 and b not in blocks and held.get(b, -1) != 0:  # revert to the base values we keep
                 blocks[b] = safetensors.torch.load_file(self._base_dir / f"{b}.safetensors")
-        return Patch(sync.version, sync.block_versions, blocks, confirmed=sync.confirmed)
+        return Patch(sync.version, sync.block_versions, blocks, confirmed=sync.confirmed, view_round=sync.view_round)
 
     def apply(self, patch: Patch, local: Local) -> set[str]:
         stale = super().apply(patch, local)

@@ -219,7 +219,7 @@ class DeComFL(Algorithm):
 
     # ---- worker half -------------------------------------------------------------------------
 
-    def fetch(self, session, version, held, target, holds=None) -> Patch:
+    def fetch(self, session, version, held, target, holds=None, task_round=0) -> Patch:
         reply = session.log(version)
         if not reply.download:
             return Patch(reply.version, {}, {}, reply.entries)

@@ -253,7 +253,7 @@ class AbandonReply(_message.Message):
     def __init__(self) -> None: ...
 
 class DownloadRequest(_message.Message):
-    __slots__ = ("held_versions", "holds", "for_task", "base_held")
+    __slots__ = ("held_versions", "holds", "task_round", "base_held")
     class HeldVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -270,16 +270,16 @@ class DownloadRequest(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     HELD_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     HOLDS_FIELD_NUMBER: _ClassVar[int]
-    FOR_TASK_FIELD_NUMBER: _ClassVar[int]
+    TASK_ROUND_FIELD_NUMBER: _ClassVar[int]
     BASE_HELD_FIELD_NUMBER: _ClassVar[int]
     held_versions: _containers.ScalarMap[str, int]
     holds: _containers.ScalarMap[str, bytes]
-    for_task: bool
+    task_round: int
     base_held: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, held_versions: _Optional[_Mapping[str, int]] = ..., holds: _Optional[_Mapping[str, bytes]] = ..., for_task: _Optional[bool] = ..., base_held: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, held_versions: _Optional[_Mapping[str, int]] = ..., holds: _Optional[_Mapping[str, bytes]] = ..., task_round: _Optional[int] = ..., base_held: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DownloadHeader(_message.Message):
-    __slots__ = ("model_version", "num_blocks", "block_versions", "confirmed")
+    __slots__ = ("model_version", "num_blocks", "block_versions", "confirmed", "view_round")
     class BlockVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -291,11 +291,13 @@ class DownloadHeader(_message.Message):
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     CONFIRMED_FIELD_NUMBER: _ClassVar[int]
+    VIEW_ROUND_FIELD_NUMBER: _ClassVar[int]
     model_version: int
     num_blocks: int
     block_versions: _containers.ScalarMap[str, int]
     confirmed: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model_version: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_versions: _Optional[_Mapping[str, int]] = ..., confirmed: _Optional[_Iterable[str]] = ...) -> None: ...
+    view_round: int
+    def __init__(self, model_version: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_versions: _Optional[_Mapping[str, int]] = ..., confirmed: _Optional[_Iterable[str]] = ..., view_round: _Optional[int] = ...) -> None: ...
 
 class DownloadMessage(_message.Message):
     __slots__ = ("header", "manifest", "chunk")
