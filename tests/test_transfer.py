@@ -201,3 +201,19 @@ def test_download_is_a_delta_sync(one_round):
     # differs in either direction (a worker ahead of a coordinator restarted from a checkpoint).
     _, _, _, blocks, _ = session.download({**versions, "head": -1, "embed": 7})
     assert [b.block for b in blocks] == ["embed", "head"]
+
+
+def test_a_download_stream_that_ends_early_is_refused():
+    """A stream that stops cleanly before the blocks its header announced (or in the middle of one) is
+    an error, not a shorter model."""
+    import types
+
+    session = Session("127.0.0.1:9", "w")  # never connects: the stream below stands in for the server
+    session.info = types.SimpleNamespace(blocks=())
+    session._metadata = ()
+    header = pb.DownloadMessage(header=pb.DownloadHeader(model_version=3, num_blocks=2))
+    session._download = lambda request, metadata: iter([header])
+    sync = session.download({})
+    with pytest.raises(wire.IntegrityError, match="after 0 of 2 blocks"):
+        list(sync.blocks)
+    session.channel.close()
