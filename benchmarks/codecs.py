@@ -56,9 +56,7 @@ WORKDIR/codecs/NAME (weights deleted after each run unless --keep-state).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -66,7 +64,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import parser, report  # noqa: E402
-from benchmarks.quality import loss4, stop_group  # noqa: E402
+from benchmarks.quality import failed, loss4, run_logged  # noqa: E402
 
 MB = 1e6
 UPLOAD = ("none", "bf16", "int8", "int8,zstd", "topk:0.01", "topk:0.01,int8,zstd")
@@ -118,23 +116,10 @@ def simulate(args, model: str, up: str, down: str) -> dict:
         "--eval-max-examples", str(args.eval_max_examples), "--threads", "1",
         "--codec", up, "--download-codec", down,
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
-           "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    t = time.monotonic()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            code = proc.wait(timeout=args.run_timeout)
-        except subprocess.TimeoutExpired:
-            code = "timeout"
-            stop_group(proc)
-    seconds = time.monotonic() - t
+    code, seconds = run_logged(cmd, log_path, args.run_timeout)
     summary_path = state / "summary.json"
     if code != 0 or not summary_path.exists():
-        tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-30:])
-        print(f"codecs: {name} FAILED ({'timed out' if code == 'timeout' else f'exit {code}'}), log {log_path}:\n{tail}",
-              file=sys.stderr, flush=True)
-        return {"name": name, "failed": True, "process_seconds": seconds, "log": str(log_path)}
+        return failed("codecs", name, code, log_path, seconds)
     summary = json.loads(summary_path.read_text())
     if not args.keep_state:
         for sub in ("blocks", "export", "incoming"):

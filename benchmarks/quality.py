@@ -75,6 +75,31 @@ def short(dataset: str) -> str:
     return dataset.removeprefix("builtin:")
 
 
+def run_logged(cmd: list[str], log_path: Path, timeout: float) -> tuple[int | str, float]:
+    """Run a fedblock command (offline, quiet) with its output in `log_path`: (exit code or "timeout",
+    seconds). In its own process group, so that a run that hangs is stopped with its coordinator and
+    workers."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    t = time.monotonic()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            code: int | str = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+            stop_group(proc)
+    return code, time.monotonic() - t
+
+
+def failed(benchmark: str, name: str, code, log_path: Path, seconds: float) -> dict:
+    """A failed run's row, its log's tail printed."""
+    tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-30:])
+    print(f"{benchmark}: {name} FAILED ({'timed out' if code == 'timeout' else f'exit {code}'}), log {log_path}:\n{tail}",
+          file=sys.stderr, flush=True)
+    return {"name": name, "failed": True, "process_seconds": seconds, "log": str(log_path)}
+
+
 def stop_group(proc: subprocess.Popen) -> None:
     """Stop a `fedblock simulate` and its children: SIGINT (it then stops its processes itself), then SIGKILL."""
     for sig, grace in ((signal.SIGINT, 90), (signal.SIGKILL, 30)):
@@ -114,24 +139,10 @@ def simulate(args, dataset: str, algorithm: str, rate: str | None) -> dict:
         cmd += ["--block-schedule", args.block_schedule]
     if rate:
         cmd += ["--max-upload-rate", rate, "--max-download-rate", rate]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
-           "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    t = time.monotonic()
-    with open(log_path, "w") as log:
-        # its own process group, so that a run that hangs can be stopped with its coordinator and workers
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            code = proc.wait(timeout=args.run_timeout)
-        except subprocess.TimeoutExpired:
-            code = "timeout"
-            stop_group(proc)
-    seconds = time.monotonic() - t
+    code, seconds = run_logged(cmd, log_path, args.run_timeout)
     summary_path = state / "summary.json"
     if code != 0 or not summary_path.exists():
-        tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-30:])
-        print(f"quality: {name} FAILED ({'timed out' if code == 'timeout' else f'exit {code}'}), log {log_path}:\n{tail}",
-              file=sys.stderr, flush=True)
-        return {"name": name, "failed": True, "process_seconds": seconds, "log": str(log_path)}
+        return failed("quality", name, code, log_path, seconds)
     summary = json.loads(summary_path.read_text())
     counters = {}
     for path in sorted((state / "checkpoints").glob("round-*.json")):

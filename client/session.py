@@ -11,9 +11,9 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import NamedTuple
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 

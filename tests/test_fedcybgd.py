@@ -6,11 +6,9 @@ import pytest
 import torch
 
 from fedblock.common import blocks as B
-from fedblock.common.algorithms import Task
 from fedblock.common.algorithms.cyclic import FedCyBGD
 from fedblock.common.messages import BlockSpec, TensorSpec
 from fedblock.common.models import load_model
-from fedblock.common.scheduler import assign_blocks
 
 LAYERS = [f"layers.{i}" for i in range(4)]
 
