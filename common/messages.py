@@ -46,6 +46,11 @@ class BlockSpec:
     def numel(self) -> int:
         return sum(math.prod(t.shape) for t in self.tensors)
 
+    @classmethod
+    def of(cls, name: str, params: Mapping[str, torch.Tensor], names) -> BlockSpec:
+        """The layout of block `name` (its parameters `names`), as its deltas travel: float32."""
+        return cls(name, tuple(TensorSpec(n, "float32", tuple(params[n].shape)) for n in names))
+
     def to_pb(self) -> pb.BlockSpec:
         return pb.BlockSpec(name=self.name, tensors=[t.to_pb() for t in self.tensors])
 

@@ -14,7 +14,7 @@ import torch
 
 from ..common.blocks import canonical_sha256, partition
 from ..common.config import ConfigError, CoordinatorConfig
-from ..common.messages import BlockSpec, TensorSpec
+from ..common.messages import BlockSpec
 from ..common.metrics import serve as serve_metrics
 from ..common.models import load_model, model_files, model_fingerprint, resolve_model
 from ..common.rpc import message_limit, server_options
@@ -42,7 +42,7 @@ def build(config: CoordinatorConfig) -> Coordinator:
     model = load_model(model_path, dtype=torch.float32)
     blocks = partition(model, config.layers_per_block)
     params = dict(model.named_parameters())
-    specs = [BlockSpec(b.name, tuple(TensorSpec.of(n, params[n].float()) for n in b.params)) for b in blocks]
+    specs = [BlockSpec.of(b.name, params, b.params) for b in blocks]
     cls = config.algorithm_class
     run_id = store.bind_run(
         {
@@ -97,7 +97,7 @@ def checkpoint_model(store: StateStore, ckpt: Checkpoint, tensors: dict) -> dict
     model = build_model_from_files(store.model_dir)  # for its layout (allocated, never initialised)
     params = dict(model.named_parameters())
     blocks = partition(model, int(run.get("layers_per_block", 1)))
-    specs = [BlockSpec(b.name, tuple(TensorSpec.of(n, params[n].float()) for n in b.params)) for b in blocks]
+    specs = [BlockSpec.of(b.name, params, b.params) for b in blocks]
     patterns = [p.strip() for p in str(run.get("train_blocks", "*")).split(",") if p.strip()]
     trainable = [b.name for b in blocks if any(fnmatch.fnmatchcase(b.name, p) for p in patterns)]
     algorithm = cls(dict(run.get("settings", {})), specs, trainable)

@@ -14,7 +14,7 @@ LAYERS = [f"layers.{i}" for i in range(4)]
 
 
 def fedcybgd(mode="relay", fraction=1.0):
-    specs = [BlockSpec(b, (TensorSpec(f"{b}.w", (2,), "float32"),)) for b in ["embed", *LAYERS, "head"]]
+    specs = [BlockSpec(b, (TensorSpec(f"{b}.w", "float32", (2,)),)) for b in ["embed", *LAYERS, "head"]]
     return FedCyBGD({"fedcybgd_mode": mode, "download_fraction": str(fraction)}, specs, LAYERS)
 
 
@@ -160,8 +160,7 @@ def test_a_dropped_block_reverts_to_the_base_values_the_worker_keeps(tiny_model,
     model = load_model(tiny_model)
     blocks = B.partition(model)
     params = dict(model.named_parameters())
-    specs = tuple(BlockSpec(b.name, tuple(TensorSpec(n, tuple(params[n].shape), "float32") for n in b.params))
-                  for b in blocks)
+    specs = tuple(BlockSpec.of(b.name, params, b.params) for b in blocks)
     names = [b.name for b in blocks]
     algo = FedCyBGD({"download_fraction": "0.5"}, specs, LAYERS)
     local = Local(model, {b.name: b for b in blocks}, specs, None, None, tmp_path, threading.Event())

@@ -60,14 +60,13 @@ def test_a_confirmed_block_that_a_later_patch_changed_is_downloaded_before_train
     from fedblock.common import blocks as B
     from fedblock.common.algorithms import Local
     from fedblock.common.algorithms.blockwise import BlockDescent
-    from fedblock.common.messages import BlockSpec, Patch, TensorSpec
+    from fedblock.common.messages import BlockSpec, Patch
     from fedblock.common.models import load_model
 
     model = load_model(tiny_model)
     blocks = B.partition(model)
     params = dict(model.named_parameters())
-    specs = tuple(BlockSpec(b.name, tuple(TensorSpec(n, tuple(params[n].shape), "float32") for n in b.params))
-                  for b in blocks)
+    specs = tuple(BlockSpec.of(b.name, params, b.params) for b in blocks)
     names = [b.name for b in blocks]
 
     class Instant(BlockDescent):  # the real apply (and its check); a task that takes no time
