@@ -1,16 +1,22 @@
 """The coordinator evaluates on its own thread: the rounds never wait for an evaluation."""
 
 import threading
-import time
 
 from fedblock.server.evaluation import BackgroundEvaluation
 
 
-def test_rounds_go_on_while_an_evaluation_runs(federation, data_file):
+def test_rounds_go_on_while_an_evaluation_runs(federation, data_file, monkeypatch):
     """Force the interleaving: the first evaluation (round 0) holds until every round has closed."""
     fed = federation(algorithm="fedbcd", rounds=3, local_steps=1, eval_data=str(data_file), eval_every=1,
                      eval_max_examples=4)
     evaluate, release, seen = fed.coordinator._evaluate, threading.Event(), []
+    final_asked = threading.Event()
+    submit = BackgroundEvaluation.submit
+
+    def submitted(self, round, tensors):
+        submit(self, round, tensors)
+        if round == 3:
+            final_asked.set()
 
     def held(tensors):
         seen.append(fed.coordinator.global_model.version)
@@ -18,19 +24,15 @@ def test_rounds_go_on_while_an_evaluation_runs(federation, data_file):
             assert release.wait(60)
         return evaluate(tensors)
 
+    monkeypatch.setattr(BackgroundEvaluation, "submit", submitted)
     fed.coordinator._evaluate = held
     fed.add_worker(fed.worker_config("solo", data_file))
     runner = threading.Thread(target=lambda: seen.append(("summary", fed.run(timeout=90))), daemon=True)
     runner.start()
-    deadline = time.monotonic() + 30
-    while fed.coordinator._evaluations is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    evaluations = fed.coordinator._evaluations
     # All three rounds close and the final evaluation is asked for while round 0's evaluation holds:
     # rounds 1 and 2 waited behind it, and the final one took the place of the oldest (at most two wait).
-    deadline = time.monotonic() + 60
-    while [r for r, _ in evaluations._waiting] != [2, 3] and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert final_asked.wait(60)
+    evaluations = fed.coordinator._evaluations
     assert fed.coordinator.global_model.version == 3 and fed.coordinator.state == "finished"
     assert [r for r, _ in evaluations._waiting] == [2, 3] and seen == [0]
     release.set()
