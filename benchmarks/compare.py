@@ -87,12 +87,40 @@ def human(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def row_spec(row: str) -> tuple[str, list]:
-    """(algorithm, its extra flags) of a row name: an algorithm, or `fedcybgd-MODE[-FRACTION]`."""
-    if not row.startswith("fedcybgd-"):
-        return row, []
-    mode, _, fraction = row.removeprefix("fedcybgd-").partition("-")
-    return "fedcybgd", ["--fedcybgd-mode", mode, "--download-fraction", fraction or "1"]
+def row_spec(row: str) -> tuple[str, list, bool, str | None]:
+    """(algorithm, its extra flags, LoRA?, autoencoder spec or None) of a row name:
+    `BASE[+lora][+ae:RATIO[:STEPS][:VARIANT]]`, BASE an algorithm or `fedcybgd-MODE[-FRACTION]`."""
+    base, *options = row.split("+")
+    lora = "lora" in options
+    ae = next((o for o in options if o.startswith("ae:")), None)
+    if any(o != "lora" and not o.startswith("ae:") for o in options):
+        raise SystemExit(f"compare: row {row!r}: the options after + are lora and ae:RATIO[:STEPS][:VARIANT]")
+    flags = ["--peft", "lora"] if lora else []
+    if not base.startswith("fedcybgd-"):
+        return base, flags, lora, ae
+    mode, _, fraction = base.removeprefix("fedcybgd-").partition("-")
+    return "fedcybgd", [*flags, "--fedcybgd-mode", mode, "--download-fraction", fraction or "1"], lora, ae
+
+
+def records_row(row: str) -> str:
+    """The row whose recorded updates pre-train an autoencoder row's codec: the same row without +ae."""
+    return "+".join(o for o in row.split("+") if not o.startswith("ae:"))
+
+
+def pretrain(root: Path, source: str, ae: str, steps: int, done: dict) -> tuple[Path, dict, str]:
+    """TGAP for an autoencoder row: train on the updates `source`'s run recorded (once per source, ratio
+    and variant: `done` keeps what this invocation trained). (weights, report, codec)."""
+    from fedblock.common.config import CodecTrainConfig
+    from fedblock.common.tools import codec_train
+
+    _, ratio, *rest = ae.split(":")
+    tune = next((x for x in rest if x.isdigit()), "0")
+    variant = next((x for x in rest if not x.isdigit()), "none")
+    out = root / f"ae-{source}-{ratio}-{variant}.safetensors"
+    if out not in done:
+        done[out] = codec_train(CodecTrainConfig(from_dir=root / source, out=out, ratio=int(ratio), variant=variant,
+                                                 steps=steps))
+    return out, done[out], f"ae:{ratio}" + (f":{tune}" if tune != "0" else "")
 
 
 def passes(algorithm: str, num_layers: int, decomfl_p: int, fedspzo_p: tuple[int, int], split: int) -> tuple[float, float]:
@@ -132,6 +160,9 @@ def main() -> None:
                    help=f"held-out examples evaluated (default {FULL['eval_max_examples']}, all; --quick {QUICK['eval_max_examples']})")
     p.add_argument("--block-lr", type=float, default=1e-4, help="AdamW learning rate of the block methods (default 1e-4)")
     p.add_argument("--zo-lr", type=float, default=1e-5, help="SGD learning rate of the zeroth-order methods (default 1e-5)")
+    p.add_argument("--lora-lr", type=float, default=3e-4,
+                   help="AdamW learning rate of first-order rows with +lora (default 3e-4)")
+    p.add_argument("--ae-steps", type=int, default=1000, help="pre-training steps of an autoencoder row's codec (default 1000)")
     p.add_argument("--decomfl-p", type=int, default=5, help="decomfl perturbations P (default 5)")
     p.add_argument("--fedspzo-p", default="1,8", help="fedspzo P1,P2 (default 1,8)")
     p.add_argument("--run-timeout", type=float, default=1800, help="seconds after which a run is stopped as failed")
@@ -155,13 +186,24 @@ def main() -> None:
     t0 = time.monotonic()
     load_before = os.getloadavg()[0]
     rows, runs, initial = [], [], None
+    sources = {records_row(a) for a in algorithms if row_spec(a)[3]}
+    missing = [a for a in algorithms if row_spec(a)[3] and records_row(a) not in algorithms[:algorithms.index(a)]]
+    if missing:
+        raise SystemExit(f"compare: {missing[0]} pre-trains its codec on the updates of {records_row(missing[0])}, "
+                         "which must be an earlier row")
+    pretrained, trained = {}, {}
     for i, name in enumerate(algorithms, 1):
-        algorithm, row_flags = row_spec(name)
+        algorithm, row_flags, lora, ae = row_spec(name)
         flags = ["--train-blocks", "layers.*", *row_flags]
         if algorithm in ("decomfl", "fedspzo"):
             flags += ["--lr", args.zo_lr, "--zo-perturbations", args.decomfl_p if algorithm == "decomfl" else args.fedspzo_p]
         else:
-            flags += ["--lr", args.block_lr]
+            flags += ["--lr", args.lora_lr if lora else args.block_lr]
+        if name in sources:
+            flags += ["--record-updates"]
+        if ae:
+            weights, pretrained[name], codec = pretrain(root, records_row(name), ae, args.ae_steps, trained)
+            flags += ["--codec", codec, "--codec-weights", weights]
         if algorithm in ("fedbcd", "parablock"):
             flags += ["--block-schedule", "striped"]
         print(f"compare: [{i}/{len(algorithms)}] {name} ({time.monotonic() - t0:.0f} s so far)", file=sys.stderr,
@@ -209,6 +251,7 @@ def main() -> None:
             "accuracy_initial": r["initial"]["accuracy"],
             "accuracy_by": r["final"]["by"],
             "export_check": r.get("export_check"),
+            "autoencoder_pretraining": pretrained.get(name),
             "rounds_completed": s["rounds_completed"],
             "local_steps_per_worker": steps,
             "bytes_per_worker": [{"name": w["name"], **x} for w, x in zip(ws, per, strict=True)],

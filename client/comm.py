@@ -23,6 +23,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
@@ -97,7 +98,9 @@ class Comm:
         max_retries: int = 0,
         max_backoff: float = 30.0,
         algorithm: Algorithm | None = None,
+        codec_weights: Path | None = None,
     ):
+        """`codec_weights`: the file an upload codec stage encodes with (the autoencoder's)."""
         assert session.info is not None
         self.algorithm = algorithm or BlockDescent({}, (), ())
         self.session = session
@@ -113,7 +116,7 @@ class Comm:
         self.device = device
         self.max_retries = max_retries
         self.max_backoff = max_backoff
-        self.codec = CodecPipeline(self.info.codec)
+        self.codec = CodecPipeline(self.info.codec, weights=codec_weights)
         self.wake = threading.Event()
         self.run_end: RunEnd | None = None
         self.error: BaseException | None = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -19,7 +19,16 @@ import grpc
 
 from ..common import wire
 from ..common.codecs import CodecPipeline
-from ..common.messages import PROTOCOL_VERSION, CatchUp, Event, LogEntry, Manifest, RunInfo, event_from_pb
+from ..common.messages import (
+    PROTOCOL_VERSION,
+    CatchUp,
+    Event,
+    LogEntry,
+    Manifest,
+    ModelFile,
+    RunInfo,
+    event_from_pb,
+)
 from ..common.pb import coordinator_pb2 as pb
 from ..common.pb import coordinator_pb2_grpc as pb_grpc
 from ..common.ratelimit import TokenBucket
@@ -184,9 +193,14 @@ class Session:
         """Fetch config and tokenizer files into `dest`, checking sizes and hashes against the join reply.
         Files in `have` (a local copy of the model) whose hash matches are copied from there instead."""
         assert self.info is not None
+        self.fetch_files(self.info.model_files, dest, have)
+
+    def fetch_files(self, files: Sequence[ModelFile], dest: Path, have: Path | None = None) -> None:
+        """Fetch files the join reply lists (model or codec files) into `dest`, checking their sizes and
+        hashes; those in `have` whose hash matches are copied from there instead."""
         dest.mkdir(parents=True, exist_ok=True)
         wanted = []
-        for f in self.info.model_files:
+        for f in files:
             local = have / f.name if have is not None and "/" not in f.name else None
             if local is not None and local.is_file() and wire.sha256(local.read_bytes()) == f.sha256:
                 (dest / f.name).write_bytes(local.read_bytes())
@@ -195,7 +209,7 @@ class Session:
         if not wanted:
             return
         parts: dict[str, bytearray] = {}
-        request = pb.ModelFilesRequest(names=[f.name for f in wanted] if have is not None else [])
+        request = pb.ModelFilesRequest(names=[f.name for f in wanted])
         for message in self.stub.FetchModelFiles(request, metadata=self._metadata):
             self._received("control", _size(message))
             buf = parts.setdefault(message.name, bytearray())

@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from ..common import adapters
 from ..common import blocks as B
 from ..common.algorithms import Algorithm, Local, load
 from ..common.codecs import CodecPipeline
@@ -173,6 +174,7 @@ class Worker:
         model_dir = work_dir / "model"
         base = resolve_model(c.model) if c.model else None
         session.fetch_model_files(model_dir, have=base)
+        session.fetch_files(info.codec_files, work_dir / "codec")  # the autoencoder's weights (ae:RATIO)
         tokenizer = load_tokenizer(model_dir)
         data = tokenize(self.examples, tokenizer, c.max_seq_len)
         stream = BatchStream(data, c.batch_size, c.seed, tokenizer.pad_token_id)
@@ -182,7 +184,8 @@ class Worker:
             log.warning("--model %s: its config.json is not the coordinator's; downloading the whole model", c.model)
         # A local base model is read in float32 (its blocks are checked by their float32 hash) and cast after.
         model = load_model(base) if local_model else build_model_from_files(model_dir, dtype=dtype, device=self.device)
-        blocks = B.partition(model, info.layers_per_block)
+        model = adapters.add_lora(model, info.lora)  # the same adapters as the coordinator's, from its seed
+        blocks = adapters.partition(model, info.layers_per_block, info.lora)
         self._check_partition(model, blocks, info)
         matched = self._matching_blocks(model, blocks, info) if local_model else set()
         trainer = BlockTrainer(model, blocks, OptimConfig(grad_clip=c.grad_clip,
@@ -241,7 +244,8 @@ class Worker:
                               self.timeline, algorithm=algorithm, local=local, claim_holds=claim)
         comm = Comm(session, book, inbox, outbox, self.metrics, self.stop, self.timeline,
                     steps_done=lambda: compute.steps_done, num_examples=len(self.examples), device=str(self.device),
-                    max_retries=self.config.max_retries, max_backoff=self.config.max_backoff, algorithm=algorithm)
+                    max_retries=self.config.max_retries, max_backoff=self.config.max_backoff, algorithm=algorithm,
+                    codec_weights=next((local.work_dir / "codec" / f.name for f in session.info.codec_files), None))
         compute.on_handover = comm.notify_handover
         compute.on_stale = comm.refetch
         compute.want_view = comm.want_view

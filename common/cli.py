@@ -1,4 +1,4 @@
-"""The `fedblock` command: coordinator, worker, simulate, export, eval, status.
+"""The `fedblock` command: coordinator, worker, simulate, export, eval, status, codec, token.
 
 Options come from the config dataclasses (common/config.py), so each is also a YAML key and a
 FEDBLOCK_* variable. Any invalid start-up input ends in one line on stderr and exit status 2.
@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from .config import (
+    CodecTrainConfig,
     ConfigError,
     CoordinatorConfig,
     EvalConfig,
@@ -42,6 +43,8 @@ COMMANDS = {
     "export": ("write a state dir's global model as a Hugging Face folder", (ExportConfig,)),
     "eval": ("evaluate a model on a data set", (EvalConfig,)),
     "status": ("ask a running coordinator how the run goes", (StatusConfig,)),
+    "codec": ("codec train: pre-train the autoencoder codec (ae:RATIO) on a run's recorded updates",
+              (CodecTrainConfig,)),
     "token": ("make a worker token: the secret for the worker, the hashed line for --auth-tokens", (TokenConfig,)),
 }
 
@@ -72,6 +75,8 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for command, (help_text, _) in COMMANDS.items():
         p = sub.add_parser(command, help=help_text, description=help_text, allow_abbrev=False)
+        if command == "codec":
+            p.add_argument("action", choices=["train"], help="what to do with the codec")
         p.add_argument("--config", help="YAML file with option values (flags and FEDBLOCK_* variables win)")
         for f in _fields(command):
             help_ = f.metadata.get("help", "")
@@ -180,6 +185,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .tools import status
 
         return status(config)
+    if command == "codec":
+        (config,) = parse_configs(command, args)
+        from .tools import codec_train
+
+        codec_train(config)
+        return 0
     if command == "token":
         (config,) = parse_configs(command, args)
         from .security import hash_token, new_token

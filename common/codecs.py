@@ -9,6 +9,9 @@ A pipeline is a comma-separated list of stages applied left to right, e.g. `none
                                        error feedback: what was not sent is added to the next delta
                                        of the same block (the residual lives in the encoder, on the
                                        worker; so uploads only)
+                    ae:R[:S]           CG-FedLLM's autoencoder: the block as one image, sent as a latent of
+                                       1/R of its elements (the first stage; uploads only; the weights
+                                       file from `fedblock codec train`; S: encoder tuning steps)
                     shuffle            byte planes of each tensor (helps zstd on floats; lossless)
     serialisation   safetensors, always (self-describing, never pickle)
     byte stage      zstd[:LEVEL]       must be last (lossless; its output size depends on the data)
@@ -25,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import ClassVar
 
 import safetensors.torch
@@ -72,8 +76,9 @@ class Stage:
     name: ClassVar[str]
     arg_usage: ClassVar[str] = ""  # how the argument is written, for error messages
     lossy: ClassVar[bool] = False
-    stateful: ClassVar[bool] = False  # keeps state per (block, tensor) from one encode to the next
+    stateful: ClassVar[bool] = False  # keeps state from one encode to the next (per worker)
     data_dependent: ClassVar[bool] = False
+    needs_weights: ClassVar[bool] = False  # encodes and decodes with a model file (`bind`)
 
     @classmethod
     def parse(cls, arg: str) -> Stage:
@@ -97,6 +102,15 @@ class Stage:
     def wire_specs(self, shape: tuple[int, ...], dtype: torch.dtype) -> list[WireSpec]:
         """What `encode` makes of one tensor of this shape and dtype, exactly. A list, not a byte count,
         so that stages compose: after top-k, a cast changes the values but not the indices."""
+        raise NotImplementedError
+
+    def block_wire_specs(self, wire: list[WireSpec]) -> list[WireSpec]:
+        """What `encode` makes of a whole block's tensors; tensor by tensor unless a stage maps a block
+        as one (the autoencoder)."""
+        return [out for shape, dtype in wire for out in self.wire_specs(shape, dtype)]
+
+    def bind(self, weights: Path) -> None:
+        """Load the model file a `needs_weights` stage encodes and decodes with."""
         raise NotImplementedError
 
     def commit(self, key, value) -> None:
@@ -261,6 +275,119 @@ class TopK(Stage):
         self.residual[key] = value
 
 
+class Autoencoder(Stage):
+    """CG-FedLLM's codec: a block's delta laid out as one image (`autoencoder.layout`), scaled as its
+    weights file says, and sent as the encoder's latent (ratio× fewer elements) with the scale; the
+    coordinator decodes it with the decoder. Both halves come from one weights file (`bind`), which
+    `fedblock codec train` writes and the coordinator serves. Uploads only: the decoder is the
+    coordinator's.
+
+    `ae:RATIO:STEPS` also tunes the worker's own encoder on each update before encoding it (STEPS Adam
+    steps on the reconstruction error, decoder fixed): the state this stage keeps, committed only when
+    the update was accepted. The decoder never changes during a run, so no weights travel mid-run."""
+
+    name = "ae"
+    arg_usage = ":RATIO[:TUNE_STEPS]"
+    lossy = True
+    stateful = True
+    needs_weights = True
+    LATENT, SCALE = "ae::latent", "ae::scale"
+
+    def __init__(self, ratio: int, tune_steps: int = 0):
+        self.ratio = ratio
+        self.tune_steps = tune_steps
+        self.model = None  # GradientAutoencoder, once bound
+        self.variant = "none"
+
+    @classmethod
+    def parse(cls, arg):
+        ratio, _, steps = arg.partition(":")
+        try:
+            r, k = int(ratio), int(steps or 0)
+        except ValueError:
+            raise CodecError(f"ae needs a ratio and optional tuning steps, e.g. ae:64 or ae:64:20 (got {'ae:' + arg!r})") from None
+        if r < 2 or r > 4096 or r & (r - 1):
+            raise CodecError(f"ae ratio must be a power of two from 2 to 4096, got {r}")
+        if not 0 <= k <= 1000:
+            raise CodecError(f"ae tuning steps must be 0..1000, got {k}")
+        return cls(r, k)
+
+    @property
+    def spec(self):
+        return f"ae:{self.ratio}" + (f":{self.tune_steps}" if self.tune_steps else "")
+
+    def bind(self, weights: Path) -> None:
+        from .autoencoder import load_weights
+
+        try:
+            model, variant = load_weights(weights)
+        except (OSError, ValueError) as e:
+            raise CodecError(f"{self.spec}: cannot load the autoencoder's weights {weights}: {e}") from None
+        if model.ratio != self.ratio:
+            raise CodecError(f"{self.spec}: the weights in {weights} are for ratio {model.ratio}, not {self.ratio}")
+        self.model, self.variant = model, variant
+
+    def _layout(self, shapes):
+        from .autoencoder import layout
+
+        return layout(shapes, self.ratio)
+
+    @staticmethod
+    def block_image(tensors: Mapping[str, Tensor], ratio: int):
+        """(image [1, 1, H, W], layout) of a block's tensors, laid out in name order as both sides do
+        (also what `fedblock codec train` trains on)."""
+        from .autoencoder import layout, to_image
+
+        lay = layout([(n, tuple(tensors[n].shape)) for n in sorted(tensors)], ratio)
+        return to_image(tensors, lay), lay
+
+    def _bound(self):
+        if self.model is None:
+            raise CodecError(f"{self.spec} has no autoencoder weights (the coordinator's --codec-weights)")
+        return self.model
+
+    def encode(self, tensors, block, meta, state_out):
+        from .autoencoder import scale, tune_encoder
+
+        model = self._bound()
+        image, factor = scale(self.block_image(tensors, self.ratio)[0], self.variant)
+        with torch.no_grad():
+            if self.tune_steps:
+                state = tune_encoder(model, image, self.tune_steps)
+                state_out["encoder"] = state
+                latent = torch.func.functional_call(model.encoder, state, (image,))
+            else:
+                latent = model.encode(image)
+        return {self.LATENT: latent[0].contiguous(), self.SCALE: torch.tensor([factor], dtype=torch.float32)}
+
+    def decode(self, tensors, meta, expected):
+        from .autoencoder import from_image, unscale
+
+        model = self._bound()
+        latent, factor = tensors.get(self.LATENT), tensors.get(self.SCALE)
+        if set(tensors) != {self.LATENT, self.SCALE} or latent is None or factor is None:
+            raise CodecError(f"ae: expected the tensors {self.LATENT} and {self.SCALE}, got {sorted(tensors)[:4]}")
+        lay = self._layout([(n, tuple(expected[n].shape)) for n in sorted(expected)])
+        if tuple(latent.shape) != lay.latent_shape or not latent.is_floating_point():
+            raise CodecError(f"ae: latent {tuple(latent.shape)} is not the block's {lay.latent_shape}")
+        if factor.numel() != 1 or not math.isfinite(f := float(factor.reshape(()))) or f <= 0:
+            raise CodecError("ae: the scale must be one finite number > 0")
+        with torch.no_grad():
+            image = unscale(model.decode(latent.float()[None]), f)
+        return from_image(image, lay)
+
+    def block_wire_specs(self, wire):
+        from .autoencoder import layout
+
+        lay = layout([(str(i), shape) for i, (shape, _) in enumerate(wire)], self.ratio)  # its size: shapes only
+        return [(lay.latent_shape, torch.float32), ((1,), torch.float32)]
+
+    def commit(self, key, value):
+        from .autoencoder import load_encoder_state
+
+        load_encoder_state(self._bound(), value)
+
+
 class Shuffle(Stage):
     name = "shuffle"
 
@@ -337,7 +464,7 @@ class Zstd(Stage):
         return out
 
 
-STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (Bf16, Fp16, Int8, TopK, Shuffle, Zstd)}
+STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (Bf16, Fp16, Int8, TopK, Autoencoder, Shuffle, Zstd)}
 
 
 def _parse_stage(text: str) -> Stage:
@@ -361,19 +488,26 @@ class CodecPipeline:
     `direction="download"` refuses stateful stages: a download is a block's values, encoded once per
     block version and served to every worker."""
 
-    def __init__(self, spec: str, direction: str = "upload"):
+    def __init__(self, spec: str, direction: str = "upload", weights: Path | None = None):
+        """`weights`: the model file of a stage that needs one (the autoencoder); without it such a
+        pipeline still parses and sizes, but encoding or decoding raises CodecError."""
         if direction not in DIRECTIONS:
             raise CodecError(f"codec direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
         stages = [] if spec.strip() in ("", "none") else [_parse_stage(s) for s in spec.split(",")]
         for i, stage in enumerate(stages):
             if stage.data_dependent and i != len(stages) - 1:
                 raise CodecError(f"{stage.name} must be the last codec stage")
+            if stage.needs_weights and i != 0:
+                raise CodecError(f"{stage.name} must be the first codec stage (it encodes the block's own tensors)")
             if stage.stateful and direction == "download":
+                why = ("its decoder is the coordinator's, so it encodes uploads only" if stage.needs_weights else
+                       "a download carries a block's values, not a delta, so keeping only the top fraction of "
+                       "entries would zero the rest of the weights")
                 raise CodecError(
-                    f"codec stage {stage.spec!r} cannot encode downloads: a download carries a block's values, "
-                    "not a delta, so keeping only the top fraction of entries would zero the rest of the "
-                    "weights; and downloads are encoded once per block version and served to every worker, "
-                    "so no stage may keep per-receiver state")
+                    f"codec stage {stage.spec!r} cannot encode downloads: {why}; and downloads are encoded once "
+                    "per block version and served to every worker, so no stage may keep per-receiver state")
+            if stage.needs_weights and weights is not None:
+                stage.bind(Path(weights))
         self.stages = stages
         self.direction = direction
         self.spec = ",".join(s.spec for s in stages) or "none"
@@ -390,13 +524,10 @@ class CodecPipeline:
         length and safetensors header), exactly; None when a stage's output depends on the values."""
         if self._byte_stage is not None:
             return None
-        total = 0
-        for spec in specs:
-            wire: list[WireSpec] = [(tuple(spec.shape), torch.float32)]  # encode starts from float32
-            for stage in self.stages:
-                wire = [out for shape, dtype in wire for out in stage.wire_specs(shape, dtype)]
-            total += sum(math.prod(shape) * dtype.itemsize for shape, dtype in wire)
-        return total
+        wire: list[WireSpec] = [(tuple(spec.shape), torch.float32) for spec in specs]  # encode starts from float32
+        for stage in self.stages:
+            wire = stage.block_wire_specs(wire)
+        return sum(math.prod(shape) * dtype.itemsize for shape, dtype in wire)
 
     # ---- encode ------------------------------------------------------------------------------
 

@@ -209,7 +209,9 @@ class CoordinatorConfig:
                                  "the log when that would take more than this many parameter-direction updates "
                                  "(rounds missed x steps x perturbations x parameters)", 1e11)
     pipeline_depth: int | None = opt("rounds a worker may train ahead of the global model (default: parablock 1, others 0)", None)
-    codec: str = opt("codec pipeline for uploads, e.g. none, bf16, topk:0.01,bf16,zstd", "none")
+    codec: str = opt("codec pipeline for uploads, e.g. none, bf16, topk:0.01,bf16,zstd, ae:64", "none")
+    codec_weights: Path | None = opt("the autoencoder's weights for --codec ae:RATIO (written by fedblock codec "
+                                     "train); the coordinator serves them to the workers", None)
     download_codec: str = opt("codec pipeline for downloads, encoded once per block version: none or "
                               "shuffle,zstd (lossless), bf16 or int8,zstd (lossy: the workers train on a "
                               "rounded copy)", "none")
@@ -217,6 +219,17 @@ class CoordinatorConfig:
                              "(every participant trains a distinct block)", "relay", choices=("relay", "parallel"))
     download_fraction: float = opt("fedcybgd: a worker receives this fraction of the blocks changed since the base "
                                    "model (always its own block); the others revert to the base model's values", 1.0)
+    peft: str = opt("parameter-efficient fine-tuning: none (the blocks' own weights train) or lora (LoRA adapters "
+                    "train and travel; the base model stays frozen)", "none", choices=("none", "lora"))
+    lora_r: int = opt("LoRA rank", 8)
+    lora_alpha: float = opt("LoRA alpha (the adapters' output is scaled by alpha/r)", 16.0)
+    lora_dropout: float = opt("LoRA dropout", 0.05)
+    lora_targets: str = opt("comma-separated names of the modules that get adapters", "q_proj,k_proj,v_proj,o_proj")
+    record_updates: bool = opt("keep every accepted update's decoded delta under STATE_DIR/records, to pre-train "
+                               "the autoencoder codec (fedblock codec train). Off by default: an update says "
+                               "something about a site's data; see --record-keep-rounds", False)
+    record_keep_rounds: int = opt("with --record-updates: delete the records of rounds older than the last N "
+                                  "(0: keep them until you delete STATE_DIR/records)", 0)
     chunk_size: int = opt("transfer chunk size", 1 << 20, parse=parse_bytes)
     max_update_bytes: int = opt("largest accepted upload (wire bytes)", 16 << 30, parse=parse_bytes)
     max_update_norm: float = opt("refuse a block update (or a zeroth-order record of scalars) whose L2 norm "
@@ -296,7 +309,15 @@ class CoordinatorConfig:
         from .codecs import CodecError, CodecPipeline
 
         try:
-            CodecPipeline(self.codec)
+            upload = CodecPipeline(self.codec)
+            needs_weights = any(stage.needs_weights for stage in upload.stages)
+            _require(needs_weights or self.codec_weights is None,
+                     f"--codec-weights: the codec {self.codec} uses no weights (it is for --codec ae:RATIO)")
+            _require(not needs_weights or self.codec_weights is not None,
+                     f"--codec {self.codec} needs the autoencoder's weights: --codec-weights FILE "
+                     "(fedblock codec train writes one)")
+            if needs_weights:
+                CodecPipeline(self.codec, weights=self.codec_weights)
         except CodecError as e:
             raise ConfigError(f"--codec: {e}") from None
         try:
@@ -314,6 +335,17 @@ class CoordinatorConfig:
                  "--min-updates: a fedcybgd relay round has one trainer (use --fedcybgd-mode parallel for more)")
         _require(not (cyclic and self.download_fraction < 1 and self.depth),
                  "--pipeline-depth: with --download-fraction below 1 a task starts on its own view (depth 0)")
+        try:
+            self.lora  # noqa: B018 (validates the --lora-* options)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        _require(self.record_keep_rounds >= 0, "--record-keep-rounds must be >= 0")
+        _require(not (self.record_updates and self.algorithm_class.records),
+                 f"--record-updates: {self.algorithm} updates are scalars, not tensors an autoencoder could learn")
+        from .algorithms.zeroth import FedSPZO
+
+        _require(not (self.lora and issubclass(self.algorithm_class, FedSPZO)),
+                 "--peft lora: fedspzo splits the base model's layers, not adapters; use decomfl with adapters")
         _require((self.tls_cert is None) == (self.tls_key is None), "--tls-cert and --tls-key go together")
         _require(self.tls_cert is not None or self.insecure,
                  "plaintext gRPC needs --insecure; or serve TLS with --tls-cert and --tls-key")
@@ -327,6 +359,16 @@ class CoordinatorConfig:
         from .algorithms import load
 
         return load(self.algorithm)
+
+    @property
+    def lora(self):
+        """The run's LoRA adapters (`LoraSettings`), or None without --peft lora."""
+        if self.peft != "lora":
+            return None
+        from .adapters import LoraSettings
+
+        targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+        return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, targets, self.seed)
 
     def algorithm_settings(self) -> dict[str, str]:
         """The settings an algorithm reads (its workers get those it lists in `options`)."""
@@ -416,6 +458,33 @@ class ExportConfig:
     state_dir: Path = opt("a coordinator's --state-dir")
     out: Path = opt("output folder (a Hugging Face model folder)")
     round: int | None = opt("export the checkpoint of this round (default: the latest)", None)
+    adapter_out: Path | None = opt("a run with --peft lora: also write the adapters alone here, in peft's format "
+                                   "(--out always holds the model with the adapters merged)", None)
+
+
+@dataclass(kw_only=True)
+class CodecTrainConfig:
+    """`fedblock codec train`: pre-train the autoencoder codec on the updates a run recorded (TGAP)."""
+
+    from_dir: Path = opt("a coordinator's --state-dir whose run had --record-updates", flag="--from")
+    out: Path = opt("where to write the weights file (give it to the coordinator as --codec-weights)")
+    ratio: int = opt("compression ratio: the latent has 1/RATIO of the block's elements (a power of two)", 64)
+    variant: str = opt("input scaling: none (the paper's: the update as it is) or max (each update divided by its "
+                       "largest magnitude, which travels with the latent)", "none", choices=("none", "max"))
+    blocks: str = opt("comma-separated glob patterns of the recorded blocks to train on", "*")
+    steps: int = opt("Adam steps", 2000)
+    lr: float = opt("Adam learning rate (the paper's 2e-4)", 2e-4)
+    batch_size: int = opt("updates per step", 8)
+    holdout: float = opt("fraction of the updates held out to measure the reconstruction", 0.2)
+    seed: int = opt("seed of the initial weights, the hold-out and the batch order", 0)
+    threads: int = opt("torch CPU threads (0: torch's default)", 0)
+
+    def check(self) -> None:
+        _require(self.ratio >= 2 and self.ratio <= 4096 and not self.ratio & (self.ratio - 1),
+                 f"--ratio must be a power of two from 2 to 4096, got {self.ratio}")
+        _require(self.steps >= 1 and self.batch_size >= 1 and self.lr > 0, "--steps, --batch-size and --lr must be > 0")
+        _require(0 <= self.holdout < 1, "--holdout must be in [0, 1)")
+        _require(self.threads >= 0, "--threads must be >= 0")
 
 
 @dataclass(kw_only=True)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .adapters import LoraSettings
 from .pb import coordinator_pb2 as pb
 
 # Version 2 added algorithm settings, seeds, records (Report) and the log (Log). A peer of another
@@ -259,6 +260,8 @@ class RunInfo:
     algorithm_settings: Mapping[str, str] = field(default_factory=dict)
     initial_block_sha256: tuple[bytes, ...] = ()  # per block: canonical float32 SHA-256 of the initial model
     protocol: int = PROTOCOL_VERSION
+    lora: LoraSettings | None = None  # the run trains these adapters (--peft lora)
+    codec_files: tuple[ModelFile, ...] = ()  # what the upload codec needs (the autoencoder's weights)
 
     def to_pb(self) -> pb.JoinReply:
         return pb.JoinReply(
@@ -279,6 +282,10 @@ class RunInfo:
             algorithm_settings=dict(self.algorithm_settings),
             initial_block_sha256=list(self.initial_block_sha256),
             protocol=self.protocol,
+            lora=None if self.lora is None else pb.LoraAdapters(
+                r=self.lora.r, alpha=self.lora.alpha, dropout=self.lora.dropout,
+                targets=list(self.lora.targets), seed=self.lora.seed),
+            codec_files=[pb.ModelFile(name=f.name, size=f.size, sha256=f.sha256) for f in self.codec_files],
         )
 
     @classmethod
@@ -301,4 +308,7 @@ class RunInfo:
             algorithm_settings=dict(m.algorithm_settings),
             initial_block_sha256=tuple(bytes(h) for h in m.initial_block_sha256),
             protocol=m.protocol,
+            lora=LoraSettings(m.lora.r, m.lora.alpha, m.lora.dropout, tuple(m.lora.targets), m.lora.seed)
+            if m.HasField("lora") else None,
+            codec_files=tuple(ModelFile(f.name, f.size, bytes(f.sha256)) for f in m.codec_files),
         )

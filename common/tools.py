@@ -1,4 +1,4 @@
-"""The small commands: `fedblock export`, `fedblock eval`, `fedblock status`."""
+"""The small commands: `fedblock export`, `fedblock eval`, `fedblock status`, `fedblock codec train`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from .config import EvalConfig, ExportConfig, StatusConfig
+from .config import CodecTrainConfig, ConfigError, EvalConfig, ExportConfig, StatusConfig
 
 
 def export(config: ExportConfig) -> str:
@@ -32,9 +32,11 @@ def export(config: ExportConfig) -> str:
     if ckpt is None:
         raise StateError(f"{config.state_dir} holds no checkpoint")
     from ..server.daemon import checkpoint_model
+    from .adapters import recorded
 
     tensors = checkpoint_model(store, ckpt, blocks if blocks is not None else store.load_blocks(ckpt))
-    return str(export_model(store.model_dir, tensors, config.out))
+    lora = recorded(json.loads((store.root / "run.json").read_text()))
+    return str(export_model(store.model_dir, tensors, config.out, lora, config.adapter_out))
 
 
 def evaluate(config: EvalConfig) -> dict:
@@ -115,3 +117,43 @@ def status(config: StatusConfig) -> int:
         seen = "never" if w.last_seen_s < 0 else f"{w.last_seen_s:.0f} s ago"
         print(f"  {w.name:20s} {'connected' if w.connected else 'gone':9s} last seen {seen:>10s}  updates {w.updates_accepted}")
     return 0
+
+
+def codec_train(config: CodecTrainConfig) -> dict:
+    """Pre-train the autoencoder codec on a run's recorded updates, over all its rounds and workers (the
+    paper's temporal ensemble), and write its weights. Prints and returns the hold-out reconstruction."""
+    import fnmatch
+
+    import safetensors.torch
+
+    from .autoencoder import save_weights, train_autoencoder
+    from .codecs import Autoencoder
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    records = sorted((config.from_dir / "records").glob("round-*/*.safetensors"))
+    if not records:
+        raise ConfigError(f"--from {config.from_dir}: no recorded updates under records/ "
+                          "(run the coordinator with --record-updates)")
+    patterns = [p.strip() for p in config.blocks.split(",") if p.strip()]
+    images = []
+    for path in records:
+        block = path.stem.partition("@")[2]
+        if any(fnmatch.fnmatchcase(block, p) for p in patterns):
+            images.append(Autoencoder.block_image(safetensors.torch.load_file(str(path)), config.ratio)[0][0])
+    if not images:
+        raise ConfigError(f"--blocks {config.blocks!r} matches none of the {len(records)} recorded updates")
+    model, report = train_autoencoder(images, config.ratio, variant=config.variant, steps=config.steps, lr=config.lr,
+                                      batch_size=config.batch_size, seed=config.seed, holdout=config.holdout,
+                                      log_every=max(1, config.steps // 10))
+    config.out.parent.mkdir(parents=True, exist_ok=True)
+    save_weights(model, config.out, variant=config.variant,
+                 extra={"updates": str(len(images)), "steps": str(config.steps), "source": str(config.from_dir)})
+    result = {"out": str(config.out), "ratio": config.ratio, "variant": config.variant, "updates": len(images),
+              "train_updates": report.train_images, "holdout_updates": report.holdout_images,
+              "train_mse": report.train_mse, "holdout_mse": report.holdout_mse,
+              "holdout_cosine": report.holdout_cosine, "holdout_rel_error": report.holdout_rel_error,
+              "seconds": round(report.seconds, 1)}
+    for key, value in result.items():
+        print(f"{key:18s} {value:.4g}" if isinstance(value, float) else f"{key:18s} {value}")
+    return result

@@ -7,7 +7,6 @@ object and calls `run()` on its main thread. One condition variable guards the s
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
 import queue
@@ -23,6 +22,7 @@ from torch import Tensor
 
 from ..common import blocks as B
 from ..common import wire
+from ..common.adapters import select_trainable
 from ..common.aggregation import is_finite, l2_norm
 from ..common.algorithms import Algorithm, Task
 from ..common.codecs import CodecPipeline, load_safetensors
@@ -138,17 +138,18 @@ class Coordinator:
         self.run_id = run_id
         self.specs = {s.name: s for s in specs}
         self.block_order = [s.name for s in specs]
-        patterns = [p.strip() for p in config.train_blocks.split(",") if p.strip()]
-        self.trainable = tuple(b for b in self.block_order if any(fnmatch.fnmatchcase(b, p) for p in patterns))
+        self.trainable = select_trainable(self.block_order, config.train_blocks, adapters=config.lora is not None)
         if not self.trainable:
-            raise ConfigError(f"--train-blocks {config.train_blocks!r} matches none of the blocks "
+            what = "the adapter blocks" if config.lora else "the blocks"
+            raise ConfigError(f"--train-blocks {config.train_blocks!r} matches none of {what} "
                               f"({', '.join(self.block_order[:3])}, ..., {self.block_order[-1]})")
         try:
             self.algorithm: Algorithm = config.algorithm_class(config.algorithm_settings(), specs, self.trainable)
         except ValueError as e:  # settings the algorithm cannot work with (for this model)
             raise ConfigError(f"--algorithm {config.algorithm}: {e}") from None
         self.initial_sha256 = dict(initial_sha256 or {})
-        self.codec = CodecPipeline(config.codec)
+        weights = store.codec_files()
+        self.codec = CodecPipeline(config.codec, weights=weights[0] if weights else None)
         self.download_codec = CodecPipeline(config.download_codec, direction="download")
         self.metrics = metrics or CoordinatorMetrics()
         self._evaluate = evaluate
@@ -222,8 +223,9 @@ class Coordinator:
         self.state = "waiting"
         self.progress = Progress()
         self.export_path: Path | None = None
-        self.model_files = tuple(
-            ModelFile(p.name, p.stat().st_size, wire.sha256(p.read_bytes())) for p in store.model_files()
+        self.model_files, self.codec_files = (
+            tuple(ModelFile(p.name, p.stat().st_size, wire.sha256(p.read_bytes())) for p in files)
+            for files in (store.model_files(), store.codec_files())
         )
         self._hash_lock = threading.Lock()
         self._canonical: dict[str, tuple[int, bytes]] = {}  # block -> (version, canonical SHA-256), newest asked
@@ -260,6 +262,8 @@ class Coordinator:
             rounds=c.rounds,
             algorithm_settings=self._worker_settings(),
             initial_block_sha256=tuple(self.initial_sha256.get(b, b"") for b in self.block_order),
+            lora=c.lora,
+            codec_files=self.codec_files,
         )
 
     def _worker_settings(self) -> dict[str, str]:
@@ -420,6 +424,12 @@ class Coordinator:
             earlier = list(self._parked.pop((name, m.round), {}).values())
         return "accepted", "adopted" if self._fold(name, plan, earlier, up, delta) else "done"
 
+    def _record(self, round: int, name: str, m: Manifest, delta: Tensors) -> None:
+        try:
+            self.store.record_update(round, name, m.block, delta, m.num_tokens)
+        except OSError as e:  # the records serve a later pre-training; the run itself goes on
+            log.warning("round %d: could not record %s's update of %s: %s", round, name, m.block, e)
+
     def _fold(self, name: str, plan: RoundPlan, earlier: list[_Upload], last: _Upload, delta: Tensors) -> bool:
         """Fold a worker's whole update into its round: the parked blocks (`earlier`, which this call now
         owns and releases) and `last` with its decoded `delta`. Returns whether `last`'s memory was
@@ -438,6 +448,8 @@ class Coordinator:
                 # the round's accumulator as it is (the memory goes back to the pool with the round).
                 memory = up.assembly.memory
                 owner = memory if memory is not None and _views(d, memory) else None
+                if self.config.record_updates:  # before the fold, which may add into d's memory
+                    self._record(plan.round, name, up.manifest, d)
                 t = time.perf_counter()
                 adding = True
                 adopted = self.algorithm.fold(plan.sums, up.manifest.block, d, float(up.manifest.num_tokens),
@@ -987,6 +999,8 @@ class Coordinator:
                        plans, present, algorithm_state)
         )
         self.metrics.checkpoint_duration.observe(time.perf_counter() - t)
+        if self.config.record_updates and self.config.record_keep_rounds:
+            self.store.prune_records(plan.round - self.config.record_keep_rounds + 1)
         new_global = GlobalModel(plan.round, versions, shas, {**g.tensors, **new_tensors},
                                  files_version if files_version != plan.round else None)
         with self._cv:
@@ -1051,7 +1065,7 @@ class Coordinator:
         if finished:
             out = self.config.export_dir or (self.store.root / "export")
             try:
-                self.export_path = export_model(self.store.model_dir, g.tensors, out).resolve()
+                self.export_path = export_model(self.store.model_dir, g.tensors, out, self.config.lora).resolve()
                 log.info("exported the final model to %s", self.export_path)
             except ConfigError as e:  # the folder filled up during the run: the checkpoint still has it
                 log.error("no export: %s (fedblock export --state-dir %s writes it)", e, self.store.root)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from ..common.blocks import canonical_sha256, partition
+from ..common import adapters, wire
+from ..common.blocks import canonical_sha256
 from ..common.config import ConfigError, CoordinatorConfig
 from ..common.messages import BlockSpec
 from ..common.metrics import serve as serve_metrics
@@ -33,17 +34,21 @@ def build(config: CoordinatorConfig) -> Coordinator:
     if config.threads:
         torch.set_num_threads(config.threads)
     model_path = resolve_model(config.model)
+    try:
+        model = adapters.add_lora(load_model(model_path, dtype=torch.float32), config.lora)
+    except ValueError as e:  # --lora-targets names no module of this model
+        raise ConfigError(str(e)) from None
     store = StateStore(config.state_dir, keep=config.keep_checkpoints)
     store.remove_leftovers()  # of a killed coordinator: nothing else writes this state dir
     try:  # refused now rather than after the last round, when the run exports there
         check_export_dir(config.export_dir or store.root / "export", store.root)
     except ConfigError as e:
         raise ConfigError(f"--export-dir: {e}") from None
-    model = load_model(model_path, dtype=torch.float32)
-    blocks = partition(model, config.layers_per_block)
+    blocks = adapters.partition(model, config.layers_per_block, config.lora)
     params = dict(model.named_parameters())
     specs = [BlockSpec.of(b.name, params, b.params) for b in blocks]
     cls = config.algorithm_class
+    codec_sha = wire.sha256(config.codec_weights.read_bytes()).hex() if config.codec_weights else None
     run_id = store.bind_run(
         {
             "model_fingerprint": model_fingerprint(model_path),
@@ -54,8 +59,13 @@ def build(config: CoordinatorConfig) -> Coordinator:
             "layers_per_block": config.layers_per_block,
             "blocks": [b.name for b in blocks],
             "codec": config.codec,
+            "peft": config.lora.to_dict() if config.lora else None,
+            # Latents in flight decode only with the decoder they were encoded for.
+            "codec_weights_sha256": codec_sha,
         }
     )
+    if config.codec_weights:
+        store.install_codec_weights(config.codec_weights)
     store.install_model_files(model_files(model_path))
     if not store.initial_hashes():  # a new run, or one of a state format that did not record them
         store.write_initial_hashes({b.name: canonical_sha256({n: params[n] for n in b.params}, b.params) for b in blocks})
@@ -76,7 +86,8 @@ def build(config: CoordinatorConfig) -> Coordinator:
     if config.eval_data:
         from .evaluation import Evaluator
 
-        evaluate = Evaluator(store.model_dir, config.eval_data, config.eval_max_examples, config.eval_batch_size, config.max_seq_len)
+        evaluate = Evaluator(store.model_dir, config.eval_data, config.eval_max_examples, config.eval_batch_size, config.max_seq_len,
+                             config.lora)
     return Coordinator(config, store, run_id, specs, initial, CoordinatorMetrics(), evaluate, ckpt,
                        initial_sha256=store.initial_hashes())
 
@@ -86,7 +97,6 @@ def checkpoint_model(store: StateStore, ckpt: Checkpoint, tensors: dict) -> dict
     (a zeroth-order checkpoint holds the blocks it last wrote and the log since). For `fedblock export`."""
     if not ckpt.algorithm:
         return tensors
-    import fnmatch
     import json
 
     from ..common.algorithms import load
@@ -94,12 +104,13 @@ def checkpoint_model(store: StateStore, ckpt: Checkpoint, tensors: dict) -> dict
 
     run = json.loads((store.root / "run.json").read_text())
     cls = load(run["algorithm"])
-    model = build_model_from_files(store.model_dir)  # for its layout (allocated, never initialised)
+    lora = adapters.recorded(run)
+    # For its layout (allocated, never initialised).
+    model = adapters.add_lora(build_model_from_files(store.model_dir), lora)
     params = dict(model.named_parameters())
-    blocks = partition(model, int(run.get("layers_per_block", 1)))
+    blocks = adapters.partition(model, int(run.get("layers_per_block", 1)), lora)
     specs = [BlockSpec.of(b.name, params, b.params) for b in blocks]
-    patterns = [p.strip() for p in str(run.get("train_blocks", "*")).split(",") if p.strip()]
-    trainable = [b.name for b in blocks if any(fnmatch.fnmatchcase(b.name, p) for p in patterns)]
+    trainable = adapters.select_trainable([b.name for b in blocks], str(run.get("train_blocks", "*")), lora is not None)
     algorithm = cls(dict(run.get("settings", {})), specs, trainable)
     try:
         algorithm.restore(ckpt.algorithm, tensors, ckpt.round)

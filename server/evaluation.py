@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..common.adapters import LoraSettings, add_lora
 from ..common.data import DataError, load_examples, sample, tokenize
 from ..common.models import build_model_from_files, load_tokenizer
 from ..common.training import Evaluation, evaluate
@@ -24,7 +25,8 @@ class Evaluator:
     (for classification data the row-weighted loss over the choices). The whole result of the latest
     call, with the accuracy of classification data, is in `last`."""
 
-    def __init__(self, model_dir: Path, source: str, max_examples: int, batch_size: int, max_seq_len: int):
+    def __init__(self, model_dir: Path, source: str, max_examples: int, batch_size: int, max_seq_len: int,
+                 lora: LoraSettings | None = None):
         tokenizer = load_tokenizer(model_dir)
         examples = sample(load_examples(source), max_examples)
         self.data = tokenize(examples, tokenizer, max_seq_len)
@@ -32,7 +34,7 @@ class Evaluator:
             raise DataError(f"--eval-data {source}: no example keeps a scored token within --max-seq-len {max_seq_len}")
         self.pad_id = tokenizer.pad_token_id
         self.batch_size = batch_size
-        self.model = build_model_from_files(model_dir, dtype=torch.float32)
+        self.model = add_lora(build_model_from_files(model_dir, dtype=torch.float32), lora)
         self._params = dict(self.model.named_parameters())
         self.last: Evaluation | None = None
 

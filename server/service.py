@@ -306,7 +306,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             _abort(context, e)
         step = self.c.config.chunk_size
         wanted = set(request.names)
-        for path in self.c.store.model_files():
+        for path in [*self.c.store.model_files(), *self.c.store.codec_files()]:
             if wanted and path.name not in wanted:
                 continue
             data = path.read_bytes()

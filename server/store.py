@@ -46,6 +46,8 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
+from ..common import adapters
+from ..common.adapters import LoraSettings
 from ..common.codecs import load_safetensors
 from ..common.config import ConfigError
 
@@ -147,7 +149,7 @@ class StateStore:
         temporary files of unfinished atomic writes (.*.tmp). Returns how many files went. Only for the
         coordinator that owns the state dir, before it serves: a running one is still writing these."""
         stale = list(self.incoming_dir.glob("*.part")) + list(self.blocks_dir.glob("*.blob"))  # blobs: a cache
-        for d in (self.root, self.blocks_dir, self.ckpt_dir):  # where atomic_write writes
+        for d in (self.root, self.blocks_dir, self.ckpt_dir, *self.records_dir.glob("round-*")):  # atomic_write's
             stale += d.glob(".*.tmp")
         removed = 0
         for path in stale:  # (a cached blob may predate a rewrite of its block file after a crash)
@@ -216,6 +218,20 @@ class StateStore:
 
     def model_files(self) -> list[Path]:
         return sorted(p for p in self.model_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+
+    # ---- the codec's files --------------------------------------------------------------------------
+
+    CODEC_WEIGHTS = "autoencoder.safetensors"  # no model file has this name: model files are no weights
+
+    def install_codec_weights(self, source: Path) -> Path:
+        """Copy the autoencoder's weights in; the run serves this copy, so the source may change after."""
+        path = self.root / "codec" / self.CODEC_WEIGHTS
+        atomic_write(path, Path(source).read_bytes())
+        return path
+
+    def codec_files(self) -> list[Path]:
+        path = self.root / "codec" / self.CODEC_WEIGHTS
+        return [path] if path.is_file() else []
 
     # ---- blocks -----------------------------------------------------------------------------------
 
@@ -360,6 +376,26 @@ class StateStore:
 
     # ---- evaluations ------------------------------------------------------------------------------
 
+    # ---- recorded updates (--record-updates) ------------------------------------------------------
+
+    @property
+    def records_dir(self) -> Path:
+        return self.root / "records"
+
+    def record_update(self, round: int, worker: str, block: str, delta: Mapping[str, Tensor], tokens: int) -> Path:
+        """Keep an accepted update's decoded delta, for `fedblock codec train` (written only when the
+        operator asked: a site's update says something about its data). Sent again, it replaces itself."""
+        path = self.records_dir / f"round-{round:06d}" / f"{worker}@{block}.safetensors"
+        meta = {"round": str(round), "worker": worker, "block": block, "tokens": str(tokens)}
+        atomic_write(path, safetensors.torch.save({n: t.contiguous() for n, t in delta.items()}, metadata=meta))
+        return path
+
+    def prune_records(self, keep_from: int) -> None:
+        """Delete the recorded updates of rounds before `keep_from`."""
+        for d in self.records_dir.glob("round-*"):
+            if d.is_dir() and d.name[6:].isdigit() and int(d.name[6:]) < keep_from:
+                shutil.rmtree(d, ignore_errors=True)
+
     def write_evaluations(self, history: list[list[float]]) -> None:
         """The evaluations so far, as each arrives (they come from their own thread, between checkpoints)."""
         atomic_write_json(self.root / "evaluations.json", {"eval_history": history})
@@ -407,33 +443,48 @@ def check_export_dir(out: Path, state_dir: Path | None = None) -> None:
                       f"(it has no {EXPORT_MARKER}); refusing to replace it: choose a new or empty folder")
 
 
-def export_model(model_dir: Path, blocks: Mapping[str, Mapping[str, Tensor]], out: Path) -> Path:
+def export_model(model_dir: Path, blocks: Mapping[str, Mapping[str, Tensor]], out: Path,
+                 lora: LoraSettings | None = None, adapter_out: Path | None = None) -> Path:
     """Write the model (architecture from `model_dir`, weights from `blocks`) as a Hugging Face folder.
-    `out` is replaced only if check_export_dir allows it (ConfigError otherwise, before any work);
-    `model_dir` is the state dir's model/ folder, so that the state dir itself is never replaced."""
+    With `lora`, the adapters are merged into the base weights first, and with `adapter_out` also written
+    alone in peft's format there. A folder is replaced only if check_export_dir allows it (ConfigError
+    otherwise, before any work); `model_dir` is the state dir's model/ folder, so that the state dir
+    itself is never replaced."""
     from ..common.models import build_model_from_files
 
-    out = Path(out)
-    check_export_dir(out, model_dir.parent)
-    model = build_model_from_files(model_dir, dtype=torch.float32)
+    targets = [Path(out)] + ([Path(adapter_out)] if adapter_out is not None else [])
+    if adapter_out is not None and lora is None:
+        raise ConfigError("--adapter-out: this run trained no adapters (it ran without --peft lora)")
+    if len({t.resolve() for t in targets}) < len(targets):
+        raise ConfigError("--adapter-out must be another folder than --out")
+    for target in targets:
+        check_export_dir(target, model_dir.parent)
+    model = adapters.add_lora(build_model_from_files(model_dir, dtype=torch.float32), lora)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for tensors in blocks.values():
             for name, t in tensors.items():
                 params[name].copy_(t)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    tmps = []
     try:
-        model.save_pretrained(tmp)
+        for target in targets:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmps.append(Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.")))
+        if adapter_out is not None:  # before the merge, which folds the adapters away
+            adapters.save_adapter(model, tmps[1], str(targets[0].resolve()))
+        model = adapters.merge(model)
+        model.save_pretrained(tmps[0])
         for f in model_dir.iterdir():
-            if f.is_file() and not f.name.startswith(".") and not (tmp / f.name).exists():
-                shutil.copy2(f, tmp / f.name)
-        (tmp / EXPORT_MARKER).write_text("written by fedblock; the next export replaces this folder\n")
-        check_export_dir(out, model_dir.parent)  # again: something may have been put there while the model was written
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+            if f.is_file() and not f.name.startswith(".") and not (tmps[0] / f.name).exists():
+                shutil.copy2(f, tmps[0] / f.name)
+        for target, tmp in zip(targets, tmps, strict=True):
+            (tmp / EXPORT_MARKER).write_text("written by fedblock; the next export replaces this folder\n")
+            check_export_dir(target, model_dir.parent)  # again: something may have been put there meanwhile
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for tmp in tmps:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+    return Path(out)

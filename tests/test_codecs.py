@@ -24,11 +24,12 @@ def payload(blob: bytes) -> int:
 
 
 def test_the_registry_lists_every_stage_and_only_zstd_is_data_dependent():
-    assert set(STAGES) == {"bf16", "fp16", "int8", "topk", "shuffle", "zstd"}
+    assert set(STAGES) == {"bf16", "fp16", "int8", "topk", "ae", "shuffle", "zstd"}
     assert all(cls.name == name for name, cls in STAGES.items())
     assert [n for n, cls in STAGES.items() if cls.data_dependent] == ["zstd"]
-    assert [n for n, cls in STAGES.items() if cls.stateful] == ["topk"]
-    assert {n for n, cls in STAGES.items() if cls.lossy} == {"bf16", "fp16", "int8", "topk"}
+    assert [n for n, cls in STAGES.items() if cls.stateful] == ["topk", "ae"]  # ae: the tuned encoder (FAF)
+    assert [n for n, cls in STAGES.items() if cls.needs_weights] == ["ae"]
+    assert {n for n, cls in STAGES.items() if cls.lossy} == {"bf16", "fp16", "int8", "topk", "ae"}
 
 
 @pytest.mark.parametrize("spec,per_tensor", [

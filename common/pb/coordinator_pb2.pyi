@@ -75,7 +75,7 @@ class JoinRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., device: _Optional[str] = ..., num_examples: _Optional[int] = ..., protocol: _Optional[int] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("session", "run_id", "algorithm", "pipeline_depth", "heartbeat_interval_s", "codec", "chunk_size", "max_message_bytes", "blocks", "layers_per_block", "model_version", "model_files", "seed", "rounds", "algorithm_settings", "initial_block_sha256", "protocol")
+    __slots__ = ("session", "run_id", "algorithm", "pipeline_depth", "heartbeat_interval_s", "codec", "chunk_size", "max_message_bytes", "blocks", "layers_per_block", "model_version", "model_files", "seed", "rounds", "algorithm_settings", "initial_block_sha256", "protocol", "lora", "codec_files")
     class AlgorithmSettingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,8 @@ class JoinReply(_message.Message):
     ALGORITHM_SETTINGS_FIELD_NUMBER: _ClassVar[int]
     INITIAL_BLOCK_SHA256_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FILES_FIELD_NUMBER: _ClassVar[int]
     session: str
     run_id: str
     algorithm: str
@@ -117,7 +119,23 @@ class JoinReply(_message.Message):
     algorithm_settings: _containers.ScalarMap[str, str]
     initial_block_sha256: _containers.RepeatedScalarFieldContainer[bytes]
     protocol: int
-    def __init__(self, session: _Optional[str] = ..., run_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., pipeline_depth: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., codec: _Optional[str] = ..., chunk_size: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[BlockSpec, _Mapping]]] = ..., layers_per_block: _Optional[int] = ..., model_version: _Optional[int] = ..., model_files: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ..., seed: _Optional[int] = ..., rounds: _Optional[int] = ..., algorithm_settings: _Optional[_Mapping[str, str]] = ..., initial_block_sha256: _Optional[_Iterable[bytes]] = ..., protocol: _Optional[int] = ...) -> None: ...
+    lora: LoraAdapters
+    codec_files: _containers.RepeatedCompositeFieldContainer[ModelFile]
+    def __init__(self, session: _Optional[str] = ..., run_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., pipeline_depth: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., codec: _Optional[str] = ..., chunk_size: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[BlockSpec, _Mapping]]] = ..., layers_per_block: _Optional[int] = ..., model_version: _Optional[int] = ..., model_files: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ..., seed: _Optional[int] = ..., rounds: _Optional[int] = ..., algorithm_settings: _Optional[_Mapping[str, str]] = ..., initial_block_sha256: _Optional[_Iterable[bytes]] = ..., protocol: _Optional[int] = ..., lora: _Optional[_Union[LoraAdapters, _Mapping]] = ..., codec_files: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ...) -> None: ...
+
+class LoraAdapters(_message.Message):
+    __slots__ = ("r", "alpha", "dropout", "targets", "seed")
+    R_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    r: int
+    alpha: float
+    dropout: float
+    targets: _containers.RepeatedScalarFieldContainer[str]
+    seed: int
+    def __init__(self, r: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., targets: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ModelFile(_message.Message):
     __slots__ = ("name", "size", "sha256")
