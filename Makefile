@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/quality.py --quick --json $(BENCH)/quality.json
 	$(PY) benchmarks/zo.py --quick --json $(BENCH)/zo.json
 	$(PY) benchmarks/compare.py --quick --json $(BENCH)/compare.json
+	$(PY) benchmarks/autoencoder.py --quick --json $(BENCH)/autoencoder.json
 
 proto: $(STAMP)
 	$(PY) proto/generate.py

@@ -1,4 +1,5 @@
-"""Every algorithm on the same data and budget: fedbcd, parablock, fedavg, fedcybgd, decomfl and fedspzo.
+"""Every algorithm on the same data and budget: fedbcd, parablock, fedavg, fedcybgd, decomfl and fedspzo,
+full-parameter or on LoRA adapters, and CG-FedLLM's autoencoder codec.
 
 What is run: for each algorithm, one federated run on `builtin:chatterbot-topics` (9-topic
 classification; loss = cross-entropy over the choices, accuracy = the right choice has the largest
@@ -16,6 +17,16 @@ keeps, at no cost in bytes); rows `fedcybgd-relay`, `fedcybgd-parallel` (fractio
 `fedcybgd-parallel-0.5`, `fedcybgd-parallel-0.25` (any `fedcybgd-MODE[-FRACTION]` works); decomfl and
 fedspzo move all of them along random directions (decomfl P = 5 perturbations, fedspzo P1,P2 = 1,8 at
 its default split); block methods use AdamW at 1e-4, zeroth-order ones SGD at 1e-5 (their defaults).
+
+A row name may add `+lora` (`--peft lora` with its defaults, r 8, alpha 16, dropout 0.05 on q, k, v, o:
+`fedavg+lora` is FedIT; `fedbcd+lora` trains one layer's adapters per participant; `decomfl+lora`
+perturbs the adapters only; first-order LoRA rows use AdamW at `--lora-lr`, 3e-4, zeroth-order ones
+`--zo-lr`) and `+ae:RATIO[:TUNE_STEPS][:VARIANT]` (the upload codec `ae:RATIO[:TUNE_STEPS]`: CG-FedLLM is
+`fedavg+lora+ae:64`). An autoencoder row pre-trains its codec first (TGAP: `fedblock codec train`,
+`--ae-steps` Adam steps at the paper's 2e-4, VARIANT `none`, the paper's, or `max`) on the updates that
+the same row without `+ae` recorded (`--record-updates`), which must be an earlier row: the same data
+and budget, not a held-out share of it, and its pre-training time is not in the row's (it is in the
+JSON, with the hold-out reconstruction).
 The worker processes are benchmarks/zo.py's watched real workers (see there): bytes by kind from the
 worker's own counters, peak RSS from the process.
 
@@ -58,6 +69,7 @@ start-up). `--quick`: a tiny random Llama (4 layers x 64), 2 workers, 2 per roun
 WORKDIR/compare/NAME (weights deleted after each run; logs kept).
 
     python benchmarks/compare.py [--quick] [--json out.json] [--algorithms fedbcd,fedcybgd-relay] [--rounds 6]
+    python benchmarks/compare.py --algorithms fedavg+lora,fedavg+lora+ae:64,fedavg+lora+ae:64:20:max
 """
 
 from __future__ import annotations

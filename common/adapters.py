@@ -18,6 +18,8 @@ Hugging Face folder) and can write the adapter alone in peft's format.
 from __future__ import annotations
 
 import fnmatch
+import math
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,7 +47,7 @@ class LoraSettings:
     def __post_init__(self) -> None:
         if self.r < 1:
             raise ValueError(f"--lora-r must be >= 1, got {self.r}")
-        if not self.alpha > 0:
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"--lora-alpha must be > 0, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
@@ -74,6 +76,11 @@ def add_lora(model: nn.Module, lora: LoraSettings | None) -> nn.Module:
         return model
     from peft import LoraConfig, get_peft_model
 
+    tied = _tied_targets(model, lora.targets)
+    if tied:  # merging would fold the adapter into the shared weight, changing both of its uses
+        raise ValueError(f"--lora-targets {','.join(lora.targets)}: {', '.join(sorted(tied)[:3])} shares its weight "
+                         "with another module (tied embeddings); target other modules")
+
     from .training import seeded_rng
 
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -85,17 +92,38 @@ def add_lora(model: nn.Module, lora: LoraSettings | None) -> nn.Module:
             raise ValueError(f"--lora-targets {','.join(lora.targets)}: {str(e).splitlines()[0]}") from None
 
 
+def _tied_targets(model: nn.Module, targets: Sequence[str]) -> set[str]:
+    """The modules `targets` names (peft's rule: the name or its last parts) whose weight another module shares."""
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    tied = set()
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if any(name == t or name.endswith("." + t) for t in targets) and isinstance(weight, nn.Parameter):
+            if uses[id(weight)] > 1:
+                tied.add(name)
+    return tied
+
+
 def split_blocks(blocks: Sequence[Block]) -> list[Block]:
     """Each block of a partition of a model with adapters, cut in two: its base parameters (same name)
-    and its adapters (`lora.<name>`), in model order."""
+    and its adapters (`lora.<name>`), in model order. An adapter belongs to the block of the weight it
+    adapts (`<module>.base_layer.*`): an embedding's adapters are parameters that never run as a module
+    of their own, so the partition alone could not place them."""
+    block_of = {n: b.name for b in blocks for n in b.params if not is_adapter(n)}
+    adapters: dict[str, list[str]] = {b.name: [] for b in blocks}
+    for b in blocks:
+        for n in b.params:
+            if is_adapter(n):
+                module = n.split(".lora_")[0]
+                owner = next((blk for p, blk in block_of.items() if p.startswith(module + ".base_layer.")), b.name)
+                adapters[owner].append(n)
     out: list[Block] = []
     for b in blocks:
         base = tuple(n for n in b.params if not is_adapter(n))
-        adapters = tuple(n for n in b.params if is_adapter(n))
         if base:
             out.append(Block(b.name, base))
-        if adapters:
-            out.append(Block(PREFIX + b.name, adapters))
+        if adapters[b.name]:
+            out.append(Block(PREFIX + b.name, tuple(adapters[b.name])))
     return out
 
 
@@ -117,9 +145,11 @@ def merge(model: nn.Module) -> nn.Module:
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
-def save_adapter(model: nn.Module, out: Path, base_model: str) -> Path:
-    """The adapters alone, in peft's format (adapter_config.json, adapter_model.safetensors)."""
-    model.peft_config["default"].base_model_name_or_path = base_model
+def save_adapter(model: nn.Module, out: Path) -> Path:
+    """The adapters alone, in peft's format (adapter_config.json, adapter_model.safetensors). No base
+    model is named: the state dir knows the base only by its fingerprint, and naming the merged export
+    would apply the adapters twice. Load with `PeftModel.from_pretrained(base_model, out)`."""
+    model.peft_config["default"].base_model_name_or_path = None
     model.save_pretrained(out, safe_serialization=True)
     return out
 

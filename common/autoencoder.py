@@ -49,6 +49,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
+from .training import seeded_rng
+
 log = logging.getLogger(__name__)
 
 FORMAT = "fedblock-ae/1"
@@ -425,8 +427,7 @@ def train_autoencoder(images: Sequence[Tensor], ratio: int, *, variant: str, ste
         raise ValueError(f"need steps >= 0, batch_size >= 1, 0 <= holdout < 1; got {steps}, {batch_size}, {holdout}")
     if not images:
         raise ValueError("no images to train on")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_rng(seed, torch.device("cpu")):  # other threads' seeded draws wait (workers as threads)
         model = GradientAutoencoder(ratio)
     model.to(device)
     originals = [_as_image(im, model) for im in images]
@@ -548,7 +549,7 @@ def load_weights(path: str | Path) -> tuple[GradientAutoencoder, str]:
         tensors = safetensors.torch.load_file(str(path))
     except SafetensorError as e:
         raise ValueError(f"{path}: unreadable tensors ({e})") from None
-    with torch.random.fork_rng(devices=[]):  # the initial values are overwritten; keep the global RNG
+    with seeded_rng(0, torch.device("cpu")):  # the initial values are overwritten; keep the global RNG
         model = GradientAutoencoder(ratio)
     expected = model.state_dict()
     if set(tensors) != set(expected):

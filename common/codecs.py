@@ -350,7 +350,10 @@ class Autoencoder(Stage):
         from .autoencoder import scale, tune_encoder
 
         model = self._bound()
-        image, factor = scale(self.block_image(tensors, self.ratio)[0], self.variant)
+        # The delta may live on the training device; the autoencoder runs where its weights were loaded.
+        device = next(model.parameters()).device
+        image, factor = scale(self.block_image({n: t.to(device) for n, t in tensors.items()}, self.ratio)[0],
+                              self.variant)
         with torch.no_grad():
             if self.tune_steps:
                 state = tune_encoder(model, image, self.tune_steps)
@@ -358,7 +361,7 @@ class Autoencoder(Stage):
                 latent = torch.func.functional_call(model.encoder, state, (image,))
             else:
                 latent = model.encode(image)
-        return {self.LATENT: latent[0].contiguous(), self.SCALE: torch.tensor([factor], dtype=torch.float32)}
+        return {self.LATENT: latent[0].cpu().contiguous(), self.SCALE: torch.tensor([factor], dtype=torch.float32)}
 
     def decode(self, tensors, meta, expected):
         from .autoencoder import from_image, unscale
@@ -499,6 +502,9 @@ class CodecPipeline:
                 raise CodecError(f"{stage.name} must be the last codec stage")
             if stage.needs_weights and i != 0:
                 raise CodecError(f"{stage.name} must be the first codec stage (it encodes the block's own tensors)")
+            if stage.stateful and any(s.needs_weights for s in stages[:i]):
+                raise CodecError(f"{stage.spec} cannot follow {stages[0].spec}: it needs the block's own tensors "
+                                 "(cast, int8, shuffle and zstd may follow)")
             if stage.stateful and direction == "download":
                 why = ("its decoder is the coordinator's, so it encodes uploads only" if stage.needs_weights else
                        "a download carries a block's values, not a delta, so keeping only the top fraction of "

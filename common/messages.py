@@ -17,7 +17,7 @@ from .pb import coordinator_pb2 as pb
 
 # Version 2 added algorithm settings, seeds, records (Report) and the log (Log). A peer of another
 # version is refused at Join with a message that says which versions meet.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: RunInfo.lora and codec_files (a protocol-2 worker would ignore them)
 
 
 @dataclass(frozen=True)

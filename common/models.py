@@ -339,23 +339,26 @@ def build_model_from_files(
     if not (folder / "config.json").is_file():
         raise ModelError(f"model folder {folder} has no config.json")
     config = AutoConfig.from_pretrained(folder)
-    with _BUILD_LOCK, torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.to_empty(device=device)
-    # to_empty leaves every tensor uninitialised, including the non-persistent buffers. Let
-    # transformers' own initialiser recompute those, skipping everything marked as initialised, which
-    # is how from_pretrained treats the tensors it loaded.
-    loaded = list(model.state_dict(keep_vars=True).values())
-    for tensor in loaded:
-        tensor._is_hf_initialized = True
-    model.initialize_weights()
-    for tensor in loaded:
-        with contextlib.suppress(AttributeError):
-            del tensor._is_hf_initialized
-    for module in model.modules():
-        with contextlib.suppress(AttributeError):
-            del module._is_hf_initialized
-    model.tie_weights()  # to_empty created separate tensors for tied parameters
+    # All of it under the lock: tying and initialising touch the process-wide state that another
+    # thread's model build changes (a tied head came out untied, in tests with workers as threads).
+    with _BUILD_LOCK:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.to_empty(device=device)
+        # to_empty leaves every tensor uninitialised, including the non-persistent buffers. Let
+        # transformers' own initialiser recompute those, skipping everything marked as initialised, which
+        # is how from_pretrained treats the tensors it loaded.
+        loaded = list(model.state_dict(keep_vars=True).values())
+        for tensor in loaded:
+            tensor._is_hf_initialized = True
+        model.initialize_weights()
+        for tensor in loaded:
+            with contextlib.suppress(AttributeError):
+                del tensor._is_hf_initialized
+        for module in model.modules():
+            with contextlib.suppress(AttributeError):
+                del module._is_hf_initialized
+        model.tie_weights()  # to_empty created separate tensors for tied parameters
     model.train()
     return model
 

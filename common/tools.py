@@ -124,6 +124,7 @@ def codec_train(config: CodecTrainConfig) -> dict:
     paper's temporal ensemble), and write its weights. Prints and returns the hold-out reconstruction."""
     import fnmatch
 
+    import safetensors
     import safetensors.torch
 
     from .autoencoder import save_weights, train_autoencoder
@@ -140,7 +141,10 @@ def codec_train(config: CodecTrainConfig) -> dict:
     for path in records:
         block = path.stem.partition("@")[2]
         if any(fnmatch.fnmatchcase(block, p) for p in patterns):
-            images.append(Autoencoder.block_image(safetensors.torch.load_file(str(path)), config.ratio)[0][0])
+            try:
+                images.append(Autoencoder.block_image(safetensors.torch.load_file(str(path)), config.ratio)[0][0])
+            except (OSError, ValueError, safetensors.SafetensorError) as e:  # a record cut short, or not one
+                raise ConfigError(f"--from: {path} is not a readable recorded update ({e}); delete it") from None
     if not images:
         raise ConfigError(f"--blocks {config.blocks!r} matches none of the {len(records)} recorded updates")
     model, report = train_autoencoder(images, config.ratio, variant=config.variant, steps=config.steps, lr=config.lr,

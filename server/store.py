@@ -149,7 +149,7 @@ class StateStore:
         temporary files of unfinished atomic writes (.*.tmp). Returns how many files went. Only for the
         coordinator that owns the state dir, before it serves: a running one is still writing these."""
         stale = list(self.incoming_dir.glob("*.part")) + list(self.blocks_dir.glob("*.blob"))  # blobs: a cache
-        for d in (self.root, self.blocks_dir, self.ckpt_dir, *self.records_dir.glob("round-*")):  # atomic_write's
+        for d in (self.root, self.blocks_dir, self.ckpt_dir, self.root / "codec", *self.records_dir.glob("round-*")):
             stale += d.glob(".*.tmp")
         removed = 0
         for path in stale:  # (a cached blob may predate a rewrite of its block file after a crash)
@@ -455,8 +455,10 @@ def export_model(model_dir: Path, blocks: Mapping[str, Mapping[str, Tensor]], ou
     targets = [Path(out)] + ([Path(adapter_out)] if adapter_out is not None else [])
     if adapter_out is not None and lora is None:
         raise ConfigError("--adapter-out: this run trained no adapters (it ran without --peft lora)")
-    if len({t.resolve() for t in targets}) < len(targets):
-        raise ConfigError("--adapter-out must be another folder than --out")
+    if adapter_out is not None:
+        a, o = Path(adapter_out).resolve(), Path(out).resolve()
+        if a == o or a.is_relative_to(o) or o.is_relative_to(a):
+            raise ConfigError("--adapter-out and --out must be separate folders, neither inside the other")
     for target in targets:
         check_export_dir(target, model_dir.parent)
     model = adapters.add_lora(build_model_from_files(model_dir, dtype=torch.float32), lora)
@@ -471,7 +473,7 @@ def export_model(model_dir: Path, blocks: Mapping[str, Mapping[str, Tensor]], ou
             target.parent.mkdir(parents=True, exist_ok=True)
             tmps.append(Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.")))
         if adapter_out is not None:  # before the merge, which folds the adapters away
-            adapters.save_adapter(model, tmps[1], str(targets[0].resolve()))
+            adapters.save_adapter(model, tmps[1])
         model = adapters.merge(model)
         model.save_pretrained(tmps[0])
         for f in model_dir.iterdir():

@@ -100,6 +100,8 @@ def test_the_ae_codec_needs_its_weights_and_the_right_ratio(tmp_path, tiny_model
         C.build(CoordinatorConfig, {**base, "codec": "ae:16", "codec_weights": tmp_path / "junk.safetensors"})
     with pytest.raises(ConfigError, match="uploads only"):
         C.build(CoordinatorConfig, {**base, "download_codec": "ae:16"})
+    with pytest.raises(ConfigError, match="cannot follow ae:16"):  # top-k decodes by the block's tensor names
+        C.build(CoordinatorConfig, {**base, "codec": "ae:16,topk:0.1", "codec_weights": weights})
 
 
 def test_a_hostile_latent_is_a_codec_error(tmp_path):
@@ -136,3 +138,25 @@ def test_the_ae_payload_size_is_exact_and_tuning_advances_only_on_commit(tmp_pat
     codec.commit(state)
     after = encoder_state(stage.model)
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the tuned encoder, kept on acceptance
+
+
+def test_codec_train_refuses_a_damaged_record_in_one_line(tmp_path):
+    record = tmp_path / "state" / "records" / "round-000001" / "w@lora.layers.0.safetensors"
+    record.parent.mkdir(parents=True)
+    record.write_bytes(safetensors.torch.save({"a": torch.ones(4, 8)})[:-7])  # cut short by a kill
+    with pytest.raises(ConfigError, match="w@lora.layers.0.safetensors is not a readable recorded update"):
+        codec_train(CodecTrainConfig(from_dir=tmp_path / "state", out=tmp_path / "ae.safetensors", ratio=4, steps=1))
+    assert not (tmp_path / "ae.safetensors").exists()
+    with pytest.raises(ConfigError, match="no recorded updates"):
+        codec_train(CodecTrainConfig(from_dir=tmp_path, out=tmp_path / "ae.safetensors", ratio=4, steps=1))
+
+
+def test_a_killed_install_of_the_codec_weights_leaves_nothing_after_a_restart(tmp_path):
+    from fedblock.server.store import StateStore
+
+    store = StateStore(tmp_path / "s")
+    (store.root / "codec").mkdir()
+    partial = store.root / "codec" / ".autoencoder.safetensors.x1.tmp"
+    partial.write_bytes(b"half")
+    store.remove_leftovers()
+    assert not partial.exists() and store.codec_files() == []

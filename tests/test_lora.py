@@ -113,6 +113,9 @@ def test_block_method_on_adapters_with_a_local_base_model_downloads_no_base_bloc
     from fedblock.common.config import ExportConfig
     from fedblock.common.tools import export
 
+    with pytest.raises(ConfigError, match="neither inside the other"):
+        export(ExportConfig(state_dir=fed.coordinator.store.root, out=out, adapter_out=out / "adapter"))
+    assert not out.exists()
     export(ExportConfig(state_dir=fed.coordinator.store.root, out=out, adapter_out=adapter_out))
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert not any(A.is_adapter(n) for n, _ in merged.named_parameters())  # a plain Hugging Face model
@@ -152,6 +155,7 @@ def test_decomfl_perturbs_only_the_adapters(federation, tiny_model, data_file):
     ({"lora_r": 0}, "--lora-r must be >= 1"),
     ({"lora_dropout": 1.0}, "--lora-dropout"),
     ({"lora_targets": "q_proj,;rm"}, "--lora-targets"),
+    ({"lora_alpha": float("inf")}, "--lora-alpha"),
 ])
 def test_bad_lora_options_stop_at_start(tmp_path, tiny_model, options, message):
     from fedblock.common import config as C
@@ -161,14 +165,31 @@ def test_bad_lora_options_stop_at_start(tmp_path, tiny_model, options, message):
                                     **options})
 
 
-def test_lora_targets_that_name_no_module_stop_the_coordinator_before_it_writes(tmp_path, tiny_model):
+@pytest.mark.parametrize("targets,message", [("c_attn", "not found"), ("lm_head", "shares its weight")])
+def test_lora_targets_that_name_no_module_or_a_tied_one_stop_the_coordinator_before_it_writes(tmp_path, tiny_model,
+                                                                                               targets, message):
+    """The tiny model ties lm_head to embed_tokens: merging an adapter into the shared weight for the
+    export would change the embedding too, so the export would not be the model that was trained."""
     from fedblock.server import daemon
 
     config = CoordinatorConfig(model=str(tiny_model), state_dir=tmp_path / "s", insecure=True, peft="lora",
-                               lora_targets="c_attn")
-    with pytest.raises(ConfigError, match="--lora-targets c_attn"):
+                               lora_targets=targets)
+    with pytest.raises(ConfigError, match=f"--lora-targets {targets}: .*{message}"):
         daemon.build(config)
     assert not (tmp_path / "s" / "checkpoints").exists()
+
+
+def test_an_embedding_adapter_belongs_to_the_embed_block(tmp_path):
+    from fedblock.common.models import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "untied", num_layers=2, tie_word_embeddings=False)
+    lora = A.LoraSettings(4, 8.0, 0.0, ("embed_tokens", "q_proj"), 0)
+    blocks = A.partition(A.add_lora(load_model(path), lora), 1, lora)
+    by_name = {b.name: b.params for b in blocks}
+    assert [b.name for b in blocks] == ["embed", "lora.embed", "layers.0", "lora.layers.0", "layers.1",
+                                        "lora.layers.1", "head"]
+    assert all("embed_tokens.lora_embedding_" in n for n in by_name["lora.embed"])
+    assert A.select_trainable(list(by_name), "embed", adapters=True) == ("lora.embed",)
 
 
 def test_a_state_dir_is_bound_to_its_adapters(tmp_path, tiny_model):
