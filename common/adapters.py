@@ -81,11 +81,12 @@ def add_lora(model: nn.Module, lora: LoraSettings | None) -> nn.Module:
         raise ValueError(f"--lora-targets {','.join(lora.targets)}: {', '.join(sorted(tied)[:3])} shares its weight "
                          "with another module (tied embeddings); target other modules")
 
+    from .models import BUILD_LOCK
     from .training import seeded_rng
 
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=list(lora.targets), bias="none", task_type="CAUSAL_LM")
-    with seeded_rng(lora.seed, torch.device("cpu")):
+    with BUILD_LOCK, seeded_rng(lora.seed, torch.device("cpu")):
         try:
             return get_peft_model(model, config)
         except ValueError as e:  # no module matches the targets

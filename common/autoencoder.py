@@ -49,13 +49,14 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
+from .models import BUILD_LOCK
 from .training import seeded_rng
 
 log = logging.getLogger(__name__)
 
 FORMAT = "fedblock-ae/1"
 VARIANTS = ("none", "max")
-MIN_RATIO, MAX_RATIO = 2, 4096
+MIN_RATIO, MAX_RATIO = 2, 1024  # 1/1024: a 126M-parameter autoencoder already (0.47 GiB)
 _RESIDUAL_BLOCKS = 3
 
 
@@ -427,7 +428,7 @@ def train_autoencoder(images: Sequence[Tensor], ratio: int, *, variant: str, ste
         raise ValueError(f"need steps >= 0, batch_size >= 1, 0 <= holdout < 1; got {steps}, {batch_size}, {holdout}")
     if not images:
         raise ValueError("no images to train on")
-    with seeded_rng(seed, torch.device("cpu")):  # other threads' seeded draws wait (workers as threads)
+    with BUILD_LOCK, seeded_rng(seed, torch.device("cpu")):  # other threads' builds and seeded draws wait
         model = GradientAutoencoder(ratio)
     model.to(device)
     originals = [_as_image(im, model) for im in images]
@@ -549,7 +550,7 @@ def load_weights(path: str | Path) -> tuple[GradientAutoencoder, str]:
         tensors = safetensors.torch.load_file(str(path))
     except SafetensorError as e:
         raise ValueError(f"{path}: unreadable tensors ({e})") from None
-    with seeded_rng(0, torch.device("cpu")):  # the initial values are overwritten; keep the global RNG
+    with BUILD_LOCK, seeded_rng(0, torch.device("cpu")):  # the initial values are overwritten; keep the RNG
         model = GradientAutoencoder(ratio)
     expected = model.state_dict()
     if set(tensors) != set(expected):

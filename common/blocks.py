@@ -61,14 +61,15 @@ def _execution_order(model: nn.Module) -> dict[int, int]:
     for module in model.modules():
         if any(True for _ in module.parameters(recurse=False)):
             hooks.append(module.register_forward_pre_hook(record))
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
     model.eval()  # no dropout: the trace draws nothing from the global generators
     try:
         device = next(model.parameters()).device
         with torch.no_grad():
             model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device))
     finally:
-        model.train(was_training)
+        for m, training in modes.items():
+            m.training = training
         for hook in hooks:
             hook.remove()
     return order

@@ -306,8 +306,8 @@ class Autoencoder(Stage):
             r, k = int(ratio), int(steps or 0)
         except ValueError:
             raise CodecError(f"ae needs a ratio and optional tuning steps, e.g. ae:64 or ae:64:20 (got {'ae:' + arg!r})") from None
-        if r < 2 or r > 4096 or r & (r - 1):
-            raise CodecError(f"ae ratio must be a power of two from 2 to 4096, got {r}")
+        if r < 2 or r > 1024 or r & (r - 1):
+            raise CodecError(f"ae ratio must be a power of two from 2 to 1024, got {r}")
         if not 0 <= k <= 1000:
             raise CodecError(f"ae tuning steps must be 0..1000, got {k}")
         return cls(r, k)
@@ -504,7 +504,7 @@ class CodecPipeline:
                 raise CodecError(f"{stage.name} must be the first codec stage (it encodes the block's own tensors)")
             if stage.stateful and any(s.needs_weights for s in stages[:i]):
                 raise CodecError(f"{stage.spec} cannot follow {stages[0].spec}: it needs the block's own tensors "
-                                 "(cast, int8, shuffle and zstd may follow)")
+                                 "(bf16, fp16, int8, shuffle and zstd may follow)")
             if stage.stateful and direction == "download":
                 why = ("its decoder is the coordinator's, so it encodes uploads only" if stage.needs_weights else
                        "a download carries a block's values, not a delta, so keeping only the top fraction of "

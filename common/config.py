@@ -480,8 +480,8 @@ class CodecTrainConfig:
     threads: int = opt("torch CPU threads (0: torch's default)", 0)
 
     def check(self) -> None:
-        _require(self.ratio >= 2 and self.ratio <= 4096 and not self.ratio & (self.ratio - 1),
-                 f"--ratio must be a power of two from 2 to 4096, got {self.ratio}")
+        _require(self.ratio >= 2 and self.ratio <= 1024 and not self.ratio & (self.ratio - 1),
+                 f"--ratio must be a power of two from 2 to 1024, got {self.ratio}")
         _require(self.steps >= 1 and self.batch_size >= 1 and self.lr > 0, "--steps, --batch-size and --lr must be > 0")
         _require(0 <= self.holdout < 1, "--holdout must be in [0, 1)")
         _require(self.threads >= 0, "--threads must be >= 0")

@@ -50,8 +50,9 @@ from transformers import (
 )
 
 # transformers changes process-wide state while it builds a model (default dtype, init flags): workers
-# that run as threads of one process (tests, benchmarks/scale.py) build theirs one at a time.
-_BUILD_LOCK = threading.RLock()
+# that run as threads of one process (tests, benchmarks/scale.py) build theirs one at a time, and so
+# does anything else that makes modules (adapters, the autoencoder). Take it before training's RNG lock.
+BUILD_LOCK = threading.RLock()
 
 
 class ModelError(ValueError):
@@ -288,7 +289,7 @@ def load_model(
     The module mode is what `from_pretrained` leaves (eval); callers that train call `.train()`.
     """
     folder = _check_model_folder(Path(path).expanduser())
-    with _BUILD_LOCK:
+    with BUILD_LOCK:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     return model.to(device)
 
@@ -341,7 +342,7 @@ def build_model_from_files(
     config = AutoConfig.from_pretrained(folder)
     # All of it under the lock: tying and initialising touch the process-wide state that another
     # thread's model build changes (a tied head came out untied, in tests with workers as threads).
-    with _BUILD_LOCK:
+    with BUILD_LOCK:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         model.to_empty(device=device)

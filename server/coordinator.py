@@ -150,6 +150,13 @@ class Coordinator:
         self.initial_sha256 = dict(initial_sha256 or {})
         weights = store.codec_files()
         self.codec = CodecPipeline(config.codec, weights=weights[0] if weights else None)
+        if any(stage.needs_weights for stage in self.codec.stages):  # padded to multiples of the ratio
+            for b in self.trainable:
+                encoded, raw = (CodecPipeline(spec).payload_nbytes(self.specs[b].tensors) for spec in
+                                (config.codec.split(",")[0], "none"))
+                if encoded >= raw:
+                    raise ConfigError(f"--codec {config.codec}: it would make {b}'s upload larger ({encoded} bytes "
+                                      f"against {raw}); use a smaller ratio")
         self.download_codec = CodecPipeline(config.download_codec, direction="download")
         self.metrics = metrics or CoordinatorMetrics()
         self._evaluate = evaluate

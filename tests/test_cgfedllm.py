@@ -160,3 +160,19 @@ def test_a_killed_install_of_the_codec_weights_leaves_nothing_after_a_restart(tm
     partial.write_bytes(b"half")
     store.remove_leftovers()
     assert not partial.exists() and store.codec_files() == []
+
+
+def test_a_ratio_that_would_enlarge_an_upload_is_refused(tmp_path, tiny_model, monkeypatch):
+    """A small adapter block (r = 1: 448 values) padded to multiples of 512 is a 512 x 1024 image, whose
+    latent (1,024 values) is bigger than the block. (The 1/512 autoencoder itself is not built: it is
+    28M parameters; its weights are not needed to size the upload.)"""
+    from fedblock.common.codecs import Autoencoder
+    from fedblock.server import daemon
+
+    monkeypatch.setattr(Autoencoder, "bind", lambda self, weights: None)
+    weights = tmp_path / "ae.safetensors"
+    weights.write_bytes(b"unused")
+    config = CoordinatorConfig(model=str(tiny_model), state_dir=tmp_path / "s", insecure=True, algorithm="fedavg",
+                               codec="ae:512", codec_weights=weights, **{**LORA, "lora_r": 1})
+    with pytest.raises(ConfigError, match=r"would make lora.layers.0's upload larger \(4100 bytes against 1792\)"):
+        daemon.build(config)
