@@ -58,14 +58,15 @@ Columns:
 - worker peak MiB: the largest peak RSS (VmHWM) of the run's workers after their first download (a
   worker's steady state); the JSON has the lifetime peaks too.
 
-Defaults: SmolLM2-135M-Instruct, 4 workers, 2 per round, 6 rounds of 1 local step, batch 8, 9 rows:
+Defaults: SmolLM2-135M-Instruct, 4 workers, 2 per round, 6 rounds of 1 local step, batch 8, 13 rows
+(the LoRA and autoencoder rows measured 1.5-3 minutes each, the autoencoder's pre-training 4-6 minutes):
 block rows about 1.5 minutes each on 2 cores (fedbcd, parablock and the four fedcybgd rows took 82-96 s
 each at load 1.5-4.5), zeroth-order rows up to 5 minutes (a decomfl round took 35-50 s
 on the 2-core machine shared with a test run (load 3-5), 10 forwards and perturbing, stepping and
 replaying 106M parameters per step; a 3-round decomfl row took 3-3.5 minutes in all, start-up, the
 workers' first download and both evaluations included; block rows are faster, most of their time is
 start-up). `--quick`: a tiny random Llama (4 layers x 64), 2 workers, 2 per round, 6 rounds: about
-20-30 s per row, 4 minutes for the 9 rows at load 4-5. Run state under
+20-30 s per row, 4.7 minutes for the 13 rows (pre-training included) at load 2-3. Run state under
 WORKDIR/compare/NAME (weights deleted after each run; logs kept).
 
     python benchmarks/compare.py [--quick] [--json out.json] [--algorithms fedbcd,fedcybgd-relay] [--rounds 6]
@@ -85,7 +86,8 @@ from benchmarks.common import parser, report  # noqa: E402
 from benchmarks.zo import SMOLLM2, TOPICS, federate, tiny_model, worker_bytes  # noqa: E402
 
 ALGORITHMS = ("fedbcd", "parablock", "fedavg", "fedcybgd-relay", "fedcybgd-parallel", "fedcybgd-parallel-0.5",
-              "fedcybgd-parallel-0.25", "decomfl", "fedspzo")
+              "fedcybgd-parallel-0.25", "decomfl", "fedspzo", "fedavg+lora", "fedbcd+lora", "decomfl+lora",
+              "fedavg+lora+ae:64")
 FULL = {"rounds": 6, "workers": 4, "clients_per_round": 2, "local_steps": 1, "eval_max_examples": 62}
 QUICK = {"rounds": 6, "workers": 2, "clients_per_round": 2, "local_steps": 1, "eval_max_examples": 32}
 MB = 1e6

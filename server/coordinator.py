@@ -153,7 +153,7 @@ class Coordinator:
         if any(stage.needs_weights for stage in self.codec.stages):  # padded to multiples of the ratio
             for b in self.trainable:
                 encoded, raw = (CodecPipeline(spec).payload_nbytes(self.specs[b].tensors) for spec in
-                                (config.codec.split(",")[0], "none"))
+                                (self.codec.stages[0].spec, "none"))
                 if encoded >= raw:
                     raise ConfigError(f"--codec {config.codec}: it would make {b}'s upload larger ({encoded} bytes "
                                       f"against {raw}); use a smaller ratio")
