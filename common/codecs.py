@@ -327,18 +327,19 @@ class Autoencoder(Stage):
             raise CodecError(f"{self.spec}: the weights in {weights} are for ratio {model.ratio}, not {self.ratio}")
         self.model, self.variant = model, variant
 
-    def _layout(self, shapes):
+    @staticmethod
+    def block_layout(shapes: Mapping[str, tuple[int, ...]], ratio: int):
+        """The image layout of a block (name -> shape): its tensors in name order, as both sides lay it out."""
         from .autoencoder import layout
 
-        return layout(shapes, self.ratio)
+        return layout([(n, tuple(shapes[n])) for n in sorted(shapes)], ratio)
 
     @staticmethod
     def block_image(tensors: Mapping[str, Tensor], ratio: int):
-        """(image [1, 1, H, W], layout) of a block's tensors, laid out in name order as both sides do
-        (also what `fedblock codec train` trains on)."""
-        from .autoencoder import layout, to_image
+        """(image [1, 1, H, W], layout) of a block's tensors (also what `fedblock codec train` trains on)."""
+        from .autoencoder import to_image
 
-        lay = layout([(n, tuple(tensors[n].shape)) for n in sorted(tensors)], ratio)
+        lay = Autoencoder.block_layout({n: t.shape for n, t in tensors.items()}, ratio)
         return to_image(tensors, lay), lay
 
     def _bound(self):
@@ -370,7 +371,7 @@ class Autoencoder(Stage):
         latent, factor = tensors.get(self.LATENT), tensors.get(self.SCALE)
         if set(tensors) != {self.LATENT, self.SCALE} or latent is None or factor is None:
             raise CodecError(f"ae: expected the tensors {self.LATENT} and {self.SCALE}, got {sorted(tensors)[:4]}")
-        lay = self._layout([(n, tuple(expected[n].shape)) for n in sorted(expected)])
+        lay = self.block_layout({n: spec.shape for n, spec in expected.items()}, self.ratio)
         if tuple(latent.shape) != lay.latent_shape or not latent.is_floating_point():
             raise CodecError(f"ae: latent {tuple(latent.shape)} is not the block's {lay.latent_shape}")
         if factor.numel() != 1 or not math.isfinite(f := float(factor.reshape(()))) or f <= 0:

@@ -21,6 +21,29 @@ hf_logging.disable_progress_bar()
 torch.set_num_threads(1)  # the suite runs on 2 cores; workers and coordinator share them
 
 
+def train_every_block(model, blocks, model_dir, data_file, rounds: int, steps: int, lr: float) -> dict:
+    """What fedavg with one worker does, on one machine: each round AdamW (a fresh state) over all of
+    `blocks` for `steps` steps of the worker's data order, then every block's change taken as a delta
+    (`take_delta_`, the float32 rounding of the exchange). Returns the final parameters."""
+    from fedblock.common import blocks as B
+    from fedblock.common.data import BatchStream, load_examples, tokenize
+    from fedblock.common.models import load_tokenizer
+    from fedblock.common.training import BlockTrainer, OptimConfig
+
+    tokenizer = load_tokenizer(model_dir)
+    stream = BatchStream(tokenize(load_examples(str(data_file)), tokenizer, 64), 4, 0, tokenizer.pad_token_id)
+    trainer = BlockTrainer(model, blocks, OptimConfig())
+    for t in range(1, rounds + 1):
+        trainer.begin_round([b.name for b in blocks])
+        start = {b.name: B.snapshot(B.block_params(model, b)) for b in blocks}
+        batches = stream.round(t)
+        for _ in range(steps):
+            trainer.step(next(batches), lr)
+        for b in blocks:
+            B.take_delta_(B.block_params(model, b), start[b.name])
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
 def arithmetic_examples(n: int = 48) -> list[Example]:
     return [
         Example((("user", f"What is {i} plus {i + 1}?"), ("assistant", f"{i} plus {i + 1} is {2 * i + 1}.")),

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import train_every_block
 
 from fedblock.common import blocks as B
 from fedblock.common.data import BatchStream, load_examples, tokenize
@@ -87,19 +88,8 @@ def test_fedavg_with_one_worker_is_full_fine_tuning(federation, tiny_model, data
     """fedavg assigns every block to every worker; with one worker it is centralised full fine-tuning
     (AdamW over all parameters, a fresh state each round)."""
     model = load_model(tiny_model)
-    tokenizer = load_tokenizer(tiny_model)
     blocks = B.partition(model)
-    stream = BatchStream(tokenize(load_examples(str(data_file)), tokenizer, 64), 4, 0, tokenizer.pad_token_id)
-    trainer = BlockTrainer(model, blocks, OptimConfig())
-    for t in range(1, 4):
-        trainer.begin_round([b.name for b in blocks])
-        start = {b.name: B.snapshot(B.block_params(model, b)) for b in blocks}
-        batches = stream.round(t)
-        for _ in range(STEPS):
-            trainer.step(next(batches), LR)
-        for b in blocks:
-            B.take_delta_(B.block_params(model, b), start[b.name])
-    reference = {n: p.detach() for n, p in model.named_parameters()}
+    reference = train_every_block(model, blocks, tiny_model, data_file, 3, STEPS, LR)
 
     fed = federation(algorithm="fedavg", rounds=3, local_steps=STEPS, lr=LR)
     fed.add_worker(fed.worker_config("solo", data_file))

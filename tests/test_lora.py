@@ -5,14 +5,12 @@ import json
 
 import pytest
 import torch
+from conftest import train_every_block
 from transformers import AutoModelForCausalLM
 
 from fedblock.common import adapters as A
-from fedblock.common import blocks as B
 from fedblock.common.config import ConfigError, CoordinatorConfig
-from fedblock.common.data import BatchStream, load_examples, tokenize
-from fedblock.common.models import load_model, load_tokenizer
-from fedblock.common.training import BlockTrainer, OptimConfig
+from fedblock.common.models import load_model
 
 STEPS, LR = 3, 3e-3
 LORA = {"peft": "lora", "lora_r": 4, "lora_alpha": 8.0, "lora_dropout": 0.0}
@@ -50,18 +48,7 @@ def test_fedit_with_one_worker_is_centralised_lora_training(federation, tiny_mod
     machine (AdamW over the adapters, a fresh state each round) to the last bit, and the base stays."""
     model = lora_model(tiny_model)
     blocks = [b for b in A.partition(model, 1, A.LoraSettings()) if b.name.startswith(A.PREFIX)]
-    tokenizer = load_tokenizer(tiny_model)
-    stream = BatchStream(tokenize(load_examples(str(data_file)), tokenizer, 64), 4, 0, tokenizer.pad_token_id)
-    trainer = BlockTrainer(model, blocks, OptimConfig())
-    for t in range(1, 4):
-        trainer.begin_round([b.name for b in blocks])
-        start = {b.name: B.snapshot(B.block_params(model, b)) for b in blocks}
-        batches = stream.round(t)
-        for _ in range(STEPS):
-            trainer.step(next(batches), LR)
-        for b in blocks:
-            B.take_delta_(B.block_params(model, b), start[b.name])
-    reference = {n: p.detach() for n, p in model.named_parameters()}
+    reference = train_every_block(model, blocks, tiny_model, data_file, 3, STEPS, LR)
     initial = dict(lora_model(tiny_model).named_parameters())
 
     fed = federation(algorithm="fedavg", rounds=3, local_steps=STEPS, lr=LR, **LORA)
