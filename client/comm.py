@@ -67,7 +67,7 @@ class Outgoing:
             u = self.update
             self._packed[block] = wire.pack_pending(
                 block, u.deltas[block], codec, round=u.round, base_version=u.base_version,
-                chunk_size=chunk_size, num_tokens=max(1, u.tokens), train_loss=u.loss,
+                chunk_size=chunk_size, num_tokens=max(1, u.tokens), train_loss=u.loss, timings=u.timings,
             )
             del u.deltas[block]  # the encoded blob replaces the delta (a whole-model update is big)
         manifest, blob, _ = self._packed[block]
@@ -268,7 +268,8 @@ class Comm:
             for block in parts:
                 try:
                     if block is None:
-                        status = self.session.report(u.round, u.base_version, u.numbers, max(1, u.tokens), u.loss)
+                        status = self.session.report(u.round, u.base_version, u.numbers, max(1, u.tokens), u.loss,
+                                                     u.timings)
                     else:
                         manifest, blob = out.pack(block, self.codec, self.info.chunk_size)
                         status = self.session.upload(manifest, blob, resume=resume)
@@ -292,7 +293,9 @@ class Comm:
                 if block is not None:
                     out.confirm(block, self.codec)
                 self._progress["transfer"] += 1
-        self.metrics.comm_seconds.inc(time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        self.metrics.comm_seconds.inc(seconds)
+        self.metrics.phase_seconds.labels("upload").observe(seconds)
         return status == "accepted"
 
     def _download(self, announced: int) -> None:
@@ -319,7 +322,9 @@ class Comm:
                 self._resync = self._resync and not resync
             self._queued = version  # the compute thread applies patches in order: the last one says where
             self._progress["transfer"] += 1
-        self.metrics.comm_seconds.inc(time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        self.metrics.comm_seconds.inc(seconds)
+        self.metrics.phase_seconds.labels("download").observe(seconds)
         self._put(self.inbox, patch)
 
     # ---- heartbeats -------------------------------------------------------------------------

@@ -8,6 +8,7 @@ is the algorithm's (its worker half); the waiting, the inbox and the hand-over a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import tempfile
@@ -25,7 +26,7 @@ from ..common import blocks as B
 from ..common.algorithms import Algorithm, Local, Stopped
 from ..common.algorithms.blockwise import BlockDescent
 from ..common.data import BatchStream
-from ..common.messages import Assignment
+from ..common.messages import Assignment, TaskTimings
 from ..common.progress import Progress
 from ..common.training import BlockTrainer
 from .metrics import WorkerMetrics
@@ -93,6 +94,7 @@ class ComputeLoop:
         self.error: BaseException | None = None
         self._assignments: deque[Assignment] = deque()  # arrived while training
         self._taken: set[tuple[int, tuple[str, ...]]] = set()  # (round, blocks) accepted so far
+        self._idle_s = 0.0  # waiting on communication since the last task started (its timings)
 
     def run(self) -> None:
         torch.set_num_threads(self.threads)
@@ -140,10 +142,15 @@ class ComputeLoop:
         self.on_handover()
 
     def _local_steps(self, a: Assignment) -> Update:
+        started, idle, self._idle_s = time.time(), self._idle_s, 0.0
         t0 = time.perf_counter()
         base = self.book.version
         update = self.algorithm.run(a, self.local)
-        self.metrics.compute_seconds.inc(time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        update = dataclasses.replace(update, timings=TaskTimings(seconds, idle, started))
+        self.metrics.compute_seconds.inc(seconds)
+        self.metrics.phase_seconds.labels("idle").observe(idle)
+        self.metrics.phase_seconds.labels("training").observe(seconds)
         self.progress.clear()
         log.info(
             "round %d: %s for %d steps, loss %.4f, on model version %d",
@@ -212,7 +219,9 @@ class ComputeLoop:
             with self.timeline.span("idle", reason=why):
                 yield
         finally:
-            self.metrics.compute_idle_seconds.inc(time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            self._idle_s += seconds
+            self.metrics.compute_idle_seconds.inc(seconds)
 
     def _drain(self) -> bool:
         """Take everything that has arrived (we are at a step boundary). True if a patch was applied."""

@@ -27,6 +27,7 @@ from ..common.messages import (
     Manifest,
     ModelFile,
     RunInfo,
+    TaskTimings,
     event_from_pb,
 )
 from ..common.pb import coordinator_pb2 as pb
@@ -133,12 +134,15 @@ class Session:
 
     # ---- control ------------------------------------------------------------------------------
 
-    def join(self, num_examples: int, device: str, timeout: float) -> RunInfo:
-        """Join the run, retrying with back-off while the coordinator is unreachable (up to `timeout` s)."""
+    def join(self, num_examples: int, device: str, timeout: float, check_only: bool = False) -> RunInfo:
+        """Join the run, retrying with back-off while the coordinator is unreachable (up to `timeout` s).
+        `check_only`: be authenticated and learn the run, without joining it (no session)."""
         from importlib.metadata import version
 
+        from ..common.provenance import hardware
+
         request = pb.JoinRequest(name=self.name, version=version("fedblock"), device=device, num_examples=num_examples,
-                                 protocol=PROTOCOL_VERSION)
+                                 protocol=PROTOCOL_VERSION, hardware=pb.Hardware(**hardware()), check_only=check_only)
         deadline = time.monotonic() + timeout
         delays = backoff_delays()
         metadata = (("authorization", f"Bearer {self.token}"),) if self.token else ()
@@ -249,10 +253,11 @@ class Session:
                 time.sleep(next(delays))
         raise AssertionError("unreachable")
 
-    def report(self, round: int, base_version: int, numbers, tokens: int, loss: float) -> str:
+    def report(self, round: int, base_version: int, numbers, tokens: int, loss: float,
+               timings: TaskTimings | None = None) -> str:
         """Send a record update (one message); "accepted" or "late". Retries transient failures."""
         request = pb.ReportRequest(round=round, base_version=base_version, numbers=list(numbers),
-                                   num_tokens=tokens, train_loss=loss)
+                                   num_tokens=tokens, train_loss=loss, timings=timings.to_pb() if timings else None)
         delays = backoff_delays()
         for attempt in range(8):
             try:

@@ -81,6 +81,7 @@ class Outcome:
     steps: int
     rounds_ahead: int = 0  # rounds that overlapped the previous round's communication
     error: BaseException | None = None
+    reason: str = ""  # why the coordinator ended it: "finished", "stopped", "dropped by operator", "token revoked"
 
 
 class Worker:
@@ -269,7 +270,8 @@ class Worker:
         error = compute.error or comm.error
         if comm.run_end is None or error is not None:
             session.leave("error" if error else "stopped")
-        return Outcome(comm.run_end is not None, compute.rounds_done, compute.steps_done, compute.rounds_ahead, error)
+        return Outcome(comm.run_end is not None, compute.rounds_done, compute.steps_done, compute.rounds_ahead, error,
+                       comm.run_end.reason if comm.run_end is not None else "")
 
 
 def run(config: WorkerConfig) -> Outcome:
@@ -277,9 +279,12 @@ def run(config: WorkerConfig) -> Outcome:
     worker = Worker(config)
     if config.metrics_port:
         server, _ = serve_metrics(worker.metrics.registry, config.metrics_port)
+    lingering, stop_lingering = threading.Event(), threading.Event()
 
     def on_signal(*_):
-        if worker.training:
+        if lingering.is_set():  # the run is over for us: a signal now only ends the lingering
+            stop_lingering.set()
+        elif worker.training:
             worker.stop.set()  # the threads finish their step or transfer and leave
         else:
             raise KeyboardInterrupt  # joining, downloading or tokenizing: nothing to finish
@@ -291,4 +296,8 @@ def run(config: WorkerConfig) -> Outcome:
         return worker.run()
     finally:
         if config.metrics_port:
+            if config.linger:  # so that the last values are scraped
+                lingering.set()
+                log.info("run over; serving /metrics for %.0f s more", config.linger)
+                stop_lingering.wait(config.linger)
             server.shutdown()

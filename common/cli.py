@@ -14,11 +14,14 @@ import sys
 from collections.abc import Sequence
 
 from .config import (
+    AdminConfig,
     CodecTrainConfig,
     ConfigError,
     CoordinatorConfig,
     EvalConfig,
     ExportConfig,
+    HealthConfig,
+    ReportConfig,
     SimulateConfig,
     StatusConfig,
     TokenConfig,
@@ -33,7 +36,7 @@ SIMULATE_SETS_COORDINATOR = frozenset({"listen", "eval_data", "min_workers", "se
                                        "tls_client_ca", "auth_tokens"})
 SIMULATE_SETS_WORKER = frozenset(
     {"coordinator", "name", "data", "seed", "metrics_port", "work_dir", "connect_timeout", "timeline", "insecure",
-     "token", "tls_ca", "tls_cert", "tls_key", "tls_server_name"}
+     "token", "tls_ca", "tls_cert", "tls_key", "tls_server_name", "check_only"}
 )
 
 COMMANDS = {
@@ -43,9 +46,14 @@ COMMANDS = {
     "export": ("write a state dir's global model as a Hugging Face folder", (ExportConfig,)),
     "eval": ("evaluate a model on a data set", (EvalConfig,)),
     "status": ("ask a running coordinator how the run goes", (StatusConfig,)),
+    "report": ("PNG plots and a markdown summary of a run, from its state dir (during the run or after)",
+               (ReportConfig,)),
     "codec": ("codec train: pre-train the autoencoder codec (ae:RATIO) on a run's recorded updates",
               (CodecTrainConfig,)),
+    "health": ("ask the gRPC health service (for probes): exit 0 when serving", (HealthConfig,)),
     "token": ("make a worker token: the secret for the worker, the hashed line for --auth-tokens", (TokenConfig,)),
+    "admin": ("an operator's command to a running coordinator: drop-worker NAME, reload-tokens, drain, set-rounds N",
+              (AdminConfig,)),
 }
 
 
@@ -77,11 +85,22 @@ def make_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(command, help=help_text, description=help_text, allow_abbrev=False)
         if command == "codec":
             p.add_argument("action", choices=["train"], help="what to do with the codec")
+        if command == "admin":
+            from .admin import ACTIONS
+
+            p.add_argument("action", choices=list(ACTIONS), help="the command")
+            p.add_argument("argument", nargs="?", help="drop-worker: the worker's name; set-rounds: the rounds in all")
+        if command == "report":  # `fedblock report STATE_DIR`, the same as --state-dir
+            p.add_argument("report_dir", nargs="?", default=None, metavar="STATE_DIR", help="a coordinator's --state-dir")
         p.add_argument("--config", help="YAML file with option values (flags and FEDBLOCK_* variables win)")
         for f in _fields(command):
             help_ = f.metadata.get("help", "")
             if f.default is not dataclasses.MISSING and f.default not in (None, False):
                 help_ += f" (default: {f.default})"
+            if f.name == "watch":  # `status --watch` alone: every 2 s
+                p.add_argument(flag_name(f), dest=f.name, default=None, help=help_, nargs="?", const="2",
+                               metavar="SECONDS")
+                continue
             if f.type in (bool, "bool"):  # `--insecure` alone means true; `--insecure false` works too
                 p.add_argument(flag_name(f), dest=f.name, default=None, help=help_, nargs="?", const="true",
                                metavar="BOOL")
@@ -148,14 +167,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         from ..server import daemon
 
         summary = daemon.run(config)
-        return 0 if summary["rounds_completed"] >= config.rounds else 1
+        return 0 if summary["rounds_completed"] >= summary["rounds_total"] else 1  # as drain or set-rounds left it
     if command == "worker":
         (config,) = parse_configs(command, args)
+        if config.check_only:
+            from ..client.check import preflight
+
+            return preflight(config)
         from ..client import worker
 
         outcome = worker.run(config)
         if outcome.error is not None:
             logging.getLogger("fedblock.worker").error("worker failed: %s", outcome.error)
+            return 1
+        if outcome.finished and outcome.reason != "finished":  # stopped, dropped, its token revoked
+            logging.getLogger("fedblock.worker").error("the coordinator ended this worker's part: %s", outcome.reason)
             return 1
         return 0 if outcome.finished else 1
     if command == "simulate":
@@ -185,12 +211,32 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .tools import status
 
         return status(config)
+    if command == "report":
+        if args.report_dir is not None:
+            if args.state_dir is not None and args.state_dir != args.report_dir:
+                raise ConfigError(f"two state dirs: {args.report_dir} and --state-dir {args.state_dir}; give one")
+            args.state_dir = args.report_dir
+        (config,) = parse_configs(command, args)
+        from .report import write_report
+
+        print(write_report(config))
+        return 0
     if command == "codec":
         (config,) = parse_configs(command, args)
         from .tools import codec_train
 
         codec_train(config)
         return 0
+    if command == "health":
+        (config,) = parse_configs(command, args)
+        from .tools import health
+
+        return health(config)
+    if command == "admin":
+        (config,) = parse_configs(command, args)
+        from .admin import admin
+
+        return admin(config, args.action, args.argument)
     if command == "token":
         (config,) = parse_configs(command, args)
         from .security import hash_token, new_token

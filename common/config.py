@@ -250,12 +250,15 @@ class CoordinatorConfig:
     keep_checkpoints: int = opt("checkpoints kept in --state-dir", 3)
     threads: int = opt("torch CPU threads (0: torch's default)", 0)
     end_grace: float = opt("after the run, seconds to wait for every worker to hear that it ended", 60.0)
-    linger: float = opt("then seconds to keep serving status and metrics", 0.0)
+    linger: float = opt("after the run, seconds to keep serving status and /metrics, so that Prometheus scrapes the "
+                        "final values (twice the deploy kit's scrape interval); SIGTERM ends it early", 10.0)
     tls_cert: Path | None = opt("TLS certificate (PEM) of the coordinator", None)
     tls_key: Path | None = opt("TLS private key (PEM) of the coordinator", None)
     tls_client_ca: Path | None = opt("require client certificates signed by this CA (mutual TLS); a worker's "
                                      "certificate must name the worker (common name or DNS name)", None)
     auth_tokens: Path | None = opt("YAML file mapping worker names to tokens (or sha256:HASH of tokens)", None)
+    admin_tokens: Path | None = opt("YAML file mapping operator names to tokens, in the format of --auth-tokens: "
+                                    "who may send `fedblock admin` commands (default: nobody)", None)
     insecure: bool = opt("allow plaintext gRPC (no TLS): only on a network you trust", False)
 
     def __post_init__(self) -> None:
@@ -351,7 +354,8 @@ class CoordinatorConfig:
                  "plaintext gRPC needs --insecure; or serve TLS with --tls-cert and --tls-key")
         _require(self.tls_client_ca is None or self.tls_cert is not None, "--tls-client-ca needs --tls-cert and --tls-key")
         for flag, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key),
-                           ("--tls-client-ca", self.tls_client_ca), ("--auth-tokens", self.auth_tokens)):
+                           ("--tls-client-ca", self.tls_client_ca), ("--auth-tokens", self.auth_tokens),
+                           ("--admin-tokens", self.admin_tokens)):
             _require(path is None or Path(path).is_file(), f"{flag}: no such file {path}")
 
     @property
@@ -415,6 +419,11 @@ class WorkerConfig:
     insecure: bool = opt("connect without TLS: only on a network you trust", False)
     max_retries: int = opt("give up after this many failed reconnection attempts in a row (0: never)", 0)
     max_backoff: float = opt("longest wait between reconnection attempts, in seconds (exponential with jitter up to it)", 30.0)
+    linger: float = opt("with --metrics-port: after the run, seconds to keep serving /metrics, so that Prometheus "
+                        "scrapes the final values (twice the deploy kit's scrape interval); SIGTERM ends it early", 10.0)
+    check_only: bool = opt("pre-flight check of this site, then exit (0: all good, 1: something failed): the data, "
+                           "--model against the coordinator's initial model, the token and TLS, the memory needed; "
+                           "joins nothing", False, flag="--check")
 
     def check(self) -> None:
         _host_port(self.coordinator, "--coordinator")
@@ -428,6 +437,7 @@ class WorkerConfig:
         _require(self.max_upload_rate >= 0 and self.max_download_rate >= 0, "rates must be >= 0")
         _require(self.max_retries >= 0, "--max-retries must be >= 0")
         _require(self.max_backoff > 0, "--max-backoff must be > 0")
+        _require(self.linger >= 0, "--linger must be >= 0")
         _require((self.tls_cert is None) == (self.tls_key is None), "--tls-cert and --tls-key go together")
         _require(not (self.insecure and (self.tls_ca or self.tls_cert)), "--insecure contradicts the --tls-* options")
         for flag, path in (("--tls-ca", self.tls_ca), ("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key)):
@@ -460,6 +470,14 @@ class ExportConfig:
     round: int | None = opt("export the checkpoint of this round (default: the latest)", None)
     adapter_out: Path | None = opt("a run with --peft lora: also write the adapters alone here, in peft's format "
                                    "(--out always holds the model with the adapters merged)", None)
+
+
+@dataclass(kw_only=True)
+class ReportConfig:
+    """`fedblock report STATE_DIR`: PNG plots and a markdown summary of a run (during it or after)."""
+
+    state_dir: Path = opt("a coordinator's --state-dir (or give it as the first argument: fedblock report DIR)")
+    out: Path | None = opt("folder for the PNGs and report.md (default: STATE_DIR/report)", None)
 
 
 @dataclass(kw_only=True)
@@ -510,9 +528,56 @@ class StatusConfig:
     tls_ca: Path | None = opt("CA certificate (PEM) to trust for the coordinator", None)
     tls_server_name: str | None = opt("name to expect in the coordinator's certificate", None)
     insecure: bool = opt("connect without TLS", False)
+    watch: float = opt("refresh the view every SECONDS until the run ends or Ctrl-C (0: show it once; "
+                       "--watch alone: every 2 s)", 0.0)
 
     def check(self) -> None:
         _host_port(self.coordinator, "--coordinator")
+        _require(self.watch >= 0 and math.isfinite(self.watch), "--watch must be a number of seconds >= 0")
+
+
+@dataclass(kw_only=True)
+class HealthConfig:
+    """`fedblock health`: the standard gRPC health check, for probes (exit 0 healthy, 1 not)."""
+
+    coordinator: str = opt("coordinator address HOST:PORT")
+    live: bool = opt("healthy when the server answers at all, loading included (a liveness probe); without it, "
+                     "only when it accepts workers (a readiness probe)", False)
+    service: str = opt("the service to ask about ('' : the server as a whole)", "")
+    timeout: float = opt("seconds to wait for the answer", 5.0)
+    tls_ca: Path | None = opt("CA certificate (PEM) to trust for the coordinator", None)
+    tls_cert: Path | None = opt("client certificate (PEM), where the coordinator requires mutual TLS", None)
+    tls_key: Path | None = opt("client private key (PEM)", None)
+    tls_server_name: str | None = opt("name to expect in the coordinator's certificate", None)
+    insecure: bool = opt("connect without TLS", False)
+
+    def check(self) -> None:
+        _host_port(self.coordinator, "--coordinator")
+        _require(self.timeout > 0, "--timeout must be > 0")
+        _require((self.tls_cert is None) == (self.tls_key is None), "--tls-cert and --tls-key go together")
+
+
+@dataclass(kw_only=True)
+class AdminConfig:
+    """`fedblock admin ACTION [ARGUMENT]`: an operator's command to a running coordinator."""
+
+    coordinator: str = opt("coordinator address HOST:PORT")
+    operator: str | None = opt("your name in the coordinator's --admin-tokens file (default: your login name)", None)
+    token: str | None = opt("your operator token (see the coordinator's --admin-tokens)", None)
+    timeout: float = opt("seconds to wait for the answer", 30.0)
+    tls_ca: Path | None = opt("CA certificate (PEM) to trust for the coordinator", None)
+    tls_cert: Path | None = opt("client certificate (PEM), where the coordinator requires mutual TLS", None)
+    tls_key: Path | None = opt("client private key (PEM)", None)
+    tls_server_name: str | None = opt("name to expect in the coordinator's certificate", None)
+    insecure: bool = opt("connect without TLS", False)
+
+    def check(self) -> None:
+        _host_port(self.coordinator, "--coordinator")
+        _require(self.timeout > 0, "--timeout must be > 0")
+        _require((self.tls_cert is None) == (self.tls_key is None), "--tls-cert and --tls-key go together")
+        _require(not (self.insecure and (self.tls_ca or self.tls_cert)), "--insecure contradicts the --tls-* options")
+        for flag, path in (("--tls-ca", self.tls_ca), ("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key)):
+            _require(path is None or Path(path).is_file(), f"{flag}: no such file {path}")
 
 
 @dataclass(kw_only=True)

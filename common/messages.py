@@ -7,6 +7,7 @@ and server/service.py) call `to_pb` / `from_pb`.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -17,7 +18,7 @@ from .pb import coordinator_pb2 as pb
 
 # Version 2 added algorithm settings, seeds, records (Report) and the log (Log). A peer of another
 # version is refused at Join with a message that says which versions meet.
-PROTOCOL_VERSION = 3  # 3: RunInfo.lora and codec_files (a protocol-2 worker would ignore them)
+PROTOCOL_VERSION = 4  # 4: task timings, hardware, check-only joins and Admin; 3: RunInfo.lora and codec_files
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,29 @@ class BlockSpec:
 
 
 @dataclass(frozen=True)
+class TaskTimings:
+    """What one task cost its worker: `compute_s` training, after `idle_s` waiting on communication, from
+    `started_unix` on the worker's clock. The coordinator maps that clock onto its own with `sent_unix`,
+    the worker's clock when the message went out (stamped by `to_pb`)."""
+
+    compute_s: float
+    idle_s: float
+    started_unix: float
+    sent_unix: float = 0.0
+
+    def to_pb(self) -> pb.TaskTimings:
+        return pb.TaskTimings(compute_s=self.compute_s, idle_s=self.idle_s, started_unix=self.started_unix,
+                              sent_unix=time.time())
+
+    @classmethod
+    def from_pb(cls, m: pb.TaskTimings) -> TaskTimings | None:
+        values = (m.compute_s, m.idle_s, m.started_unix, m.sent_unix)
+        if not all(math.isfinite(v) for v in values) or min(m.compute_s, m.idle_s) < 0 or m.sent_unix <= 0:
+            return None  # absent, or nothing a timeline can use
+        return cls(*values)
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Describes one tensor transfer (one block), sent before its chunks."""
 
@@ -76,6 +100,7 @@ class Manifest:
     num_chunks: int
     num_tokens: int = 0
     train_loss: float = math.nan
+    timings: TaskTimings | None = None  # uploads
 
     def to_pb(self) -> pb.Manifest:
         return pb.Manifest(
@@ -91,6 +116,7 @@ class Manifest:
             num_chunks=self.num_chunks,
             num_tokens=self.num_tokens,
             train_loss=self.train_loss,
+            timings=self.timings.to_pb() if self.timings else None,
         )
 
     @classmethod
@@ -108,6 +134,7 @@ class Manifest:
             num_chunks=m.num_chunks,
             num_tokens=m.num_tokens,
             train_loss=m.train_loss,
+            timings=TaskTimings.from_pb(m.timings) if m.HasField("timings") else None,
         )
 
 
@@ -197,6 +224,7 @@ class Update:
     tokens: int
     loss: float
     numbers: tuple[float, ...] | None = None
+    timings: TaskTimings | None = None  # set by the compute loop
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,8 @@ def simulate(sim: SimulateConfig, args: argparse.Namespace) -> int:
     port = sim.port or free_port()
     # Everything stays on 127.0.0.1, so plaintext is fine here (and the only option simulate offers).
     coord_forced = {"listen": f"127.0.0.1:{port}", "min_workers": sim.workers, "seed": sim.seed, "insecure": True}
+    if flags.get("linger") is None and "linger" not in file_values:  # nobody scrapes a simulation by default
+        coord_forced["linger"] = 0
     coord = build(CoordinatorConfig, {**_known(CoordinatorConfig, flags), **coord_forced}, None, _known(CoordinatorConfig, file_values))
     state_dir = Path(coord.state_dir)
     data_dir = state_dir / "data"
@@ -74,6 +76,7 @@ def simulate(sim: SimulateConfig, args: argparse.Namespace) -> int:
             "metrics_port": coord.metrics_port + 1 + i if coord.metrics_port else 0,
             "timeline": str(state_dir / "timelines" / f"worker-{i}.jsonl"),
             "insecure": True,
+            "linger": coord.linger,
         }
         workers.append(build(WorkerConfig, {**worker_template, **forced}, None, _known(WorkerConfig, file_values)))
 

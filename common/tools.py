@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from .config import CodecTrainConfig, ConfigError, EvalConfig, ExportConfig, StatusConfig
+from .config import CodecTrainConfig, ConfigError, EvalConfig, ExportConfig, HealthConfig, StatusConfig
 
 
 def export(config: ExportConfig) -> str:
@@ -96,6 +96,11 @@ def _same_answer(got: str | None, want: str) -> bool:
 
 
 def status(config: StatusConfig) -> int:
+    """Print the coordinator's view of the run once, or with --watch every SECONDS until the run ends
+    (finished or stopped: the final view, exit 0) or Ctrl-C. On a terminal the view is redrawn in place;
+    otherwise each refresh is one block of lines, blank-line separated, so that it can be logged."""
+    import sys
+
     import grpc
 
     from .pb import coordinator_pb2 as pb
@@ -103,20 +108,85 @@ def status(config: StatusConfig) -> int:
     from .rpc import open_channel
     from .security import channel_credentials
 
+    out = sys.stdout
+    tty = out.isatty()
     credentials = None if config.insecure else channel_credentials(config.tls_ca, None, None)
     with open_channel(config.coordinator, credentials, config.tls_server_name) as channel:
+        stub = pb_grpc.CoordinatorStub(channel)
+        shown = None
         try:
-            s = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=10)
-        except grpc.RpcError as e:
-            print(f"fedblock status: error: {config.coordinator}: {e.code().name}: {e.details()}")
-            return 2
-    loss = "n/a" if math.isnan(s.last_eval_loss) else f"{s.last_eval_loss:.4f} (after round {s.last_eval_round})"
-    print(f"run {s.run_id}: {s.algorithm}, {s.state}, round {s.round}, {s.rounds_completed}/{s.rounds_total} rounds completed")
-    print(f"bytes received {s.bytes_received / 1e6:.1f} MB, sent {s.bytes_sent / 1e6:.1f} MB; last eval loss {loss}")
+            while True:
+                try:
+                    s = stub.Status(pb.StatusRequest(), timeout=10)
+                except grpc.RpcError as e:
+                    if shown is None:
+                        print(f"fedblock status: error: {config.coordinator}: {e.code().name}: {e.details()}")
+                        return 2
+                    print(f"fedblock status: {config.coordinator} no longer answers ({e.code().name}): the "
+                          f"coordinator stopped while the run was {shown.state}", file=sys.stderr)
+                    return 1
+                view = status_view(s, config.watch if config.watch else None)
+                if tty and config.watch:
+                    out.write("\x1b[H\x1b[2J" + view)  # home, clear: redraw in place
+                else:
+                    out.write(("\n" if shown is not None else "") + view)
+                out.flush()
+                shown = s
+                if not config.watch or s.state in ("finished", "stopped"):
+                    return 0
+                time.sleep(config.watch)
+        except KeyboardInterrupt:  # the way to leave a watch
+            return 0
+
+
+def status_view(s, every: float | None = None) -> str:
+    """The lines `fedblock status` shows for one StatusReply (`every`: the watch's refresh, for the header)."""
+    total, done = max(int(s.rounds_total), 0), int(s.rounds_completed)
+    width = 30
+    filled = min(width, round(width * done / total)) if total else 0
+    loss = "none yet" if math.isnan(s.last_eval_loss) else f"{s.last_eval_loss:.4f} (after round {s.last_eval_round})"
+    lines = []
+    if every:
+        lines.append(f"fedblock status {time.strftime('%H:%M:%S')}, every {every:g} s (Ctrl-C to stop)")
+    lines += [
+        f"run {s.run_id}: {s.algorithm}, {s.state}, {done}/{total} rounds completed"
+        + (f", round {s.round} open" if s.round and s.state not in ("finished", "stopped") else ""),
+        f"[{'#' * filled}{'.' * (width - filled)}] {100 * done / total if total else 0:.0f}%",
+        f"bytes up {s.bytes_received / 1e6:.1f} MB (received), down {s.bytes_sent / 1e6:.1f} MB (sent); "
+        f"last eval loss {loss}",
+    ]
+    if s.workers:
+        lines.append(f"  {'worker':20s} {'state':9s} {'last seen':>10s} {'round':>6s} {'steps':>6s} {'updates':>8s}  device")
     for w in s.workers:
-        seen = "never" if w.last_seen_s < 0 else f"{w.last_seen_s:.0f} s ago"
-        print(f"  {w.name:20s} {'connected' if w.connected else 'gone':9s} last seen {seen:>10s}  updates {w.updates_accepted}")
-    return 0
+        ago = w.last_seen_s
+        seen = "never" if not math.isfinite(ago) or ago < 0 else f"{ago:.1f} s ago" if ago < 10 else f"{ago:.0f} s ago"
+        lines.append(f"  {w.name:20s} {'connected' if w.connected else 'gone':9s} {seen:>10s} "
+                     f"{getattr(w, 'current_round', 0) or '-':>6} {getattr(w, 'local_steps', 0) or '-':>6} "
+                     f"{w.updates_accepted:>8d}  {getattr(w, 'device', '') or '-'}")
+    if not s.workers:
+        lines.append("  no worker has joined yet")
+    return "\n".join(lines) + "\n"
+
+
+def health(config: HealthConfig) -> int:
+    """0 when the coordinator's health service says SERVING (with --live: answers at all), else 1."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from .rpc import open_channel
+    from .security import channel_credentials
+
+    credentials = None if config.insecure else channel_credentials(config.tls_ca, config.tls_cert, config.tls_key)
+    with open_channel(config.coordinator, credentials, config.tls_server_name) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=config.service),
+                                                              timeout=config.timeout)
+        except grpc.RpcError as e:
+            print(f"{config.coordinator}: {e.code().name}: {e.details()}")
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{config.coordinator}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING or config.live else 1
 
 
 def codec_train(config: CodecTrainConfig) -> dict:

@@ -21,7 +21,7 @@ from typing import NamedTuple
 from torch import Tensor
 
 from .codecs import CodecPipeline, CodecState
-from .messages import Manifest, TensorSpec
+from .messages import Manifest, TaskTimings, TensorSpec
 
 GRPC_FRAME_OVERHEAD = 5  # gRPC length-prefixed message header; counted in wire byte metrics
 DEFAULT_CHUNK_SIZE = 1 << 20
@@ -69,6 +69,7 @@ def pack_pending(
     chunk_size: int,
     num_tokens: int = 0,
     train_loss: float = float("nan"),
+    timings: TaskTimings | None = None,
 ) -> tuple[Manifest, bytes, CodecState]:
     """`pack` without advancing the codec's state: pass the state to `codec.commit` once the receiver
     has the blob. The manifest lists the decoded tensors."""
@@ -87,6 +88,7 @@ def pack_pending(
         num_chunks=num_chunks(len(blob), chunk_size),
         num_tokens=num_tokens,
         train_loss=train_loss,
+        timings=timings,
     )
     return manifest, blob, state
 

@@ -7,6 +7,7 @@ object and calls `run()` on its main thread. One condition variable guards the s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import queue
@@ -16,25 +17,39 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ..common import blocks as B
-from ..common import wire
+from ..common import provenance, wire
 from ..common.adapters import select_trainable
 from ..common.aggregation import is_finite, l2_norm
 from ..common.algorithms import Algorithm, Task
 from ..common.codecs import CodecPipeline, load_safetensors
 from ..common.config import ConfigError, CoordinatorConfig
-from ..common.messages import BlockSpec, CatchUp, Event, Manifest, ModelFile, ModelNotice, RunEnd, RunInfo
+from ..common.messages import (
+    BlockSpec,
+    CatchUp,
+    Event,
+    Manifest,
+    ModelFile,
+    ModelNotice,
+    RunEnd,
+    RunInfo,
+    TaskTimings,
+)
 from ..common.progress import Progress
 from ..common.rpc import message_limit
 from .evaluation import BackgroundEvaluation
 from .metrics import CoordinatorMetrics
-from .registry import Registry
+from .registry import Ended, Registry
 from .rounds import Refused, RoundPlan, RoundRules, Rounds
 from .store import Checkpoint, StateError, StateStore, export_model
+
+if TYPE_CHECKING:
+    from ..common.security import Authenticator
 
 log = logging.getLogger("fedblock.coordinator")
 
@@ -117,6 +132,16 @@ class Totals:
     round_history: list[dict] = field(default_factory=list)
 
 
+def trainable_blocks(config: CoordinatorConfig, block_order: list[str]) -> list[str]:
+    """The blocks --train-blocks selects; ConfigError when it selects none."""
+    trainable = select_trainable(block_order, config.train_blocks, adapters=config.lora is not None)
+    if not trainable:
+        what = "the adapter blocks" if config.lora else "the blocks"
+        raise ConfigError(f"--train-blocks {config.train_blocks!r} matches none of {what} "
+                          f"({', '.join(block_order[:3])}, ..., {block_order[-1]})")
+    return trainable
+
+
 class Coordinator:
     def __init__(
         self,
@@ -138,11 +163,7 @@ class Coordinator:
         self.run_id = run_id
         self.specs = {s.name: s for s in specs}
         self.block_order = [s.name for s in specs]
-        self.trainable = select_trainable(self.block_order, config.train_blocks, adapters=config.lora is not None)
-        if not self.trainable:
-            what = "the adapter blocks" if config.lora else "the blocks"
-            raise ConfigError(f"--train-blocks {config.train_blocks!r} matches none of {what} "
-                              f"({', '.join(self.block_order[:3])}, ..., {self.block_order[-1]})")
+        self.trainable = trainable_blocks(config, self.block_order)
         try:
             self.algorithm: Algorithm = config.algorithm_class(config.algorithm_settings(), specs, self.trainable)
         except ValueError as e:  # settings the algorithm cannot work with (for this model)
@@ -178,7 +199,7 @@ class Coordinator:
                 lr=config.lr,
                 lr_schedule=config.lr_schedule,
                 seed=config.seed,
-                planner=lambda round, workers: self.algorithm.tasks(round, workers, config.seed, config.block_schedule),
+                planner=self._plan_tasks,
             ),
             version=initial.version,
         )
@@ -228,6 +249,11 @@ class Coordinator:
         self._t0 = time.monotonic()
         self._startup_peak = 0  # peak RSS before the first round (loading, first checkpoint)
         self.state = "waiting"
+        self.metrics.rounds_target.set(config.rounds)
+        self._intervals: list[list] = []  # [worker, kind, start_s, end_s] since the last close (under _cv)
+        self._timed: set[tuple[str, int]] = set()  # (worker, round) whose task timings are in
+        self._fold_seconds: dict[int, float] = {}  # round -> time spent folding its updates in
+        self.hardware: dict[str, dict] = {}  # worker -> its machine, as it said at Join
         self.progress = Progress()
         self.export_path: Path | None = None
         self.model_files, self.codec_files = (
@@ -242,18 +268,35 @@ class Coordinator:
         store.keep_base = store.keep_base or self.algorithm.needs_base
         self._base_sha256 = self._check_base_files() if self.algorithm.needs_base else {}
 
+    def _plan_tasks(self, round: int, workers: Mapping[str, int]):
+        """The algorithm's tasks of a round being planned (the `assignment` phase: they go out at once)."""
+        t = time.perf_counter()
+        tasks = self.algorithm.tasks(round, workers, self.config.seed, self.config.block_schedule)
+        self.metrics.phase_seconds.labels("assignment").observe(time.perf_counter() - t)
+        return tasks
+
     # ---- calls from workers (via the service) ------------------------------------------------------
 
-    def join(self, name: str) -> RunInfo:
-        record = self.registry.join(name)
+    def join(self, name: str, hardware: Mapping | None = None, token: str = "") -> RunInfo:
+        """`token`: the hash of the token the worker authenticated with (a reload of the tokens drops it
+        when that is no longer its token)."""
+        record = self.registry.join(name, token)
         with self._cv:  # its assignments go out when it opens its event stream (`events`)
             self._awaited.discard(name)
+            if hardware:
+                self.hardware[name] = dict(hardware)
             self.metrics.workers_connected.set(len(self.registry.connected()))
+            self.metrics.peer_connected.labels(name).set(1)
+            self.metrics.peer_last_seen.labels(name).set(time.time())
             self._cv.notify_all()
+            self._end_if_revoked(name, token)  # the tokens may have been reloaded since the service checked it
         log.info("worker %s joined (%d connected)", name, len(self.registry.connected()))
+        return self._run_info(record.session)
+
+    def _run_info(self, session: str) -> RunInfo:
         c = self.config
         return RunInfo(
-            session=record.session,
+            session=session,
             run_id=self.run_id,
             algorithm=c.algorithm,
             pipeline_depth=c.depth,
@@ -266,7 +309,7 @@ class Coordinator:
             model_version=self.global_model.version,
             model_files=self.model_files,
             seed=c.seed,
-            rounds=c.rounds,
+            rounds=self.rounds.total,
             algorithm_settings=self._worker_settings(),
             initial_block_sha256=tuple(self.initial_sha256.get(b, b"") for b in self.block_order),
             lora=c.lora,
@@ -288,7 +331,11 @@ class Coordinator:
     def events(self, name: str, session: str, alive=lambda: True, poll_s: float = 0.5) -> Iterator[Event]:
         """The worker's event stream; ends when the caller is gone (`alive()` false), when the worker
         opens another stream, leaves or joins again, or when the run ends."""
-        events = self.registry.open_stream(name, session)
+        try:
+            events = self.registry.open_stream(name, session)
+        except Ended as e:  # the coordinator ended its part (an operator): say so again, as often as it asks
+            yield RunEnd(e.reason, self.global_model.version)
+            return
         record = next(w for w in self.registry.all() if w.name == name)
         with self._cv:  # what was queued for an earlier stream is gone with it: send it again
             self.rounds.rejoined(name)
@@ -312,8 +359,11 @@ class Coordinator:
                 return
             yield event
 
-    def heartbeat(self, name: str, session: str) -> int:
-        self.registry.check(name, session)
+    def heartbeat(self, name: str, session: str, local_steps: int = 0) -> int:
+        record = self.registry.check(name, session)
+        record.local_steps = local_steps
+        self.metrics.peer_local_steps.labels(name).set(local_steps)
+        self.metrics.peer_last_seen.labels(name).set(time.time())
         return self.global_model.version
 
     def leave(self, name: str, session: str) -> None:
@@ -325,6 +375,7 @@ class Coordinator:
         Streams of the same upload (a worker resuming after a broken link) share its chunks, and all
         get the answer of the one that checked it."""
         self.registry.check(name, session)
+        started = self.wall_seconds()
         if self.algorithm.records:
             raise self._reject("wrong_kind", f"{self.config.algorithm} takes record updates (Report), not tensors")
         self._check_manifest(manifest)
@@ -339,6 +390,16 @@ class Coordinator:
                 return "late"
             self.rounds.hand_in(name, manifest.round, self._present())
             self._deliver()
+            self._task_timings(name, manifest.round, manifest.timings, started)
+        outcome = self._receive(name, manifest, chunks)
+        if outcome == "accepted":
+            ended = self.wall_seconds()
+            self.metrics.phase_seconds.labels("upload").observe(ended - started)
+            self.metrics.peer_last_seen.labels(name).set(time.time())
+            self.note_interval(name, "upload", started, ended)
+        return outcome
+
+    def _receive(self, name: str, manifest: Manifest, chunks: Iterable[tuple[int, bytes]]) -> str:
         up = self._open_upload(name, manifest)
         try:
             for index, data in chunks:
@@ -462,7 +523,10 @@ class Coordinator:
                 adopted = self.algorithm.fold(plan.sums, up.manifest.block, d, float(up.manifest.num_tokens),
                                               adopt=owner is not None, owner=owner)
                 adding = False
-                self.metrics.aggregation_duration.observe(time.perf_counter() - t)
+                seconds = time.perf_counter() - t
+                self.metrics.aggregation_duration.observe(seconds)
+                with self._cv:
+                    self._fold_seconds[plan.round] = self._fold_seconds.get(plan.round, 0.0) + seconds
                 added += 1
                 del d
                 if up is last:
@@ -495,19 +559,21 @@ class Coordinator:
                             w.updates_accepted += len(blocks)
                 self._cv.notify_all()
         self.metrics.updates.labels("accepted", "").inc(len(blocks))
+        self.metrics.peer_updates_accepted.labels(name).inc(len(blocks))
         log.debug("round %d: %s from %s accepted", plan.round, "+".join(blocks) if len(blocks) < 4 else f"{len(blocks)} blocks", name)
         self.progress.show(
-            f"round {plan.round}/{self.config.rounds}: {plan.workers_done}/{len(plan.assignments)} workers delivered, "
+            f"round {plan.round}/{self.rounds.total}: {plan.workers_done}/{len(plan.assignments)} workers delivered, "
             f"{self.totals.bytes_up / 1e6:.1f} MB up, {self.totals.bytes_down / 1e6:.1f} MB down",
             force=True,
         )
         return adopted_last
 
     def report(self, name: str, session: str, round: int, base_version: int, numbers: tuple[float, ...],
-               tokens: int, loss: float) -> str:
+               tokens: int, loss: float, timings: TaskTimings | None = None) -> str:
         """A record update (a few numbers for the worker's whole task), checked and kept by its round.
         Returns "accepted" or "late"; raises Refused or UnknownWorker."""
         self.registry.check(name, session)
+        received = self.wall_seconds()
         if not self.algorithm.records:
             raise self._reject("wrong_kind", f"{self.config.algorithm} takes tensor updates (Upload), not records")
         with self._cv:
@@ -536,8 +602,11 @@ class Coordinator:
                 if w.name == name:
                     w.updates_accepted += 1
             self._deliver()
+            self._task_timings(name, round, timings, received)
             self._cv.notify_all()
         self.metrics.updates.labels("accepted", "").inc()
+        self.metrics.peer_updates_accepted.labels(name).inc()
+        self.metrics.peer_last_seen.labels(name).set(time.time())
         return "accepted"
 
     def catch_up(self, name: str, session: str, held: int, after_download: bool = False) -> CatchUp:
@@ -677,6 +746,33 @@ class Coordinator:
                 self._blobs[key] = hit
             return hit
 
+    def note_interval(self, worker: str, kind: str, start_s: float, end_s: float) -> None:
+        """One interval of a worker's timeline (compute, idle, upload, download), in run seconds; the next
+        round's entry in the history keeps it (summary.json, `fedblock report`)."""
+        with self._cv:
+            if len(self._intervals) < MAX_INTERVALS:
+                self._intervals.append([worker, kind, round(start_s, 3), round(end_s, 3)])
+
+    def downloaded(self, worker: str, started_s: float, blocks: int) -> None:
+        """A model sync of `blocks` blocks (begun at `started_s`) went out to the worker."""
+        ended = self.wall_seconds()
+        self.metrics.phase_seconds.labels("download").observe(ended - started_s)
+        if blocks:
+            self.note_interval(worker, "download", started_s, ended)
+
+    def _task_timings(self, worker: str, task_round: int, timings: TaskTimings | None, received_s: float) -> None:
+        """Under the lock: the worker's compute and idle time of its task of `task_round`, once per task, put
+        on the coordinator's clock: the message left the worker at `sent_unix`, and came at `received_s`."""
+        if timings is None or (worker, task_round) in self._timed:
+            return
+        self._timed.add((worker, task_round))
+        self.metrics.phase_seconds.labels("training").observe(timings.compute_s)
+        started = received_s - max(0.0, timings.sent_unix - timings.started_unix)
+        if len(self._intervals) < MAX_INTERVALS - 1:
+            if timings.idle_s > 0:
+                self._intervals.append([worker, "idle", round(started - timings.idle_s, 3), round(started, 3)])
+            self._intervals.append([worker, "compute", round(started, 3), round(started + timings.compute_s, 3)])
+
     def count_sent(self, kind: str, nbytes: int) -> None:
         self.metrics.bytes_sent.labels(kind).inc(nbytes)
         if kind == "model":
@@ -699,13 +795,16 @@ class Coordinator:
                 "algorithm": self.config.algorithm,
                 "round": head.round if head else 0,
                 "rounds_completed": self.global_model.version,
-                "rounds_total": self.config.rounds,
+                "rounds_total": self.rounds.total,
                 "workers": [
                     {
                         "name": w.name,
                         "connected": w.connected,
                         "last_seen_s": now - w.last_seen if w.last_seen else math.inf,
                         "updates_accepted": w.updates_accepted,
+                        "current_round": max((r for r, p in self.rounds.plans.items() if w.name in p.assignments), default=0),
+                        "local_steps": w.local_steps,
+                        "device": self.hardware.get(w.name, {}).get("device", ""),
                     }
                     for w in self.registry.all()
                 ],
@@ -715,6 +814,111 @@ class Coordinator:
                 "last_eval_loss": float(last[1]),
                 "state": self.state,
             }
+
+    # ---- operator controls (`fedblock admin` through the service, signals through the daemon) --------
+    # Each returns what it did, in words, and logs it with who asked (`by`); LookupError: no such worker;
+    # ValueError (ConfigError among them): refused, nothing changed.
+
+    _reloaded: Authenticator | None = None  # the workers' tokens as a reload left them (None: never reloaded)
+
+    def describe(self, name: str) -> RunInfo:
+        """What a Join would tell `name` about the run, for a pre-flight check (`fedblock worker --check`):
+        no session, nothing registered or counted as connected."""
+        log.info("worker %s: pre-flight check (authenticated; nothing joined)", name)
+        return self._run_info("")
+
+    def drop_worker(self, name: str, by: str = "an operator") -> str:
+        """End a worker's part in the run: it is sent RunEnd("dropped by operator") and every later call
+        of its session is refused, so it exits instead of joining again; its open rounds go on without it.
+        A worker started again under the name may join again (its token permitting)."""
+        with self._cv:
+            record = next((w for w in self.registry.all() if w.name == name), None)
+            if record is None:
+                known = ", ".join(sorted(w.name for w in self.registry.all())) or "none"
+                raise LookupError(f"no worker named {name!r} (known: {known})")
+            if record.connected:
+                self._end_worker(name, "dropped by operator")
+                result = f"dropped worker {name!r}: its open rounds go on without it"
+            elif name in self._awaited:  # after a restart, not back yet: stop waiting for it
+                self._awaited.discard(name)
+                self.rounds.departed(name)
+                self._drop_stale_uploads()
+                self._deliver()
+                self._cv.notify_all()
+                result = f"no longer waiting for worker {name!r}: its open rounds go on without it"
+            else:
+                raise ValueError(f"worker {name!r} is not connected: nothing to drop")
+        log.warning("%s: %s", by, result)
+        return result
+
+    def reload_tokens(self, workers: Authenticator | None, operators: Authenticator | None = None,
+                      by: str = "an operator") -> str:
+        """Read the --auth-tokens (and --admin-tokens) files again and use them from now on; a connected
+        worker whose token is no longer the one it joined with is dropped (RunEnd "token revoked"). A
+        file that is not valid changes nothing (ConfigError)."""
+        files = [a for a in (workers, operators) if a is not None and a.path is not None]
+        if not files:
+            raise ValueError("this coordinator has no --auth-tokens or --admin-tokens file to reload")
+        tables = [(a, a.read()) for a in files]  # all read before any is used
+        revoked = []
+        with self._cv:  # a Join registering meanwhile checks its token against the new table (`join`)
+            for a, tokens in tables:
+                a.tokens = tokens
+            if workers is not None and workers.path is not None:
+                self._reloaded = workers
+                for w in self.registry.all():
+                    if w.connected and not workers.admits(w.name, w.token):
+                        self._end_worker(w.name, "token revoked")
+                        revoked.append(w.name)
+        read = "; ".join(f"{a.flag}: {len(tokens)} {a.who}s" for a, tokens in tables)
+        result = f"reloaded {read}; " + (f"dropped {', '.join(revoked)} (token revoked or changed)" if revoked
+                                         else "no worker dropped")
+        log.warning("%s: %s", by, result)
+        return result
+
+    def drain(self, by: str = "an operator") -> str:
+        """Finish the rounds already planned, plan no new one, then end the run as a complete one."""
+        with self._cv:
+            self._check_running()
+            last, before = self.rounds.committed, self.rounds.total
+            self._set_total(last)
+            result = (f"draining: the run ends after round {last} (of {before})" if last > self.rounds.version
+                      else f"no round is open: the run ends now, at round {last} (of {before})")
+        log.warning("%s: %s", by, result)
+        return result
+
+    def set_rounds(self, rounds: int, by: str = "an operator") -> str:
+        """Run `rounds` rounds in all, more or fewer than --rounds, but never fewer than are planned
+        already (ValueError). A coordinator started again takes its --rounds again."""
+        with self._cv:
+            self._check_running()
+            before = self.rounds.total
+            self._set_total(rounds)
+        result = f"the run is now {rounds} rounds long (was {before}; {self.rounds.version} done)"
+        log.warning("%s: %s", by, result)
+        return result
+
+    def _check_running(self) -> None:
+        """Under the lock: the run's length may change only while it runs (or waits for workers)."""
+        if self.rounds.finished or self._stop.is_set() or self.state in ("finished", "stopped"):
+            raise ValueError(f"the run is over ({self.state}, {self.rounds.version} rounds done)")
+
+    def _set_total(self, rounds: int) -> None:
+        """Under the lock: the one place the run's length changes (`Rounds.total` is what all read)."""
+        self.rounds.set_total(rounds)
+        self.metrics.rounds_target.set(rounds)
+        self._cv.notify_all()  # the run loop sees at once that it is over (a drain with no round open)
+
+    def _end_worker(self, name: str, reason: str) -> None:
+        """Under the lock: end a connected worker's session (`Registry.end`), then plan without it."""
+        self.registry.end(name, RunEnd(reason, self.global_model.version), reason)
+        self._drop(name, reason)
+        log.warning("worker %s: %s; its session is over", name, reason)
+
+    def _end_if_revoked(self, name: str, token: str) -> None:
+        """Under the lock, as a worker joins: drop it if a reload has revoked the token it joined with."""
+        if self._reloaded is not None and not self._reloaded.admits(name, token):
+            self._end_worker(name, "token revoked")
 
     # ---- the main loop -----------------------------------------------------------------------------
 
@@ -744,6 +948,7 @@ class Coordinator:
                     if self.rounds.plan(self.rounds.version + 1, connected) is not None and self.state == "waiting":
                         started = True
                         self.state = "running"
+                        self.metrics.set_state("running")
                         self._startup_peak = _peak_rss()
                         _reset_peak_rss()  # from here on the peak is that of running rounds
                 if started:
@@ -925,10 +1130,11 @@ class Coordinator:
         if head is not None and head.round not in self._round_started:
             self._round_started[head.round] = time.monotonic()
             self.metrics.round.set(head.round)
+            self.metrics.round_started.set(time.time())
             log.info(
                 "round %d/%d started: %s",
                 head.round,
-                self.config.rounds,
+                self.rounds.total,
                 ", ".join(f"{w}->{'+'.join(b) if len(b) < 4 else f'{len(b)} blocks'}" for w, b in sorted(head.assignments.items())),
             )
 
@@ -947,11 +1153,13 @@ class Coordinator:
             self._drop_stale_uploads()
             self._deliver()
             self.metrics.workers_connected.set(len(self.registry.connected()))
+            self.metrics.peer_connected.labels(name).set(0)
             self._cv.notify_all()
 
     def _close_round(self, plan: RoundPlan) -> None:
         """Aggregate a closed round into a new global version, checkpoint it, then announce it."""
         g = self.global_model
+        t = time.perf_counter()
         try:
             changed = self.algorithm.close(plan, g.tensors)
         except Exception as e:  # the model may be half changed: nothing of it is written or announced
@@ -966,6 +1174,9 @@ class Coordinator:
                 log.error("round %d: the new value of %s is not finite; %s keeps its value", plan.round, b, b)
         for memory in plan.sums.owners:  # the round's means are folded in: their memory can serve again
             self._pool.give(memory)
+        with self._cv:
+            folding = self._fold_seconds.pop(plan.round, 0.0)
+        self.metrics.phase_seconds.labels("aggregation").observe(folding + time.perf_counter() - t)
         # A records algorithm may move the model on without writing blocks: its files stay where they were.
         files_version = g.files_at if self.algorithm.records and not new_tensors else plan.round
         versions = {**g.block_versions, **{b: plan.round for b in new_tensors}}
@@ -979,7 +1190,7 @@ class Coordinator:
         with self._cv:
             self.totals.round_history.append({
                 "round": plan.round,
-                "closed_at_s": round(self._wall_seconds(), 3),
+                "closed_at_s": round(self.wall_seconds(), 3),
                 "seconds": round(time.monotonic() - started, 3),
                 "workers": plan.workers_done,
                 "updates": updates,
@@ -988,13 +1199,16 @@ class Coordinator:
                 "blocks": sorted(new_tensors),
                 "bytes_up": self.totals.bytes_up,
                 "bytes_down": self.totals.bytes_down,
+                "timeline": merge_intervals(self._intervals),
             })
+            self._intervals = []
+            self._timed = {k for k in self._timed if k[1] > plan.round}
             counters = {
                 "bytes_up": self.totals.bytes_up,
                 "bytes_down": self.totals.bytes_down,
                 "updates_accepted": self.totals.updates_accepted,
                 **self.totals.refusals,
-                "wall_seconds": self._wall_seconds(),
+                "wall_seconds": self.wall_seconds(),
             }
             eval_history = [list(e) for e in self.totals.eval_history]
             round_history = [dict(r) for r in self.totals.round_history]
@@ -1006,13 +1220,14 @@ class Coordinator:
                        plans, present, algorithm_state)
         )
         self.metrics.checkpoint_duration.observe(time.perf_counter() - t)
+        self.metrics.phase_seconds.labels("checkpoint").observe(time.perf_counter() - t)
         if self.config.record_updates and self.config.record_keep_rounds:
             self.store.prune_records(plan.round - self.config.record_keep_rounds + 1)
         new_global = GlobalModel(plan.round, versions, shas, {**g.tensors, **new_tensors},
                                  files_version if files_version != plan.round else None)
         with self._cv:
             self.global_model = new_global
-            if plan.round < self.config.rounds:  # after the last round the end of the run is the news
+            if plan.round < self.rounds.total:  # after the last round the end of the run is the news
                 notice = ModelNotice(plan.round)
                 for name in self.registry.connected():
                     self.registry.send(name, notice)
@@ -1022,12 +1237,12 @@ class Coordinator:
         self.progress.clear()
         log.info(
             "round %d/%d closed: %d updates from %d workers, %d tokens, train loss %.4f, blocks %s, up %.1f MB, down %.1f MB",
-            plan.round, self.config.rounds, updates, plan.workers_done,
+            plan.round, self.rounds.total, updates, plan.workers_done,
             plan.tokens, plan.train_loss, ",".join(sorted(new_tensors)) or "-", self.totals.bytes_up / 1e6,
             self.totals.bytes_down / 1e6,
         )
         every = self.config.eval_every
-        if every and plan.round % every == 0 and plan.round < self.config.rounds:
+        if every and plan.round % every == 0 and plan.round < self.rounds.total:
             self._submit_eval()
 
     def _submit_eval(self) -> None:
@@ -1052,7 +1267,8 @@ class Coordinator:
         log.info("eval after round %d: loss %.4f%s (%.1f s)", round, loss,
                  "" if accuracy is None else f", accuracy {accuracy:.3f}", seconds)
 
-    def _wall_seconds(self) -> float:
+    def wall_seconds(self) -> float:
+        """Seconds of the run so far, restarts included (the clock of its history and timeline)."""
         return self.totals.wall_seconds_before + (time.monotonic() - self._t0)
 
     def _finish(self) -> dict:
@@ -1060,6 +1276,7 @@ class Coordinator:
         finished = self.rounds.finished
         with self._cv:
             self.state = "finished" if finished else "stopped"
+            self.metrics.set_state(self.state)
             end = RunEnd("finished" if finished else "stopped", g.version)
             for name in self.registry.connected():
                 self.registry.send(name, end)
@@ -1081,7 +1298,7 @@ class Coordinator:
             "algorithm": self.config.algorithm,
             "run_id": self.run_id,
             "rounds_completed": g.version,
-            "rounds_total": self.config.rounds,
+            "rounds_total": self.rounds.total,
             "workers": len(self.registry.all()),
             "worker_names": sorted(w.name for w in self.registry.all()),
             "updates_accepted": self.totals.updates_accepted,
@@ -1096,14 +1313,46 @@ class Coordinator:
             "round_history": self.totals.round_history,
             "bytes_up": self.totals.bytes_up,
             "bytes_down": self.totals.bytes_down,
-            "wall_seconds": round(self._wall_seconds(), 3),
+            "wall_seconds": round(self.wall_seconds(), 3),
             "export_path": str(self.export_path) if self.export_path else None,
             "coordinator_peak_rss_bytes": max(self._startup_peak, _peak_rss()),
             "rounds_peak_rss_bytes": _peak_rss(),
+            "reproduce": {  # what it takes to run it again
+                "revision": provenance.revision(),
+                "packages": provenance.packages(),
+                "config": _plain(dataclasses.asdict(self.config)),
+                "coordinator": provenance.hardware(),
+                "workers": {name: self.hardware[name] for name in sorted(self.hardware)},
+            },
         }
         self.store.write_summary(summary)
         return summary
 
+
+
+MAX_INTERVALS = 4096  # timeline intervals kept per round: a bound whatever the workers report
+
+
+def merge_intervals(intervals: list[list], gap_s: float = 0.05) -> list[list]:
+    """[worker, kind, start, end] intervals sorted, with those of the same worker and kind that touch
+    (closer than `gap_s`) joined: the uploads of a task's blocks one after the other become one."""
+    merged: dict[tuple[str, str], list[list]] = {}
+    for worker, kind, start, end in sorted(intervals, key=lambda i: (i[0], i[1], i[2])):
+        runs = merged.setdefault((worker, kind), [])
+        if runs and start - runs[-1][3] <= gap_s:
+            runs[-1][3] = max(runs[-1][3], end)
+        else:
+            runs.append([worker, kind, start, end])
+    return sorted((i for runs in merged.values() for i in runs), key=lambda i: (i[2], i[0]))
+
+
+def _plain(value):
+    """JSON's form of a config value (paths as strings)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
 def _peak_rss() -> int:

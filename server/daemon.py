@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import grpc
 import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from ..common import adapters, wire
 from ..common.blocks import canonical_sha256
@@ -20,9 +22,9 @@ from ..common.metrics import serve as serve_metrics
 from ..common.models import load_model, model_files, model_fingerprint, resolve_model
 from ..common.rpc import message_limit, server_options
 from ..common.security import Authenticator, load_tokens, server_credentials
-from .coordinator import Coordinator, GlobalModel
+from .coordinator import Coordinator, GlobalModel, trainable_blocks
 from .metrics import CoordinatorMetrics
-from .service import CoordinatorService, add_to_server
+from .service import SERVICE, CoordinatorService, add_to_server
 from .store import Checkpoint, StateError, StateStore, check_export_dir
 
 log = logging.getLogger("fedblock.coordinator")
@@ -45,6 +47,7 @@ def build(config: CoordinatorConfig) -> Coordinator:
     except ConfigError as e:
         raise ConfigError(f"--export-dir: {e}") from None
     blocks = adapters.partition(model, config.layers_per_block, config.lora)
+    trainable_blocks(config, [b.name for b in blocks])  # refused before the state dir is bound
     params = dict(model.named_parameters())
     specs = [BlockSpec.of(b.name, params, b.params) for b in blocks]
     cls = config.algorithm_class
@@ -119,15 +122,50 @@ def checkpoint_model(store: StateStore, ckpt: Checkpoint, tensors: dict) -> dict
     return tensors
 
 
-def serve(coordinator: Coordinator, config: CoordinatorConfig) -> tuple[grpc.Server, int]:
-    """Start the gRPC server (TLS unless --insecure); returns it and the bound port (useful with port 0)."""
+@dataclass
+class Serving:
+    """The gRPC server with its coordinator service and the standard health service. It runs before the
+    coordinator exists: until `ready`, health says NOT_SERVING and every coordinator call UNAVAILABLE."""
+
+    server: grpc.Server
+    port: int
+    service: CoordinatorService
+    health: health.HealthServicer
+
+    def ready(self, coordinator: Coordinator) -> None:
+        self.service.attach(coordinator)
+        for name in HEALTH_NAMES:
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float) -> None:
+        self.health.enter_graceful_shutdown()  # NOT_SERVING to whoever asks during the grace period
+        self.server.stop(grace).wait()
+
+
+HEALTH_NAMES = ("", SERVICE)  # the server as a whole, and the coordinator service
+
+
+def serve(config: CoordinatorConfig, coordinator: Coordinator | None = None) -> Serving:
+    """Start the gRPC server (TLS unless --insecure), with health checking and server reflection. It
+    is ready when `coordinator` is given, else once `Serving.ready` is called."""
     auth = Authenticator(
         tokens=load_tokens(config.auth_tokens) if config.auth_tokens else None,
         bind_certificate_names=config.tls_client_ca is not None,
+        path=config.auth_tokens,
     )
+    admin = None  # operators (`fedblock admin`): nobody without --admin-tokens
+    if config.admin_tokens:
+        admin = Authenticator(tokens=load_tokens(config.admin_tokens, "--admin-tokens", "operator"),
+                              path=config.admin_tokens, flag="--admin-tokens", who="operator")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=GRPC_THREADS, thread_name_prefix="grpc"),
                          options=server_options(message_limit(config.chunk_size)))
-    add_to_server(CoordinatorService(coordinator, auth), server)
+    service = CoordinatorService(None, auth, admin)
+    add_to_server(service, server)
+    checker = health.HealthServicer()
+    for name in HEALTH_NAMES:
+        checker.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     if config.tls_cert is not None:
         port = server.add_secure_port(config.listen, server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca))
     else:
@@ -138,18 +176,28 @@ def serve(coordinator: Coordinator, config: CoordinatorConfig) -> tuple[grpc.Ser
     if port == 0:
         raise ConfigError(f"--listen: cannot bind {config.listen}")
     server.start()
-    return server, port
+    serving = Serving(server, port, service, checker)
+    if coordinator is not None:
+        serving.ready(coordinator)
+    return serving
 
 
 @dataclass
 class Running:
     coordinator: Coordinator
-    server: grpc.Server
-    port: int
+    serving: Serving
     metrics_server: object | None = None
 
+    @property
+    def server(self) -> grpc.Server:
+        return self.serving.server
+
+    @property
+    def port(self) -> int:
+        return self.serving.port
+
     def close(self, grace: float = 1.0) -> None:
-        self.server.stop(grace).wait()
+        self.serving.stop(grace)
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
 
@@ -167,26 +215,56 @@ def tune_malloc() -> None:
 
 
 def start(config: CoordinatorConfig) -> Running:
+    """Serve gRPC first (health checks say NOT_SERVING while loading), then load the model and the
+    state, then accept workers."""
     tune_malloc()
-    coordinator = build(config)
-    server, port = serve(coordinator, config)
-    metrics_server = None
-    if config.metrics_port:
-        metrics_server, _ = serve_metrics(coordinator.metrics.registry, config.metrics_port)
+    serving = serve(config)
+    try:
+        coordinator = build(config)
+        metrics_server = None
+        if config.metrics_port:
+            metrics_server, _ = serve_metrics(coordinator.metrics.registry, config.metrics_port)
+    except BaseException:
+        serving.stop(0)
+        raise
+    serving.ready(coordinator)
     log.info(
         "coordinator on port %d: %s, %d rounds, blocks %d (%d trainable), model version %d",
-        port, config.algorithm, config.rounds, len(coordinator.block_order), len(coordinator.trainable),
+        serving.port, config.algorithm, config.rounds, len(coordinator.block_order), len(coordinator.trainable),
         coordinator.global_model.version,
     )
-    return Running(coordinator, server, port, metrics_server)
+    return Running(coordinator, serving, metrics_server)
+
+
+OPERATOR_SIGNALS = {signal.SIGHUP: "reload_tokens", signal.SIGUSR1: "drain"}
+
+
+def operator_signal(service: CoordinatorService, signum: int) -> threading.Thread:
+    """SIGHUP: reload the tokens files; SIGUSR1: drain. The command runs on a thread of its own: a
+    handler runs on the main thread between two bytecodes of whatever it was doing, perhaps half-way
+    through a change under the coordinator's (re-entrant) lock."""
+    action, name = OPERATOR_SIGNALS[signum], signal.Signals(signum).name
+
+    def act() -> None:
+        try:
+            service.operator(action, by=f"signal {name}")  # it logs what it did
+        except (LookupError, ValueError) as e:
+            log.error("signal %s: %s refused: %s", name, action, e)
+
+    thread = threading.Thread(target=act, name=f"signal-{name}", daemon=True)
+    thread.start()
+    return thread
 
 
 def run(config: CoordinatorConfig) -> dict:
-    """`fedblock coordinator`: serve until the run is complete; SIGINT/SIGTERM stop it cleanly."""
+    """`fedblock coordinator`: serve until the run is complete; SIGINT/SIGTERM stop it cleanly,
+    SIGHUP reloads the tokens files, SIGUSR1 drains (`operator_signal`)."""
     running = start(config)
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: running.coordinator.stop())
+        for sig in OPERATOR_SIGNALS:
+            signal.signal(sig, lambda signum, _: operator_signal(running.serving.service, signum))
     try:
         summary = running.coordinator.run()
         if not running.coordinator.wait_workers_told(config.end_grace):

@@ -17,6 +17,16 @@ class UnknownWorker(LookupError):
     """No such worker, or the session is not the worker's current one."""
 
 
+class Ended(UnknownWorker):
+    """The session's part in the run was ended by the coordinator (an operator dropped the worker, or
+    revoked its token): every later call of that session hears why, and joining again does not help
+    the same process (a new Join from a restarted worker starts afresh)."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"worker {name!r}: {reason}")
+        self.reason = reason
+
+
 @dataclass
 class WorkerRecord:
     name: str
@@ -24,8 +34,11 @@ class WorkerRecord:
     session: str = ""
     connected: bool = False
     last_seen: float = 0.0
+    local_steps: int = 0  # as its last heartbeat said
     updates_accepted: int = 0
     told_end: bool = False  # the worker has been sent the end of the run
+    token: str = ""  # hash ("sha256:<hex>") of the token the current session joined with ("" none)
+    ended: str = ""  # why the coordinator ended this session's part in the run ("" it did not)
     events: queue.Queue = field(default_factory=lambda: queue.Queue(EVENT_QUEUE_SIZE))
 
 
@@ -38,7 +51,7 @@ class Registry:
         self._lock = threading.Lock()
         self._clock = clock
 
-    def join(self, name: str) -> WorkerRecord:
+    def join(self, name: str, token: str = "") -> WorkerRecord:
         with self._lock:
             record = self._workers.get(name)
             if record is None:
@@ -50,6 +63,7 @@ class Registry:
             record.session = secrets.token_hex(16)
             record.connected = True
             record.told_end = False
+            record.token, record.ended = token, ""
             record.last_seen = self._clock()
             return record
 
@@ -58,6 +72,7 @@ class Registry:
         One stream per worker at a time: two readers of one queue would split its events."""
         with self._lock:
             record = self._workers.get(name)
+            _check_ended(record, session)
             if record is None or not record.connected or not secrets.compare_digest(record.session, session):
                 raise UnknownWorker(f"unknown worker or stale session: {name!r}")
             _close_stream(record.events)
@@ -75,6 +90,7 @@ class Registry:
         """The record of a worker acting under its current session; refreshes its liveness."""
         with self._lock:
             record = self._workers.get(name)
+            _check_ended(record, session)
             if record is None or not record.connected or not secrets.compare_digest(record.session, session):
                 raise UnknownWorker(f"unknown worker or stale session: {name!r}")
             record.last_seen = self._clock()
@@ -88,6 +104,19 @@ class Registry:
                 return False
             record.connected = False
             _close_stream(record.events)
+            return True
+
+    def end(self, name: str, event: Event, reason: str) -> bool:
+        """End a connected worker's session: `event` (its RunEnd) is the last thing its stream gives,
+        and every later call of the session raises Ended. True if it was connected."""
+        with self._lock:
+            record = self._workers.get(name)
+            if record is None or not record.connected:
+                return False
+            record.connected = False
+            record.ended = reason
+            record.told_end = True  # told now; a stream it opens again hears it again (`Coordinator.events`)
+            _close_stream(record.events, last=event)
             return True
 
     def send(self, name: str, event: Event) -> bool:
@@ -118,14 +147,21 @@ class Registry:
             return {w.name: w.index for w in self._workers.values()}
 
 
-def _close_stream(events: queue.Queue) -> None:
-    """Wake the stream reader with the end marker, dropping queued events if the queue is full."""
-    while True:
-        try:
-            events.put_nowait(None)
-            return
-        except queue.Full:
+def _check_ended(record: WorkerRecord | None, session: str) -> None:
+    if record is not None and record.ended and not record.connected and secrets.compare_digest(record.session, session):
+        raise Ended(record.name, record.ended)
+
+
+def _close_stream(events: queue.Queue, last: Event | None = None) -> None:
+    """Wake the stream reader with the end marker (after `last`, if given), dropping queued events if
+    the queue is full."""
+    for item in (() if last is None else (last,)) + (None,):
+        while True:
             try:
-                events.get_nowait()
-            except queue.Empty:
-                pass
+                events.put_nowait(item)
+                break
+            except queue.Full:
+                try:
+                    events.get_nowait()
+                except queue.Empty:
+                    pass

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..common.aggregation import RoundSums
 from ..common.messages import Assignment
@@ -119,6 +119,25 @@ class Rounds:
     @property
     def finished(self) -> bool:
         return self.version >= self.rules.rounds
+
+    @property
+    def total(self) -> int:
+        """The rounds the run is to complete: --rounds, unless an operator changed it (`set_total`)."""
+        return self.rules.rounds
+
+    @property
+    def committed(self) -> int:
+        """The last round planned or closed: the run cannot be made shorter than this."""
+        return max(self.plans, default=self.version)
+
+    def set_total(self, rounds: int) -> None:
+        """Run `rounds` rounds in all (an operator's drain or set-rounds); ValueError below `committed`.
+        Rounds planned from now on take their learning rate from the new total (a cosine schedule
+        stretches or shrinks); the open ones keep theirs."""
+        if rounds < self.committed:
+            raise ValueError(f"cannot make the run {rounds} rounds long: rounds up to {self.committed} are already "
+                             "planned or done (drain ends the run after them)")
+        self.rules = replace(self.rules, rounds=rounds)
 
     @property
     def head(self) -> RoundPlan | None:

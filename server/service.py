@@ -16,12 +16,12 @@ import grpc
 
 from ..common import wire
 from ..common.config import valid_worker_name
-from ..common.messages import PROTOCOL_VERSION, Manifest
+from ..common.messages import PROTOCOL_VERSION, Manifest, TaskTimings
 from ..common.pb import coordinator_pb2 as pb
 from ..common.pb import coordinator_pb2_grpc as pb_grpc
-from ..common.security import Authenticator
+from ..common.security import OPERATOR_KEY, Authenticator, presented_token
 from .coordinator import Coordinator
-from .registry import UnknownWorker
+from .registry import Ended, UnknownWorker
 from .rounds import Refused
 from .store import BlockFileMissing
 
@@ -74,11 +74,14 @@ def _tolerant(deserialize):
     return parse
 
 
-def _refusing_undecodable(handler):
+def _refusing_undecodable(handler, service: CoordinatorService):
     """The same handler, but an undecodable request is answered INVALID_ARGUMENT (gRPC would say
-    INTERNAL, as if the coordinator had failed)."""
+    INTERNAL, as if the coordinator had failed), and any request UNAVAILABLE (which workers retry)
+    while the coordinator is still loading (`service.c` is None)."""
 
     def check(request, context):
+        if service.c is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the coordinator is loading its model and state; try again")
         if request is UNDECODABLE:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request is not a valid protobuf message of its type")
         return request
@@ -118,9 +121,14 @@ def add_to_server(service: CoordinatorService, server: grpc.Server) -> None:
     handlers["Download"] = grpc.unary_stream_rpc_method_handler(
         service.Download, request_deserializer=pb.DownloadRequest.FromString, response_serializer=_serialize_download
     )
-    handlers = {name: _refusing_undecodable(h) for name, h in handlers.items()}
+    handlers = {name: _refusing_undecodable(h, service) for name, h in handlers.items()}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
+
+
+def _bounded(value, limit: int = 200):
+    """A worker's free text, as the coordinator keeps it (summary.json): at most `limit` characters."""
+    return value[:limit] if isinstance(value, str) else value
 
 
 def _missing_block_file(context: grpc.ServicerContext, version: int, what: str):
@@ -135,6 +143,8 @@ def _identity(context: grpc.ServicerContext) -> tuple[str, str]:
 
 
 def _abort(context: grpc.ServicerContext, error: Exception):
+    if isinstance(error, Ended):  # not UNAUTHENTICATED, which a worker answers by joining again
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
     if isinstance(error, UnknownWorker):
         context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
     if isinstance(error, Refused):
@@ -143,9 +153,17 @@ def _abort(context: grpc.ServicerContext, error: Exception):
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
-    def __init__(self, coordinator: Coordinator, auth: Authenticator | None = None):
+    def __init__(self, coordinator: Coordinator | None, auth: Authenticator | None = None,
+                 admin: Authenticator | None = None):
+        """With `coordinator` None every call is answered UNAVAILABLE until `attach` (the server runs,
+        and answers health checks, while the model and state load). `admin`: the operators' tokens
+        (--admin-tokens); without it, Admin refuses every command."""
         self.c = coordinator
         self.auth = auth or Authenticator()
+        self.admin = admin
+
+    def attach(self, coordinator: Coordinator) -> None:
+        self.c = coordinator
 
     def Join(self, request: pb.JoinRequest, context):
         self.c.count_received("control", _size(request))
@@ -161,7 +179,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if refusal is not None:
             self.c.refused_join(request.name, refusal)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
-        reply = self.c.join(request.name).to_pb()
+        if request.check_only:  # `fedblock worker --check`: authenticated as a Join, and nothing joined
+            reply = self.c.describe(request.name).to_pb()
+            self.c.count_sent("control", _size(reply))
+            return reply
+        hardware = {f.name: _bounded(getattr(request.hardware, f.name)) for f in request.hardware.DESCRIPTOR.fields}
+        hardware["device"] = _bounded(request.device)
+        token = presented_token(dict(context.invocation_metadata())) if self.auth.tokens is not None else ""
+        reply = self.c.join(request.name, hardware, token=token).to_pb()
         self.c.count_sent("control", _size(reply))
         return reply
 
@@ -180,7 +205,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         name, session = _identity(context)
         self.c.count_received("control", _size(request))
         try:
-            version = self.c.heartbeat(name, session)
+            version = self.c.heartbeat(name, session, request.local_steps_done)
         except UnknownWorker as e:
             _abort(context, e)
         return pb.HeartbeatReply(model_version=version)
@@ -222,8 +247,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         name, session = _identity(context)
         self.c.count_received("update", _size(request))
         try:
+            timings = TaskTimings.from_pb(request.timings) if request.HasField("timings") else None
             status = self.c.report(name, session, request.round, request.base_version, tuple(request.numbers),
-                                   request.num_tokens, request.train_loss)
+                                   request.num_tokens, request.train_loss, timings)
         except (UnknownWorker, Refused) as e:
             _abort(context, e)
         return pb.UploadReply(status=status)
@@ -254,6 +280,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         the stream ends, fails or is cancelled. A block file that is gone anyway is answered
         UNAVAILABLE (workers download again), not UNKNOWN."""
         name, session = _identity(context)
+        started = self.c.wall_seconds()
         try:
             sync = self.c.download(name, session, dict(request.held_versions), dict(request.holds), request.task_round,
                                    request.base_held)
@@ -295,15 +322,18 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                         yield message
                         if not context.is_active():
                             return
+            self.c.downloaded(name, started, len(sync.send))
         finally:
             pin.release()
 
     def FetchModelFiles(self, request, context) -> Iterator[pb.FileChunk]:
         name, session = _identity(context)
-        try:
-            self.c.authenticate(name, session)
-        except UnknownWorker as e:
-            _abort(context, e)
+        # A caller without a session that authenticates as a Join would (a pre-flight check) may have them.
+        if session or not valid_worker_name(name) or self.auth.check(name, dict(context.invocation_metadata()), context):
+            try:
+                self.c.authenticate(name, session)
+            except UnknownWorker as e:
+                _abort(context, e)
         step = self.c.config.chunk_size
         wanted = set(request.names)
         for path in [*self.c.store.model_files(), *self.c.store.codec_files()]:
@@ -337,6 +367,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                     connected=w["connected"],
                     last_seen_s=w["last_seen_s"] if math.isfinite(w["last_seen_s"]) else -1.0,
                     updates_accepted=w["updates_accepted"],
+                    current_round=w["current_round"],
+                    local_steps=w["local_steps"],
+                    device=w["device"],
                 )
                 for w in s["workers"]
             ],
@@ -346,3 +379,41 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             last_eval_round=s["last_eval_round"],
             state=s["state"],
         )
+
+    # ---- operator controls -----------------------------------------------------------------------
+
+    def Admin(self, request: pb.AdminRequest, context):
+        """`fedblock admin`: an operator named in the metadata (`fedblock-operator`) with its token from
+        --admin-tokens; each command is one Coordinator method (see `operator`)."""
+        if self.admin is None:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          "this coordinator takes no operator commands (start it with --admin-tokens)")
+        metadata = dict(context.invocation_metadata())
+        operator = metadata.get(OPERATOR_KEY, "")
+        refusal = self.admin.check(operator, metadata, context)
+        if refusal is not None:
+            log.warning("refused an operator command as %r: %s", operator, refusal)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
+        action = request.WhichOneof("action")
+        if action is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no action: drop_worker, reload_tokens, drain or set_rounds")
+        try:
+            result = self.operator(action, getattr(request, action), by=f"operator {operator}")
+        except LookupError as e:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except ValueError as e:  # refused as asked (ConfigError: a tokens file that is not valid); nothing changed
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        return pb.AdminReply(result=result)
+
+    def operator(self, action: str, argument=None, by: str = "an operator") -> str:
+        """One operator command, also for the daemon's signals: what was done, in words. LookupError,
+        ValueError: refused (see the Coordinator's operator controls)."""
+        if action == "drop_worker":
+            return self.c.drop_worker(str(argument), by)
+        if action == "reload_tokens":
+            return self.c.reload_tokens(self.auth, self.admin, by)
+        if action == "drain":
+            return self.c.drain(by)
+        if action == "set_rounds":
+            return self.c.set_rounds(int(argument), by)
+        raise ValueError(f"unknown operator command {action!r}")

@@ -4,7 +4,9 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["FEDBLOCK_LINGER"] = "0"  # processes the tests start exit when their run ends (no scraper waits)
 
+import subprocess  # noqa: E402
 import threading  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -62,6 +64,29 @@ def data_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
     write_jsonl(arithmetic_examples(), path)
     return path
+
+
+def openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, a coordinator certificate for localhost/127.0.0.1 and client certificates for two sites:
+    the same commands as in README.md (Operations)."""
+    d = tmp_path_factory.mktemp("pki")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "365", "-subj", "/CN=fedblock test CA",
+            "-keyout", "ca.key", "-out", "ca.pem", cwd=d)
+    (d / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name, ext in (("coordinator", "server.ext"), ("site-a", None), ("site-b", None)):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={'localhost' if name == 'coordinator' else name}",
+                "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-days", "365", "-out", f"{name}.pem", *(["-extfile", ext] if ext else []), cwd=d)
+    # A second, unrelated CA: certificates from it must not be accepted.
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "365", "-subj", "/CN=other CA",
+            "-keyout", "other.key", "-out", "other.pem", cwd=d)
+    return d
 
 
 @dataclass

@@ -128,7 +128,12 @@ def requests(rpc: str, specs) -> st.SearchStrategy[bytes]:
     """Valid protobuf encodings of `rpc`'s request with random field values."""
     build = {
         "Join": st.builds(pb.JoinRequest, name=NAMES, version=st.text(max_size=12), device=st.text(max_size=12),
-                          num_examples=U64, protocol=st.sampled_from([0, PROTOCOL_VERSION, 99]) | U32),
+                          num_examples=U64, protocol=st.sampled_from([0, PROTOCOL_VERSION, 99]) | U32,
+                          check_only=st.booleans()),
+        # Without --admin-tokens (as here) every one is refused: junk never drains or shortens the run.
+        "Admin": st.one_of(st.builds(pb.AdminRequest, drop_worker=NAMES), st.builds(pb.AdminRequest, drain=st.booleans()),
+                           st.builds(pb.AdminRequest, reload_tokens=st.booleans()),
+                           st.builds(pb.AdminRequest, set_rounds=U32), st.builds(pb.AdminRequest)),
         "Heartbeat": st.builds(pb.HeartbeatRequest, held_version=U64, local_steps_done=U64),
         "UploadStatus": st.builds(pb.UploadStatusRequest, round=U64, block=block_names(specs),
                                   blob_sha256=st.binary(max_size=40)),
@@ -768,7 +773,7 @@ def test_every_rpc_survives_junk_and_the_run_completes(federation, data_file):
     """Junk to every RPC before the run, then mutated uploads from an assigned worker (and more junk)
     during round 1; the global model stays as it was, and a 2-round run with a real worker completes."""
     assert set(METHODS) == {"Join", "Events", "Heartbeat", "Upload", "UploadStatus", "Abandon", "Download",
-                            "FetchModelFiles", "Leave", "Status", "Report", "Log"}, "a new RPC: give it a request strategy"
+                            "FetchModelFiles", "Leave", "Status", "Report", "Log", "Admin"}, "a new RPC: give it a request strategy"
     fed = federation(rounds=2, chunk_size=CHUNK, local_steps=2, lr=1e-3, block_schedule="staggered", min_workers=2,
                      max_update_bytes=1 << 20)  # partial uploads pile up: beyond --upload-slots they go to files
     c = fed.coordinator

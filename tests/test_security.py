@@ -1,7 +1,6 @@
 """TLS, mutual TLS and per-worker tokens: who may join, and under which name."""
 
 import shutil
-import subprocess
 
 import grpc
 import pytest
@@ -12,29 +11,6 @@ from fedblock.common.config import ConfigError
 from fedblock.common.security import channel_credentials, hash_token, load_tokens
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make certificates")
-
-
-def openssl(*args, cwd):
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    """A CA, a coordinator certificate for localhost/127.0.0.1 and client certificates for two sites:
-    the same commands as in README.md (Operations)."""
-    d = tmp_path_factory.mktemp("pki")
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "365", "-subj", "/CN=fedblock test CA",
-            "-keyout", "ca.key", "-out", "ca.pem", cwd=d)
-    (d / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    for name, ext in (("coordinator", "server.ext"), ("site-a", None), ("site-b", None)):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={'localhost' if name == 'coordinator' else name}",
-                "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                "-days", "365", "-out", f"{name}.pem", *(["-extfile", ext] if ext else []), cwd=d)
-    # A second, unrelated CA: certificates from it must not be accepted.
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "365", "-subj", "/CN=other CA",
-            "-keyout", "other.key", "-out", "other.pem", cwd=d)
-    return d
 
 
 def join(address, name, *, ca=None, cert=None, key=None, token=None, insecure=False):

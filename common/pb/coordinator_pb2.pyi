@@ -25,7 +25,7 @@ class BlockSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
 
 class Manifest(_message.Message):
-    __slots__ = ("round", "block", "base_version", "tensors", "codec", "raw_bytes", "wire_bytes", "blob_sha256", "chunk_size", "num_chunks", "num_tokens", "train_loss")
+    __slots__ = ("round", "block", "base_version", "tensors", "codec", "raw_bytes", "wire_bytes", "blob_sha256", "chunk_size", "num_chunks", "num_tokens", "train_loss", "timings")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     BLOCK_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class Manifest(_message.Message):
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
     round: int
     block: str
     base_version: int
@@ -50,7 +51,20 @@ class Manifest(_message.Message):
     num_chunks: int
     num_tokens: int
     train_loss: float
-    def __init__(self, round: _Optional[int] = ..., block: _Optional[str] = ..., base_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., codec: _Optional[str] = ..., raw_bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., blob_sha256: _Optional[bytes] = ..., chunk_size: _Optional[int] = ..., num_chunks: _Optional[int] = ..., num_tokens: _Optional[int] = ..., train_loss: _Optional[float] = ...) -> None: ...
+    timings: TaskTimings
+    def __init__(self, round: _Optional[int] = ..., block: _Optional[str] = ..., base_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., codec: _Optional[str] = ..., raw_bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., blob_sha256: _Optional[bytes] = ..., chunk_size: _Optional[int] = ..., num_chunks: _Optional[int] = ..., num_tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., timings: _Optional[_Union[TaskTimings, _Mapping]] = ...) -> None: ...
+
+class TaskTimings(_message.Message):
+    __slots__ = ("compute_s", "idle_s", "started_unix", "sent_unix")
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    IDLE_S_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    SENT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    compute_s: float
+    idle_s: float
+    started_unix: float
+    sent_unix: float
+    def __init__(self, compute_s: _Optional[float] = ..., idle_s: _Optional[float] = ..., started_unix: _Optional[float] = ..., sent_unix: _Optional[float] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("index", "data")
@@ -61,18 +75,40 @@ class Chunk(_message.Message):
     def __init__(self, index: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("name", "version", "device", "num_examples", "protocol")
+    __slots__ = ("name", "version", "device", "num_examples", "protocol", "hardware", "check_only")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    HARDWARE_FIELD_NUMBER: _ClassVar[int]
+    CHECK_ONLY_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     device: str
     num_examples: int
     protocol: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., device: _Optional[str] = ..., num_examples: _Optional[int] = ..., protocol: _Optional[int] = ...) -> None: ...
+    hardware: Hardware
+    check_only: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., device: _Optional[str] = ..., num_examples: _Optional[int] = ..., protocol: _Optional[int] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., check_only: _Optional[bool] = ...) -> None: ...
+
+class Hardware(_message.Message):
+    __slots__ = ("hostname", "platform", "python", "torch", "cpu_count", "memory_bytes", "accelerator")
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    PLATFORM_FIELD_NUMBER: _ClassVar[int]
+    PYTHON_FIELD_NUMBER: _ClassVar[int]
+    TORCH_FIELD_NUMBER: _ClassVar[int]
+    CPU_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ACCELERATOR_FIELD_NUMBER: _ClassVar[int]
+    hostname: str
+    platform: str
+    python: str
+    torch: str
+    cpu_count: int
+    memory_bytes: int
+    accelerator: str
+    def __init__(self, hostname: _Optional[str] = ..., platform: _Optional[str] = ..., python: _Optional[str] = ..., torch: _Optional[str] = ..., cpu_count: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., accelerator: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("session", "run_id", "algorithm", "pipeline_depth", "heartbeat_interval_s", "codec", "chunk_size", "max_message_bytes", "blocks", "layers_per_block", "model_version", "model_files", "seed", "rounds", "algorithm_settings", "initial_block_sha256", "protocol", "lora", "codec_files")
@@ -358,18 +394,22 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("name", "connected", "last_seen_s", "updates_accepted", "current_round")
+    __slots__ = ("name", "connected", "last_seen_s", "updates_accepted", "current_round", "local_steps", "device")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_S_FIELD_NUMBER: _ClassVar[int]
     UPDATES_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     name: str
     connected: bool
     last_seen_s: float
     updates_accepted: int
     current_round: int
-    def __init__(self, name: _Optional[str] = ..., connected: _Optional[bool] = ..., last_seen_s: _Optional[float] = ..., updates_accepted: _Optional[int] = ..., current_round: _Optional[int] = ...) -> None: ...
+    local_steps: int
+    device: str
+    def __init__(self, name: _Optional[str] = ..., connected: _Optional[bool] = ..., last_seen_s: _Optional[float] = ..., updates_accepted: _Optional[int] = ..., current_round: _Optional[int] = ..., local_steps: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class StatusReply(_message.Message):
     __slots__ = ("run_id", "algorithm", "round", "rounds_completed", "rounds_total", "workers", "bytes_received", "bytes_sent", "last_eval_loss", "last_eval_round", "state")
@@ -398,18 +438,20 @@ class StatusReply(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., round: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., rounds_total: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., last_eval_loss: _Optional[float] = ..., last_eval_round: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
-    __slots__ = ("round", "base_version", "numbers", "num_tokens", "train_loss")
+    __slots__ = ("round", "base_version", "numbers", "num_tokens", "train_loss", "timings")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     NUMBERS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
     round: int
     base_version: int
     numbers: _containers.RepeatedScalarFieldContainer[float]
     num_tokens: int
     train_loss: float
-    def __init__(self, round: _Optional[int] = ..., base_version: _Optional[int] = ..., numbers: _Optional[_Iterable[float]] = ..., num_tokens: _Optional[int] = ..., train_loss: _Optional[float] = ...) -> None: ...
+    timings: TaskTimings
+    def __init__(self, round: _Optional[int] = ..., base_version: _Optional[int] = ..., numbers: _Optional[_Iterable[float]] = ..., num_tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., timings: _Optional[_Union[TaskTimings, _Mapping]] = ...) -> None: ...
 
 class LogRequest(_message.Message):
     __slots__ = ("held_version", "after_download")
@@ -440,3 +482,21 @@ class LogReply(_message.Message):
     entries: _containers.RepeatedCompositeFieldContainer[LogEntry]
     download: bool
     def __init__(self, model_version: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[LogEntry, _Mapping]]] = ..., download: _Optional[bool] = ...) -> None: ...
+
+class AdminRequest(_message.Message):
+    __slots__ = ("drop_worker", "reload_tokens", "drain", "set_rounds")
+    DROP_WORKER_FIELD_NUMBER: _ClassVar[int]
+    RELOAD_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_FIELD_NUMBER: _ClassVar[int]
+    SET_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    drop_worker: str
+    reload_tokens: bool
+    drain: bool
+    set_rounds: int
+    def __init__(self, drop_worker: _Optional[str] = ..., reload_tokens: _Optional[bool] = ..., drain: _Optional[bool] = ..., set_rounds: _Optional[int] = ...) -> None: ...
+
+class AdminReply(_message.Message):
+    __slots__ = ("result",)
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    result: str
+    def __init__(self, result: _Optional[str] = ...) -> None: ...

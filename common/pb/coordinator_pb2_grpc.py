@@ -94,6 +94,11 @@ class CoordinatorStub:
                 request_serializer=fedblock_dot_v1_dot_coordinator__pb2.LogRequest.SerializeToString,
                 response_deserializer=fedblock_dot_v1_dot_coordinator__pb2.LogReply.FromString,
                 _registered_method=True)
+        self.Admin = channel.unary_unary(
+                '/fedblock.v1.Coordinator/Admin',
+                request_serializer=fedblock_dot_v1_dot_coordinator__pb2.AdminRequest.SerializeToString,
+                response_deserializer=fedblock_dot_v1_dot_coordinator__pb2.AdminReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -184,6 +189,13 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Admin(self, request, context):
+        """Operator controls (`fedblock admin`): only with an operator token of the coordinator's --admin-tokens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -246,6 +258,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Log,
                     request_deserializer=fedblock_dot_v1_dot_coordinator__pb2.LogRequest.FromString,
                     response_serializer=fedblock_dot_v1_dot_coordinator__pb2.LogReply.SerializeToString,
+            ),
+            'Admin': grpc.unary_unary_rpc_method_handler(
+                    servicer.Admin,
+                    request_deserializer=fedblock_dot_v1_dot_coordinator__pb2.AdminRequest.FromString,
+                    response_serializer=fedblock_dot_v1_dot_coordinator__pb2.AdminReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -572,6 +589,33 @@ class Coordinator:
             '/fedblock.v1.Coordinator/Log',
             fedblock_dot_v1_dot_coordinator__pb2.LogRequest.SerializeToString,
             fedblock_dot_v1_dot_coordinator__pb2.LogReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Admin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedblock.v1.Coordinator/Admin',
+            fedblock_dot_v1_dot_coordinator__pb2.AdminRequest.SerializeToString,
+            fedblock_dot_v1_dot_coordinator__pb2.AdminReply.FromString,
             options,
             channel_credentials,
             insecure,
