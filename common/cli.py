@@ -180,7 +180,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         if outcome.error is not None:
             logging.getLogger("fedblock.worker").error("worker failed: %s", outcome.error)
             return 1
-        if outcome.finished and outcome.reason != "finished":  # stopped, dropped, its token revoked
+        from .messages import DROPPED, REVOKED
+
+        if outcome.reason in (DROPPED, REVOKED):  # 0: a restart policy must not bring it back
+            logging.getLogger("fedblock.worker").warning("the coordinator ended this worker's part: %s", outcome.reason)
+            return 0
+        if outcome.finished and outcome.reason != "finished":  # the coordinator stopped: it will resume
             logging.getLogger("fedblock.worker").error("the coordinator ended this worker's part: %s", outcome.reason)
             return 1
         return 0 if outcome.finished else 1

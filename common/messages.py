@@ -236,6 +236,11 @@ class CatchUp:
     download: bool = False
 
 
+# Why a coordinator ends one worker's part before the run ends: an operator's decision, which a
+# restarted worker process would undo (it exits 0, so that restart policies leave it be).
+DROPPED, REVOKED = "dropped by operator", "token revoked"
+
+
 @dataclass(frozen=True)
 class RunEnd:
     reason: str

@@ -15,7 +15,7 @@ Plots (matplotlib, the `report` extra; drawn with the Agg canvas, no display nee
     loss.png      eval loss per round (and accuracy where the evaluation has answers), train loss per round
     bytes.png     wire bytes per round, up (worker -> coordinator) and down
     timeline.png  per worker: compute, idle, upload and download intervals, round closes as lines (only
-                  where the run recorded timelines: round_history[i]["timeline"])
+                  where the run recorded timelines: STATE_DIR/timeline.jsonl)
     report.md     the summary, a per-round table, per-worker time totals, the reproduction record
 """
 
@@ -55,6 +55,7 @@ class RunHistory:
     state: str  # "finished", "stopped" or "in progress (or interrupted)"
     source: str  # what was read, in words
     reproduce: dict | None = None
+    intervals: dict[int, list[list]] | None = None  # round -> its timeline (None: the run recorded none)
     extra: dict[str, Any] = field(default_factory=dict)  # summary keys shown as they are (updates, memory)
 
     def round_bytes(self) -> list[tuple[int, int, int]]:
@@ -71,20 +72,13 @@ class RunHistory:
     def timeline(self) -> list[tuple[str, str, float, float]] | None:
         """Every recorded interval (worker, kind, start s, end s) on the coordinator's run clock; None when
         the run recorded no timelines (a coordinator older than them)."""
-        if not any("timeline" in r for r in self.round_history):
+        if self.intervals is None:
             return None
         out = []
-        for r in self.round_history:
-            for entry in r.get("timeline") or []:
-                if isinstance(entry, dict):
-                    entry = [entry.get("worker"), entry.get("kind"), entry.get("start_s"), entry.get("end_s")]
-                try:
-                    worker, kind, start, end = entry[:4]
-                    start, end = float(start), float(end)
-                except (TypeError, ValueError):
-                    continue
-                if kind in KINDS and end >= start:
-                    out.append((str(worker), str(kind), start, end))
+        for r in self.round_history:  # the rounds the history holds (not those of a run cut short after it)
+            for worker, kind, start, end in self.intervals.get(int(r["round"]), []):
+                if kind in KINDS and math.isfinite(start) and math.isfinite(end) and end >= start:
+                    out.append((worker, kind, start, end))
         return out
 
     def worker_seconds(self) -> dict[str, dict[str, float]]:
@@ -159,8 +153,9 @@ def load_history(state_dir: Path) -> RunHistory:
         state = "in progress (or interrupted)"
         workers = sorted(ckpt.workers, key=lambda w: ckpt.workers[w])
         source = f"{ckpt_name} (no summary.json yet)"
+    intervals = store.read_timeline() if (state_dir / "timeline.jsonl").exists() else None
     if not workers:
-        workers = sorted({w for r in round_history for w, *_ in r.get("timeline") or [] if isinstance(w, str)})
+        workers = sorted({w for entries in (intervals or {}).values() for w, *_ in entries})
     pick = summary if use_summary else counters
     wall = pick.get("wall_seconds")
     return RunHistory(
@@ -178,6 +173,7 @@ def load_history(state_dir: Path) -> RunHistory:
         state=state,
         source=source,
         reproduce=reproduce if isinstance(reproduce, dict) else None,
+        intervals=intervals,
         extra={k: summary[k] for k in ("updates_accepted", "updates_rejected", "updates_late", "export_path",
                                        "coordinator_peak_rss_bytes") if use_summary and k in summary},
     )
@@ -416,8 +412,8 @@ def markdown(history: RunHistory, plots: dict[str, Path | None]) -> str:
         if plots.get(name) is not None:
             lines += [f"![{caption}]({plots[name].name})", ""]
     if plots.get("timeline") is None:
-        lines += ["No timeline: this run's checkpoints hold no per-round timelines (a coordinator older than "
-                  "them wrote it), so timeline.png was not drawn."
+        lines += ["No timeline: this state dir has no timeline.jsonl (a coordinator older than it wrote the "
+                  "run), so timeline.png was not drawn."
                   + (" The workers' own records (`fedblock simulate`, `worker --timeline`) are in "
                      "`timelines/` of the state dir, in wall-clock seconds."
                      if (h.state_dir / "timelines").is_dir() else ""), ""]

@@ -30,6 +30,8 @@ from ..common.algorithms import Algorithm, Task
 from ..common.codecs import CodecPipeline, load_safetensors
 from ..common.config import ConfigError, CoordinatorConfig
 from ..common.messages import (
+    DROPPED,
+    REVOKED,
     BlockSpec,
     CatchUp,
     Event,
@@ -204,6 +206,10 @@ class Coordinator:
             version=initial.version,
         )
         self.totals = Totals()
+        operator_total = store.read_rounds(config.rounds)  # a drain or set-rounds before a restart
+        if operator_total is not None and operator_total != config.rounds:
+            self.rounds.set_total(max(operator_total, initial.version))
+            log.info("the run is %d rounds long, as an operator set it (--rounds %d)", self.rounds.total, config.rounds)
         if checkpoint is not None:
             self.registry.restore(checkpoint.workers)
             self.totals.bytes_up = int(checkpoint.counters.get("bytes_up", 0))
@@ -249,8 +255,9 @@ class Coordinator:
         self._t0 = time.monotonic()
         self._startup_peak = 0  # peak RSS before the first round (loading, first checkpoint)
         self.state = "waiting"
-        self.metrics.rounds_target.set(config.rounds)
+        self.metrics.rounds_target.set(self.rounds.total)
         self._intervals: list[list] = []  # [worker, kind, start_s, end_s] since the last close (under _cv)
+        self._interval_counts: dict[str, int] = {}  # worker -> intervals of it in _intervals
         self._timed: set[tuple[str, int]] = set()  # (worker, round) whose task timings are in
         self._fold_seconds: dict[int, float] = {}  # round -> time spent folding its updates in
         self.hardware: dict[str, dict] = {}  # worker -> its machine, as it said at Join
@@ -750,8 +757,13 @@ class Coordinator:
         """One interval of a worker's timeline (compute, idle, upload, download), in run seconds; the next
         round's entry in the history keeps it (summary.json, `fedblock report`)."""
         with self._cv:
-            if len(self._intervals) < MAX_INTERVALS:
-                self._intervals.append([worker, kind, round(start_s, 3), round(end_s, 3)])
+            self._keep_interval(worker, kind, start_s, end_s)
+
+    def _keep_interval(self, worker: str, kind: str, start_s: float, end_s: float) -> None:
+        """Under the lock: within the bounds, whatever a worker sends or how often it syncs."""
+        if len(self._intervals) < MAX_INTERVALS and self._interval_counts.get(worker, 0) < MAX_WORKER_INTERVALS:
+            self._interval_counts[worker] = self._interval_counts.get(worker, 0) + 1
+            self._intervals.append([worker, kind, round(start_s, 3), round(end_s, 3)])
 
     def downloaded(self, worker: str, started_s: float, blocks: int) -> None:
         """A model sync of `blocks` blocks (begun at `started_s`) went out to the worker."""
@@ -765,13 +777,16 @@ class Coordinator:
         on the coordinator's clock: the message left the worker at `sent_unix`, and came at `received_s`."""
         if timings is None or (worker, task_round) in self._timed:
             return
+        lead = timings.sent_unix - timings.started_unix  # from training's start to the message leaving
+        if not (0 <= timings.compute_s <= lead + 1 and lead <= received_s + 60 and timings.idle_s <= received_s + 60):
+            log.debug("worker %s, round %d: timings %s do not fit the run's clock; ignored", worker, task_round, timings)
+            return  # a clock that jumped, or timings made up: nothing that lands in a histogram or a file
         self._timed.add((worker, task_round))
         self.metrics.phase_seconds.labels("training").observe(timings.compute_s)
-        started = received_s - max(0.0, timings.sent_unix - timings.started_unix)
-        if len(self._intervals) < MAX_INTERVALS - 1:
-            if timings.idle_s > 0:
-                self._intervals.append([worker, "idle", round(started - timings.idle_s, 3), round(started, 3)])
-            self._intervals.append([worker, "compute", round(started, 3), round(started + timings.compute_s, 3)])
+        started = received_s - lead
+        if timings.idle_s > 0:
+            self._keep_interval(worker, "idle", started - timings.idle_s, started)
+        self._keep_interval(worker, "compute", started, started + timings.compute_s)
 
     def count_sent(self, kind: str, nbytes: int) -> None:
         self.metrics.bytes_sent.labels(kind).inc(nbytes)
@@ -837,7 +852,7 @@ class Coordinator:
                 known = ", ".join(sorted(w.name for w in self.registry.all())) or "none"
                 raise LookupError(f"no worker named {name!r} (known: {known})")
             if record.connected:
-                self._end_worker(name, "dropped by operator")
+                self._end_worker(name, DROPPED)
                 result = f"dropped worker {name!r}: its open rounds go on without it"
             elif name in self._awaited:  # after a restart, not back yet: stop waiting for it
                 self._awaited.discard(name)
@@ -868,7 +883,7 @@ class Coordinator:
                 self._reloaded = workers
                 for w in self.registry.all():
                     if w.connected and not workers.admits(w.name, w.token):
-                        self._end_worker(w.name, "token revoked")
+                        self._end_worker(w.name, REVOKED)
                         revoked.append(w.name)
         read = "; ".join(f"{a.flag}: {len(tokens)} {a.who}s" for a, tokens in tables)
         result = f"reloaded {read}; " + (f"dropped {', '.join(revoked)} (token revoked or changed)" if revoked
@@ -889,9 +904,12 @@ class Coordinator:
 
     def set_rounds(self, rounds: int, by: str = "an operator") -> str:
         """Run `rounds` rounds in all, more or fewer than --rounds, but never fewer than are planned
-        already (ValueError). A coordinator started again takes its --rounds again."""
+        already (ValueError), and at least 1. A coordinator started again with the same --rounds keeps it
+        (STATE_DIR/rounds.json)."""
         with self._cv:
             self._check_running()
+            if rounds < 1 and self.rounds.committed == 0:
+                raise ValueError("a run is at least 1 round long (to end it now: drain)")
             before = self.rounds.total
             self._set_total(rounds)
         result = f"the run is now {rounds} rounds long (was {before}; {self.rounds.version} done)"
@@ -906,6 +924,7 @@ class Coordinator:
     def _set_total(self, rounds: int) -> None:
         """Under the lock: the one place the run's length changes (`Rounds.total` is what all read)."""
         self.rounds.set_total(rounds)
+        self.store.write_rounds(rounds, self.config.rounds)  # a restart with the same --rounds keeps it
         self.metrics.rounds_target.set(rounds)
         self._cv.notify_all()  # the run loop sees at once that it is over (a drain with no round open)
 
@@ -918,7 +937,7 @@ class Coordinator:
     def _end_if_revoked(self, name: str, token: str) -> None:
         """Under the lock, as a worker joins: drop it if a reload has revoked the token it joined with."""
         if self._reloaded is not None and not self._reloaded.admits(name, token):
-            self._end_worker(name, "token revoked")
+            self._end_worker(name, REVOKED)
 
     # ---- the main loop -----------------------------------------------------------------------------
 
@@ -1199,9 +1218,8 @@ class Coordinator:
                 "blocks": sorted(new_tensors),
                 "bytes_up": self.totals.bytes_up,
                 "bytes_down": self.totals.bytes_down,
-                "timeline": merge_intervals(self._intervals),
             })
-            self._intervals = []
+            timeline, self._intervals, self._interval_counts = merge_intervals(self._intervals), [], {}
             self._timed = {k for k in self._timed if k[1] > plan.round}
             counters = {
                 "bytes_up": self.totals.bytes_up,
@@ -1215,6 +1233,10 @@ class Coordinator:
             plans = self.rounds.records()  # a restart plans these rounds again as they are
             present = sorted(self._present())
             algorithm_state = self.algorithm.state()
+        try:
+            self.store.append_timeline(plan.round, timeline)
+        except OSError as e:  # it serves the run's report; the run goes on
+            log.warning("round %d: could not write its timeline: %s", plan.round, e)
         self.store.write_checkpoint(
             Checkpoint(plan.round, versions, shas, self.registry.indices(), counters, eval_history, round_history,
                        plans, present, algorithm_state)
@@ -1331,6 +1353,7 @@ class Coordinator:
 
 
 MAX_INTERVALS = 4096  # timeline intervals kept per round: a bound whatever the workers report
+MAX_WORKER_INTERVALS = 64  # of one worker per round (a task's idle, compute, upload, and its syncs)
 
 
 def merge_intervals(intervals: list[list], gap_s: float = 0.05) -> list[list]:

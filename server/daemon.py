@@ -259,8 +259,13 @@ def operator_signal(service: CoordinatorService, signum: int) -> threading.Threa
 def run(config: CoordinatorConfig) -> dict:
     """`fedblock coordinator`: serve until the run is complete; SIGINT/SIGTERM stop it cleanly,
     SIGHUP reloads the tokens files, SIGUSR1 drains (`operator_signal`)."""
+    main = threading.current_thread() is threading.main_thread()
+    if main:  # health checks already answer while it loads: an operator may signal it then
+        for sig in OPERATOR_SIGNALS:
+            signal.signal(sig, lambda signum, _: log.warning("signal %s while loading the model and state: ignored "
+                                                             "(send it again)", signal.Signals(signum).name))
     running = start(config)
-    if threading.current_thread() is threading.main_thread():
+    if main:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: running.coordinator.stop())
         for sig in OPERATOR_SIGNALS:

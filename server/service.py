@@ -185,6 +185,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             return reply
         hardware = {f.name: _bounded(getattr(request.hardware, f.name)) for f in request.hardware.DESCRIPTOR.fields}
         hardware["device"] = _bounded(request.device)
+        hardware["fedblock"] = _bounded(request.version)
         token = presented_token(dict(context.invocation_metadata())) if self.auth.tokens is not None else ""
         reply = self.c.join(request.name, hardware, token=token).to_pb()
         self.c.count_sent("control", _size(reply))
@@ -395,6 +396,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             log.warning("refused an operator command as %r: %s", operator, refusal)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
         action = request.WhichOneof("action")
+        if action in ("reload_tokens", "drain") and not getattr(request, action):
+            action = None  # `drain: false` asks for nothing
         if action is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no action: drop_worker, reload_tokens, drain or set_rounds")
         try:

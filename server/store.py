@@ -408,6 +408,46 @@ class StateStore:
         except (OSError, ValueError, TypeError, KeyError, IndexError):
             return []
 
+    # ---- what operators change and see ------------------------------------------------------------
+
+    def write_rounds(self, total: int, flag: int) -> None:
+        """An operator's length of the run (drain, set-rounds), for a restart with the same `--rounds`
+        (`flag`) to keep it."""
+        atomic_write_json(self.root / "rounds.json", {"rounds": int(total), "flag": int(flag)})
+
+    def read_rounds(self, flag: int) -> int | None:
+        """The length an operator set while the run had `--rounds flag`; None when none was, when the run
+        was started again with another --rounds (that wins), or when the file is unreadable."""
+        try:
+            recorded = json.loads((self.root / "rounds.json").read_text())
+            total, was = int(recorded["rounds"]), int(recorded["flag"])
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+        return total if was == flag and total >= 0 else None
+
+    def append_timeline(self, round: int, intervals: list[list]) -> None:
+        """One round's timeline ([worker, kind, start_s, end_s] on the run clock) at the end of
+        timeline.jsonl: appended, so a run writes it once whatever its length (checkpoints stay small)."""
+        line = json.dumps({"round": int(round), "intervals": intervals}, allow_nan=False) + "\n"
+        with open(self.root / "timeline.jsonl", "a") as f:
+            f.write(line)
+
+    def read_timeline(self) -> dict[int, list[list]]:
+        """round -> its intervals. A round written twice (run again after a restart) keeps its last
+        entry; a torn last line (a kill during the write) is skipped."""
+        rounds: dict[int, list[list]] = {}
+        try:
+            lines = (self.root / "timeline.jsonl").read_text().splitlines()
+        except OSError:
+            return rounds
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                rounds[int(entry["round"])] = [[str(w), str(k), float(a), float(b)] for w, k, a, b in entry["intervals"]]
+            except (ValueError, TypeError, KeyError):
+                continue
+        return rounds
+
     # ---- end of run -------------------------------------------------------------------------------
 
     def write_summary(self, summary: Mapping[str, Any]) -> Path:

@@ -242,3 +242,22 @@ def test_check_finds_other_weights_and_missing_data(federation, tmp_path, data_f
     assert "FAIL data:" in out and "missing.jsonl" in out, out
     assert "OK   coordinator:" in out
     assert not fed.coordinator.registry.all()
+
+
+def test_an_operators_length_of_the_run_survives_a_restart(federation):
+    """set-rounds and drain are kept in the state dir: a coordinator started again with the same --rounds
+    keeps the operator's length (a drained run stays complete); another --rounds wins."""
+    import dataclasses
+
+    from fedblock.server import daemon
+
+    fed = federation(rounds=8)
+    c = fed.coordinator
+    c.set_rounds(12)
+    config = c.config
+    assert daemon.build(config).rounds.total == 12
+    assert daemon.build(dataclasses.replace(config, rounds=9)).rounds.total == 9
+    assert daemon.build(config).rounds.total == 12  # the operator's length is for --rounds 8
+    c.drain()  # nothing planned yet: the run ends now, at round 0
+    again = daemon.build(config)
+    assert again.rounds.total == 0 and again.rounds.finished

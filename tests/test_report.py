@@ -105,11 +105,13 @@ def test_report_of_a_finished_run(run, tmp_path):
     assert sum(float(r[7]) for r in rows) == pytest.approx(summary["bytes_up"] / 1e6, abs=1e-3 * ROUNDS)
     assert f"{summary['bytes_up']:,}" in report
 
-    if "timeline" in history[0]:  # a coordinator that records the workers' intervals
-        width, height = png_size(out / "timeline.png")
-        assert width >= 1000 and "![Worker timeline](timeline.png)" in report and "| w0 |" in report
-    else:
-        assert not (out / "timeline.png").exists() and "No timeline" in report
+    width, height = png_size(out / "timeline.png")  # the coordinator recorded the workers' intervals
+    assert width >= 1000 and "![Worker timeline](timeline.png)" in report and "| w0 |" in report
+
+    older = tmp_path / "older"  # a state dir of a coordinator that recorded no timeline
+    shutil.copytree(run["state"], older, ignore=shutil.ignore_patterns("export", "report", "timeline.jsonl"))
+    assert main(["report", str(older)]) == 0
+    assert not (older / "report" / "timeline.png").exists() and "No timeline" in (older / "report" / "report.md").read_text()
 
 
 def test_report_during_a_run_and_its_timeline(run, tmp_path):
@@ -119,14 +121,13 @@ def test_report_during_a_run_and_its_timeline(run, tmp_path):
     shutil.copytree(run["state"], state, ignore=shutil.ignore_patterns("export", "summary.json", "report"))
     (state / "checkpoints" / f"round-{ROUNDS:06d}.json").unlink()
     (state / "checkpoints" / f"round-{ROUNDS:06d}.json").write_text('{"round": 4, "block_ver')  # cut short
-    path = state / "checkpoints" / f"round-{ROUNDS - 1:06d}.json"
-    ckpt = json.loads(path.read_text())
-    for i, rec in enumerate(ckpt["round_history"]):  # intervals as the coordinator records them
-        t = float(i)
-        rec["timeline"] = [["w0", "download", t, t + 0.1], ["w0", "compute", t + 0.1, t + 0.6],
-                           ["w0", "upload", t + 0.6, t + 0.8], ["w0", "idle", t + 0.6, t + 0.7],
-                           ["w1", "compute", t + 0.2, t + 0.9]]
-    path.write_text(json.dumps(ckpt))
+    lines = []
+    for i in range(1, ROUNDS + 1):  # intervals as the coordinator records them, round ROUNDS twice (a redo)
+        t = float(i - 1)
+        lines.append(json.dumps({"round": min(i, ROUNDS - 1), "intervals": [
+            ["w0", "download", t, t + 0.1], ["w0", "compute", t + 0.1, t + 0.6], ["w0", "upload", t + 0.6, t + 0.8],
+            ["w0", "idle", t + 0.6, t + 0.7], ["w1", "compute", t + 0.2, t + 0.9]]}))
+    (state / "timeline.jsonl").write_text("\n".join(lines) + '\n{"round": 9, "interv')  # and a torn last line
 
     assert main(["report", str(state)]) == 0
     out = state / "report"

@@ -1,6 +1,6 @@
 """What the coordinator records of a run for its operators, without files from the sites: each round's
-timeline of every worker (from the timings each update carries), the phase histograms and per-worker
-series, and summary.json's reproducibility record."""
+timeline of every worker (from the timings each update carries, in STATE_DIR/timeline.jsonl), the phase
+histograms and per-worker series, and summary.json's reproducibility record."""
 
 import math
 
@@ -26,7 +26,9 @@ def test_timeline_phases_and_reproduce(federation, data_file):
     history = summary["round_history"]
     assert [h["round"] for h in history] == list(range(1, ROUNDS + 1))
 
-    intervals = [i for h in history for i in h["timeline"]]
+    timeline = c.store.read_timeline()  # STATE_DIR/timeline.jsonl, one line per round
+    assert sorted(timeline) == list(range(1, ROUNDS + 1)) and all("timeline" not in h for h in history)
+    intervals = [i for r in sorted(timeline) for i in timeline[r]]
     for worker, kind, start, end in intervals:
         assert worker in ("w0", "w1") and kind in ("compute", "idle", "upload", "download") and start <= end
     for w in ("w0", "w1"):
@@ -88,3 +90,27 @@ def test_timings_from_the_wire_are_checked():
 ])
 def test_merge_intervals(intervals, merged):
     assert merge_intervals(intervals) == merged
+
+
+def test_timings_that_do_not_fit_the_clock_and_a_flood_of_intervals(federation):
+    """A worker's timings land in a histogram and the timeline only when they fit the run's clock, and
+    no worker can add more than its share of intervals to a round, however often it syncs."""
+    from fedblock.server.coordinator import MAX_WORKER_INTERVALS
+
+    c = federation().coordinator
+    count = lambda: sample(c, "fedblock_round_phase_seconds_count", phase="training")  # noqa: E731
+    for hostile in (TaskTimings(1e308, 0.0, -1e308, 1e308), TaskTimings(5.0, 0.0, 100.0, 101.0),
+                    TaskTimings(1.0, 1e9, 100.0, 101.0), TaskTimings(1.0, 0.0, 100.0, 1e12)):
+        with c._cv:
+            c._task_timings("w0", 1, hostile, received_s=10.0)
+    assert count() == 0 and c._intervals == []
+    with c._cv:
+        c._task_timings("w0", 1, TaskTimings(2.0, 0.5, 100.0, 102.5), received_s=10.0)
+        c._task_timings("w0", 1, TaskTimings(2.0, 0.5, 100.0, 102.5), received_s=11.0)  # the task's next block
+    assert count() == 1
+    assert c._intervals == [["w0", "idle", 7.0, 7.5], ["w0", "compute", 7.5, 9.5]]
+    for _ in range(10 * MAX_WORKER_INTERVALS):
+        c.downloaded("w1", c.wall_seconds(), blocks=1)
+    c.note_interval("w2", "upload", 1.0, 2.0)
+    kept = [i for i in c._intervals if i[0] == "w1"]
+    assert len(kept) == MAX_WORKER_INTERVALS and c._intervals[-1][0] == "w2"
