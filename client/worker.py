@@ -292,12 +292,17 @@ def run(config: WorkerConfig) -> Outcome:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
+    outcome = None
     try:
-        return worker.run()
+        outcome = worker.run()
+        return outcome
     finally:
         if config.metrics_port:
-            if config.linger:  # so that the last values are scraped
+            # After a run that finished, so that its last values are scraped; never after a failure or a
+            # coordinator that stopped: that exit status is what brings the worker back (a restart policy).
+            if config.linger and outcome is not None and outcome.finished and outcome.reason == "finished":
                 lingering.set()
                 log.info("run over; serving /metrics for %.0f s more", config.linger)
                 stop_lingering.wait(config.linger)
             server.shutdown()
+            server.server_close()

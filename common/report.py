@@ -476,10 +476,18 @@ def write_report(config: ReportConfig) -> Path:
         import matplotlib  # noqa: F401
     except ImportError:
         raise ConfigError(INSTALL_HINT) from None
-    history = load_history(config.state_dir)
     out = Path(config.out) if config.out is not None else Path(config.state_dir) / "report"
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out: {out} exists and is not a folder")
+    try:
+        return _write_report(load_history(config.state_dir), out)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:  # a file edited or damaged by hand
+        from ..server.store import StateError
+
+        raise StateError(f"{config.state_dir}: a record is not as fedblock writes it ({type(e).__name__}: {e})") from None
+
+
+def _write_report(history: RunHistory, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     plots: dict[str, Path | None] = {
         "loss": plot_loss(history, out / "loss.png"),

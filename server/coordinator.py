@@ -929,9 +929,15 @@ class Coordinator:
         self._cv.notify_all()  # the run loop sees at once that it is over (a drain with no round open)
 
     def _end_worker(self, name: str, reason: str) -> None:
-        """Under the lock: end a connected worker's session (`Registry.end`), then plan without it."""
+        """Under the lock: end a connected worker's session (`Registry.end`), then plan without it. Its
+        per-worker series go: an operator's decision is no lost worker (FedblockWorkerLost)."""
         self.registry.end(name, RunEnd(reason, self.global_model.version), reason)
         self._drop(name, reason)
+        for series in (self.metrics.peer_connected, self.metrics.peer_local_steps, self.metrics.peer_last_seen):
+            try:
+                series.remove(name)
+            except KeyError:
+                pass
         log.warning("worker %s: %s; its session is over", name, reason)
 
     def _end_if_revoked(self, name: str, token: str) -> None:
@@ -955,7 +961,9 @@ class Coordinator:
     def _run(self) -> dict:
         if not self.totals.eval_history:  # on its own thread: round 1 does not wait for it
             self._submit_eval()
-        started = self.global_model.version > 0
+        started = self.global_model.version > 0 or bool(self.rounds.plans)  # resumed: it runs at once
+        if started:
+            self._running()
         while not self._stop.is_set():
             plan = None
             with self._cv:
@@ -966,10 +974,7 @@ class Coordinator:
                 if self.rounds.head is None and (started or len(connected) >= self.config.min_workers):
                     if self.rounds.plan(self.rounds.version + 1, connected) is not None and self.state == "waiting":
                         started = True
-                        self.state = "running"
-                        self.metrics.set_state("running")
-                        self._startup_peak = _peak_rss()
-                        _reset_peak_rss()  # from here on the peak is that of running rounds
+                        self._running()
                 if started:
                     self.rounds.top_up(connected)
                 self._deliver()
@@ -987,6 +992,12 @@ class Coordinator:
         if self._failure is not None:
             raise RuntimeError("the coordinator stopped; start it again to resume from its checkpoint") from self._failure
         return self._finish()
+
+    def _running(self) -> None:
+        self.state = "running"
+        self.metrics.set_state("running")
+        self._startup_peak = _peak_rss()
+        _reset_peak_rss()  # from here on the peak is that of running rounds
 
     def _fail(self, error: BaseException) -> None:
         """Something the run cannot go on from: stop, and let `run` raise it (nothing more is written)."""

@@ -31,8 +31,9 @@ log = logging.getLogger("fedblock.coordinator")
 GRPC_THREADS = 1024  # every connected worker holds one event stream (one thread); threads start lazily
 
 
-def build(config: CoordinatorConfig) -> Coordinator:
-    """A ready coordinator: the global model loaded from the last checkpoint, or from MODEL at version 0."""
+def build(config: CoordinatorConfig, metrics: CoordinatorMetrics | None = None) -> Coordinator:
+    """A ready coordinator: the global model loaded from the last checkpoint, or from MODEL at version 0.
+    `metrics`: its registry (perhaps served already, while this loads)."""
     if config.threads:
         torch.set_num_threads(config.threads)
     model_path = resolve_model(config.model)
@@ -91,7 +92,7 @@ def build(config: CoordinatorConfig) -> Coordinator:
 
         evaluate = Evaluator(store.model_dir, config.eval_data, config.eval_max_examples, config.eval_batch_size, config.max_seq_len,
                              config.lora)
-    return Coordinator(config, store, run_id, specs, initial, CoordinatorMetrics(), evaluate, ckpt,
+    return Coordinator(config, store, run_id, specs, initial, metrics or CoordinatorMetrics(), evaluate, ckpt,
                        initial_sha256=store.initial_hashes())
 
 
@@ -200,6 +201,7 @@ class Running:
         self.serving.stop(grace)
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
+            self.metrics_server.server_close()
 
 
 def tune_malloc() -> None:
@@ -215,17 +217,20 @@ def tune_malloc() -> None:
 
 
 def start(config: CoordinatorConfig) -> Running:
-    """Serve gRPC first (health checks say NOT_SERVING while loading), then load the model and the
-    state, then accept workers."""
+    """Serve gRPC and /metrics first (health checks say NOT_SERVING while loading), then load the model
+    and the state, then accept workers."""
     tune_malloc()
     serving = serve(config)
+    metrics, metrics_server = CoordinatorMetrics(), None
     try:
-        coordinator = build(config)
-        metrics_server = None
-        if config.metrics_port:
-            metrics_server, _ = serve_metrics(coordinator.metrics.registry, config.metrics_port)
+        if config.metrics_port:  # scraped while it loads, too (run state "waiting"): it is up
+            metrics_server, _ = serve_metrics(metrics.registry, config.metrics_port)
+        coordinator = build(config, metrics)
     except BaseException:
         serving.stop(0)
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
         raise
     serving.ready(coordinator)
     log.info(

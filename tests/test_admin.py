@@ -129,6 +129,8 @@ def test_drop_worker_ends_its_session_and_the_rounds_go_on(federation, admin_tok
     assert outcome.reason == "dropped by operator" or "dropped by operator" in str(outcome.error)
     record = {w.name: w for w in c.registry.all()}["site-b"]
     assert not record.connected  # it did not join again by itself
+    # no "lost worker" for an operator's decision: its per-worker series are gone
+    assert c.metrics.registry.get_sample_value("fedblock_peer_connected", {"worker": "site-b"}) is None
     e = command(fed, "drop_worker", "site-b")
     assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "not connected" in e.details()
     # The rounds go on with site-a alone.

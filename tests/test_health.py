@@ -3,6 +3,8 @@ clients (grpcio-health-checking, grpcio-reflection), and `fedblock health`, the 
 
 import shutil
 import threading
+import time
+import urllib.request
 
 import grpc
 import pytest
@@ -13,6 +15,7 @@ from fedblock.common.cli import main
 from fedblock.common.config import CoordinatorConfig
 from fedblock.common.pb import coordinator_pb2 as pb
 from fedblock.common.pb import coordinator_pb2_grpc as pb_grpc
+from fedblock.common.simulate import free_port
 from fedblock.server import daemon
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -35,10 +38,10 @@ def loading_gate(monkeypatch):
     loading, release, bound = threading.Event(), threading.Event(), {}
     real_build, real_serve = daemon.build, daemon.serve
 
-    def slow_build(c):
+    def slow_build(c, metrics=None):
         loading.set()
         assert release.wait(30)
-        return real_build(c)
+        return real_build(c, metrics)
 
     def serve(c, coordinator=None):
         serving = real_serve(c, coordinator)
@@ -55,11 +58,16 @@ def test_not_serving_while_loading_then_serving(tmp_path, tiny_model, monkeypatc
     retry it); once loaded, SERVING, with no worker there yet (the readiness probe lets them in)."""
     loading, release, bound = loading_gate(monkeypatch)
     result = {}
-    starter = threading.Thread(target=lambda: result.setdefault("running", daemon.start(config(tmp_path, tiny_model))))
+    metrics_port = free_port()
+    starter = threading.Thread(target=lambda: result.setdefault(
+        "running", daemon.start(config(tmp_path, tiny_model, metrics_port=metrics_port))))
     starter.start()
     try:
         assert loading.wait(30)
         address = f"127.0.0.1:{bound['port']}"
+        # /metrics is up while it loads (so no "coordinator down"), in the state "waiting"
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+            assert 'fedblock_run_state{state="waiting"} 1.0' in r.read().decode()
         assert check(address) == NOT_SERVING
         assert check(address, "fedblock.v1.Coordinator") == NOT_SERVING
         assert main(["health", "--coordinator", address, "--insecure"]) == 1
@@ -152,3 +160,25 @@ def test_the_kubernetes_probes_against_a_live_tls_coordinator(tmp_path, tiny_mod
     finally:
         release.set()
         starter.join(60)
+
+
+def test_a_resumed_run_is_running_at_once(tmp_path, tiny_model, data_file, federation):
+    """A coordinator that resumes a run in progress reports "running" (the alerts that watch a running
+    run stay armed) before any worker is back."""
+    import dataclasses
+
+    fed = federation(rounds=1, local_steps=1)
+    fed.add_worker(fed.worker_config("w0", data_file))
+    fed.run()
+    resumed = daemon.build(dataclasses.replace(fed.coordinator.config, rounds=3))
+    thread = threading.Thread(target=resumed.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while resumed.state != "running" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert resumed.state == "running" and not resumed.registry.connected()
+        assert resumed.metrics.registry.get_sample_value("fedblock_run_state", {"state": "running"}) == 1
+    finally:
+        resumed.stop()
+        thread.join(30)

@@ -334,13 +334,15 @@ def test_probe_commands_parse(tmp_path):
         assert health.coordinator == f"127.0.0.1:{config.listen.rsplit(':', 1)[1]}"
         assert health.tls_ca and not health.insecure
         assert health.tls_server_name == find("Service", "fedblock-coordinator")["metadata"]["name"]
-    assert "--live" not in ready and "--live" in live and "--live" in startup
+    # the startup probe waits for SERVING (the --live form passes at once: NOT_SERVING is an answer)
+    assert "--live" not in ready and "--live" in live and "--live" not in startup
+    assert startup == ready
     # a probe's own timeout fits in the probe's
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         cmd = c[probe]["exec"]["command"]
         assert float(cmd[cmd.index("--timeout") + 1]) < c[probe]["timeoutSeconds"]
     # model loading: the startup probe allows minutes
-    assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 300
+    assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] == 600  # the README's 10 minutes
     # the helper substitutes
     r2, l2 = probe_commands("127.0.0.1:5", "/x/ca.pem", "localhost")
     assert r2[r2.index("--coordinator") + 1] == "127.0.0.1:5" and l2[l2.index("--tls-ca") + 1] == "/x/ca.pem"
@@ -398,6 +400,15 @@ def test_security_context(which):
 
 
 # ---- the rendered deployment ----------------------------------------------------------------------
+
+
+def test_make_secrets_checks_its_tools_before_writing(tmp_path):
+    secrets = tmp_path / "secrets"
+    env = {"PATH": "/usr/bin:/bin", "FEDBLOCK": str(tmp_path / "no-such-fedblock")}
+    r = subprocess.run(["sh", str(K8S / "make-secrets.sh"), str(secrets)], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and "not found" in r.stderr
+    assert not secrets.exists()  # nothing written, so a rerun with the tool in place works
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None or shutil.which("openssl") is None,

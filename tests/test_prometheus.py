@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "fedblock.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
-ROUNDS, STEPS = 6, 4
+ROUNDS, STEPS = 40, 4  # a run of some 15 s: the dashboard is asked while it runs
 
 pytestmark = [
     pytest.mark.slow,
@@ -128,9 +128,17 @@ def test_prometheus_scrapes_a_live_run(tmp_path, tiny_model, data_file, processe
     ]
     processes += [coordinator, *workers]
 
-    # During the run: the rounds advance as Prometheus sees them.
+    # During the run: the rounds advance as Prometheus sees them, and every panel of the dashboard
+    # has data while the run state is "running".
     until(lambda: any(v >= 1 for v in prom.values("fedblock_rounds_completed_total").values()), 120,
           "Prometheus never saw a completed round")
+    queries = panel_queries(json.loads(DASHBOARD.read_text()))
+    assert len(queries) >= 8
+    empty = set(queries)
+    while empty and prom.query('fedblock_run_state{state="running"} == 1'):
+        empty = {(title, expr) for title, expr in empty if not prom.query(expr.replace("$__rate_interval", "1m"))}
+        time.sleep(0.5)
+    assert not empty, f"panels without data while the run was running: {sorted(empty)}"
     summary_path = state / "summary.json"
     until(lambda: summary_path.exists() or coordinator.poll() is not None, 120, "the run did not end")
     assert coordinator.poll() is None, coordinator.communicate()[0]
@@ -157,14 +165,6 @@ def test_prometheus_scrapes_a_live_run(tmp_path, tiny_model, data_file, processe
     assert prom.values('fedblock_run_state{state="finished"}') == {f"127.0.0.1:{coordinator_port}": 1.0}
     worker_sent = sum(prom.values('fedblock_worker_bytes_sent_total{kind="update"}').values())
     assert worker_sent == summary["bytes_up"]  # both ends count the same wire bytes
-
-    # Every panel of the dashboard has data.
-    dashboard = json.loads(DASHBOARD.read_text())
-    queries = panel_queries(dashboard)
-    assert len(queries) >= 8
-    empty = [(title, expr) for title, expr in queries
-             if not prom.query(expr.replace("$__rate_interval", "1m"))]
-    assert not empty, f"panels without data: {empty}"
 
     # The alert rules load, evaluate, and none fires on this healthy run.
     groups = json.loads(get(f"{prom.url}/api/v1/rules"))["data"]["groups"]

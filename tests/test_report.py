@@ -189,3 +189,31 @@ def test_status_watch_redraws_on_a_terminal(run, monkeypatch, capsys):
     assert "\x1b" not in tty.getvalue()[len(view):] and "finished" in tty.getvalue()[len(view):]
     assert main(["status", "--coordinator", run["address"], "--insecure", "--watch", "-1"]) == 2
     assert "--watch must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["round", "bytes", "seconds", "not_a_dict", "workers_list", "summary_rounds"])
+def test_report_of_a_hand_damaged_state_dir_is_one_line(run, tmp_path, damage, capsys):
+    """Records edited or damaged by hand: one line naming the state dir, exit 2, no traceback."""
+    state = tmp_path / "state"
+    shutil.copytree(run["state"], state, ignore=shutil.ignore_patterns("export", "report"))
+    path = state / "summary.json"
+    summary = json.loads(path.read_text())
+    history = summary["round_history"]
+    if damage == "round":
+        history[1]["round"] = "two"
+    elif damage == "bytes":
+        history[1]["bytes_up"] = "lots"
+    elif damage == "seconds":
+        history[1]["seconds"] = "x"
+    elif damage == "not_a_dict":
+        history[1] = 7
+    elif damage == "workers_list":
+        summary["worker_names"] = 5
+    else:
+        summary["rounds_completed"] = "four"
+    path.write_text(json.dumps(summary))
+    code = main(["report", str(state)])
+    err = capsys.readouterr().err
+    assert code in (0, 2) and "Traceback" not in err
+    if code == 2:
+        assert str(state) in err and len(err.strip().splitlines()) == 1

@@ -12,7 +12,8 @@
 #   admin-tokens.yaml      the coordinator's --admin-tokens: a hashed line for the operator `admin`
 #   admin.token            that operator's token (for `fedblock admin`; not put in any Secret)
 # WORKERS (default 2) must match the worker StatefulSet's replicas; NAMESPACE (default fedblock) the
-# kustomization's namespace. Needs openssl and `fedblock` (or FEDBLOCK=/path/to/fedblock).
+# kustomization's namespace. Needs openssl and `fedblock` (or FEDBLOCK=/path/to/fedblock); both are
+# checked before anything is written. The CA and the certificate are valid for 365 days.
 # An existing DIR with these files is refused: delete it first to start over.
 set -eu
 
@@ -21,6 +22,15 @@ dir=${1:-$here/overlays/example/secrets}
 workers=${2:-2}
 ns=${3:-fedblock}
 fedblock=${FEDBLOCK:-fedblock}
+
+# Check the tools before writing anything: a run that stopped half way (say, after the CA) would
+# leave files that make a rerun refuse.
+for tool in openssl "$fedblock"; do
+    if ! command -v "$tool" > /dev/null 2>&1; then
+        echo "make-secrets.sh: $tool not found (on PATH, or set FEDBLOCK=/path/to/fedblock); nothing written" >&2
+        exit 1
+    fi
+done
 
 mkdir -p "$dir"
 if [ -e "$dir/tls.key" ] || [ -e "$dir/tokens.yaml" ]; then
