@@ -537,33 +537,10 @@ class StatusConfig:
 
 
 @dataclass(kw_only=True)
-class HealthConfig:
-    """`fedblock health`: the standard gRPC health check, for probes (exit 0 healthy, 1 not)."""
+class CallConfig:
+    """How a command reaches a running coordinator (`fedblock health`, `fedblock admin`)."""
 
     coordinator: str = opt("coordinator address HOST:PORT")
-    live: bool = opt("healthy when the server answers at all, loading included (a liveness probe); without it, "
-                     "only when it accepts workers (a readiness probe)", False)
-    service: str = opt("the service to ask about ('' : the server as a whole)", "")
-    timeout: float = opt("seconds to wait for the answer", 5.0)
-    tls_ca: Path | None = opt("CA certificate (PEM) to trust for the coordinator", None)
-    tls_cert: Path | None = opt("client certificate (PEM), where the coordinator requires mutual TLS", None)
-    tls_key: Path | None = opt("client private key (PEM)", None)
-    tls_server_name: str | None = opt("name to expect in the coordinator's certificate", None)
-    insecure: bool = opt("connect without TLS", False)
-
-    def check(self) -> None:
-        _host_port(self.coordinator, "--coordinator")
-        _require(self.timeout > 0, "--timeout must be > 0")
-        _require((self.tls_cert is None) == (self.tls_key is None), "--tls-cert and --tls-key go together")
-
-
-@dataclass(kw_only=True)
-class AdminConfig:
-    """`fedblock admin ACTION [ARGUMENT]`: an operator's command to a running coordinator."""
-
-    coordinator: str = opt("coordinator address HOST:PORT")
-    operator: str | None = opt("your name in the coordinator's --admin-tokens file (default: your login name)", None)
-    token: str | None = opt("your operator token (see the coordinator's --admin-tokens)", None)
     timeout: float = opt("seconds to wait for the answer", 30.0)
     tls_ca: Path | None = opt("CA certificate (PEM) to trust for the coordinator", None)
     tls_cert: Path | None = opt("client certificate (PEM), where the coordinator requires mutual TLS", None)
@@ -578,6 +555,24 @@ class AdminConfig:
         _require(not (self.insecure and (self.tls_ca or self.tls_cert)), "--insecure contradicts the --tls-* options")
         for flag, path in (("--tls-ca", self.tls_ca), ("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key)):
             _require(path is None or Path(path).is_file(), f"{flag}: no such file {path}")
+
+
+@dataclass(kw_only=True)
+class HealthConfig(CallConfig):
+    """`fedblock health`: the standard gRPC health check, for probes (exit 0 healthy, 1 not)."""
+
+    live: bool = opt("healthy when the server answers at all, loading included (a liveness probe); without it, "
+                     "only when it accepts workers (a readiness probe)", False)
+    service: str = opt("the service to ask about ('' : the server as a whole)", "")
+    timeout: float = opt("seconds to wait for the answer", 5.0)
+
+
+@dataclass(kw_only=True)
+class AdminConfig(CallConfig):
+    """`fedblock admin ACTION [ARGUMENT]`: an operator's command to a running coordinator."""
+
+    operator: str | None = opt("your name in the coordinator's --admin-tokens file (default: your login name)", None)
+    token: str | None = opt("your operator token (see the coordinator's --admin-tokens)", None)
 
 
 @dataclass(kw_only=True)
