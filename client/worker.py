@@ -23,7 +23,7 @@ from ..common.algorithms import Algorithm, Local, load
 from ..common.codecs import CodecPipeline
 from ..common.config import ConfigError, WorkerConfig
 from ..common.data import BatchStream, load_examples, tokenize
-from ..common.messages import Patch
+from ..common.messages import DROPPED, REVOKED, Patch
 from ..common.metrics import serve as serve_metrics
 from ..common.models import build_model_from_files, load_model, load_tokenizer, resolve_model
 from ..common.security import channel_credentials
@@ -298,9 +298,11 @@ def run(config: WorkerConfig) -> Outcome:
         return outcome
     finally:
         if config.metrics_port:
-            # After a run that finished, so that its last values are scraped; never after a failure or a
-            # coordinator that stopped: that exit status is what brings the worker back (a restart policy).
-            if config.linger and outcome is not None and outcome.finished and outcome.reason == "finished":
+            # After a run that finished (or an operator ended our part), so that the last values are scraped
+            # and a pod that Kubernetes would restart stays as it is; never after a failure or a coordinator
+            # that stopped: that exit status is what brings the worker back (a restart policy).
+            if config.linger and outcome is not None and outcome.finished and outcome.reason in ("finished", DROPPED,
+                                                                                                REVOKED):
                 lingering.set()
                 log.info("run over; serving /metrics for %.0f s more", config.linger)
                 stop_lingering.wait(config.linger)

@@ -481,7 +481,7 @@ def write_report(config: ReportConfig) -> Path:
         raise ConfigError(f"--out: {out} exists and is not a folder")
     try:
         return _write_report(load_history(config.state_dir), out)
-    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:  # a file edited or damaged by hand
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError) as e:  # a file edited or damaged by hand
         from ..server.store import StateError
 
         raise StateError(f"{config.state_dir}: a record is not as fedblock writes it ({type(e).__name__}: {e})") from None

@@ -369,9 +369,18 @@ class Coordinator:
     def heartbeat(self, name: str, session: str, local_steps: int = 0) -> int:
         record = self.registry.check(name, session)
         record.local_steps = local_steps
-        self.metrics.peer_local_steps.labels(name).set(local_steps)
-        self.metrics.peer_last_seen.labels(name).set(time.time())
+        self._seen(name, local_steps)
         return self.global_model.version
+
+    def _seen(self, name: str, local_steps: int | None = None) -> None:
+        """The worker's per-worker series, while it has a session (a worker an operator just dropped has
+        none: they are not made again)."""
+        with self._cv:
+            if name not in self.registry.connected():
+                return
+            if local_steps is not None:
+                self.metrics.peer_local_steps.labels(name).set(local_steps)
+            self.metrics.peer_last_seen.labels(name).set(time.time())
 
     def leave(self, name: str, session: str) -> None:
         self.registry.check(name, session).told_end = True  # gone for good: nobody to tell the end
@@ -402,7 +411,7 @@ class Coordinator:
         if outcome == "accepted":
             ended = self.wall_seconds()
             self.metrics.phase_seconds.labels("upload").observe(ended - started)
-            self.metrics.peer_last_seen.labels(name).set(time.time())
+            self._seen(name)
             self.note_interval(name, "upload", started, ended)
         return outcome
 
@@ -613,7 +622,7 @@ class Coordinator:
             self._cv.notify_all()
         self.metrics.updates.labels("accepted", "").inc()
         self.metrics.peer_updates_accepted.labels(name).inc()
-        self.metrics.peer_last_seen.labels(name).set(time.time())
+        self._seen(name)
         return "accepted"
 
     def catch_up(self, name: str, session: str, held: int, after_download: bool = False) -> CatchUp:
@@ -922,9 +931,14 @@ class Coordinator:
             raise ValueError(f"the run is over ({self.state}, {self.rounds.version} rounds done)")
 
     def _set_total(self, rounds: int) -> None:
-        """Under the lock: the one place the run's length changes (`Rounds.total` is what all read)."""
+        """Under the lock: the one place the run's length changes (`Rounds.total` is what all read).
+        Recorded first, so that a restart with the same --rounds keeps it; nothing changes unless it is."""
+        self.rounds.check_total(rounds)
+        try:
+            self.store.write_rounds(rounds, self.config.rounds)
+        except OSError as e:
+            raise ValueError(f"cannot record the run's new length in the state dir ({e}); it is unchanged") from None
         self.rounds.set_total(rounds)
-        self.store.write_rounds(rounds, self.config.rounds)  # a restart with the same --rounds keeps it
         self.metrics.rounds_target.set(rounds)
         self._cv.notify_all()  # the run loop sees at once that it is over (a drain with no round open)
 
@@ -933,7 +947,8 @@ class Coordinator:
         per-worker series go: an operator's decision is no lost worker (FedblockWorkerLost)."""
         self.registry.end(name, RunEnd(reason, self.global_model.version), reason)
         self._drop(name, reason)
-        for series in (self.metrics.peer_connected, self.metrics.peer_local_steps, self.metrics.peer_last_seen):
+        m = self.metrics
+        for series in (m.peer_connected, m.peer_local_steps, m.peer_last_seen, m.peer_updates_accepted):
             try:
                 series.remove(name)
             except KeyError:
@@ -963,7 +978,8 @@ class Coordinator:
             self._submit_eval()
         started = self.global_model.version > 0 or bool(self.rounds.plans)  # resumed: it runs at once
         if started:
-            self._running()
+            with self._cv:
+                self._running()
         while not self._stop.is_set():
             plan = None
             with self._cv:

@@ -134,10 +134,14 @@ class Rounds:
         """Run `rounds` rounds in all (an operator's drain or set-rounds); ValueError below `committed`.
         Rounds planned from now on take their learning rate from the new total (a cosine schedule
         stretches or shrinks); the open ones keep theirs."""
+        self.check_total(rounds)
+        self.rules = replace(self.rules, rounds=rounds)
+
+    def check_total(self, rounds: int) -> None:
+        """ValueError when the run cannot be made `rounds` long (fewer than are planned or done)."""
         if rounds < self.committed:
             raise ValueError(f"cannot make the run {rounds} rounds long: rounds up to {self.committed} are already "
                              "planned or done (drain ends the run after them)")
-        self.rules = replace(self.rules, rounds=rounds)
 
     @property
     def head(self) -> RoundPlan | None:

@@ -421,15 +421,17 @@ class StateStore:
         try:
             recorded = json.loads((self.root / "rounds.json").read_text())
             total, was = int(recorded["rounds"]), int(recorded["flag"])
-        except (OSError, ValueError, TypeError, KeyError):
+        except (OSError, ValueError, TypeError, KeyError, OverflowError):
             return None
         return total if was == flag and total >= 0 else None
 
     def append_timeline(self, round: int, intervals: list[list]) -> None:
         """One round's timeline ([worker, kind, start_s, end_s] on the run clock) at the end of
         timeline.jsonl: appended, so a run writes it once whatever its length (checkpoints stay small)."""
-        line = json.dumps({"round": int(round), "intervals": intervals}, allow_nan=False) + "\n"
-        with open(self.root / "timeline.jsonl", "a") as f:
+        line = (json.dumps({"round": int(round), "intervals": intervals}, allow_nan=False) + "\n").encode()
+        with open(self.root / "timeline.jsonl", "a+b") as f:
+            if f.seek(0, os.SEEK_END) and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
+                line = b"\n" + line  # after a line torn by a kill: a line of its own, not glued to it
             f.write(line)
 
     def read_timeline(self) -> dict[int, list[list]]:
@@ -444,7 +446,7 @@ class StateStore:
             try:
                 entry = json.loads(line)
                 rounds[int(entry["round"])] = [[str(w), str(k), float(a), float(b)] for w, k, a, b in entry["intervals"]]
-            except (ValueError, TypeError, KeyError):
+            except (ValueError, TypeError, KeyError, OverflowError):
                 continue
         return rounds
 

@@ -263,3 +263,16 @@ def test_an_operators_length_of_the_run_survives_a_restart(federation):
     c.drain()  # nothing planned yet: the run ends now, at round 0
     again = daemon.build(config)
     assert again.rounds.total == 0 and again.rounds.finished
+
+
+def test_a_length_that_cannot_be_recorded_changes_nothing(federation, monkeypatch):
+    fed = federation(rounds=8)
+    c = fed.coordinator
+
+    def full(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(c.store, "write_rounds", full)
+    with pytest.raises(ValueError, match="unchanged"):
+        c.set_rounds(12)
+    assert c.rounds.total == 8 and c.metrics.registry.get_sample_value("fedblock_rounds_target") == 8

@@ -114,3 +114,22 @@ def test_timings_that_do_not_fit_the_clock_and_a_flood_of_intervals(federation):
     c.note_interval("w2", "upload", 1.0, 2.0)
     kept = [i for i in c._intervals if i[0] == "w1"]
     assert len(kept) == MAX_WORKER_INTERVALS and c._intervals[-1][0] == "w2"
+
+
+def test_timeline_file_after_a_torn_line(tmp_path):
+    """timeline.jsonl after a kill mid-write: the torn line is skipped, and the round run again after
+    the restart is a line of its own."""
+    from fedblock.server.store import StateStore
+
+    store = StateStore(tmp_path / "s")
+    store.append_timeline(1, [["w", "compute", 0.0, 1.0]])
+    with open(store.root / "timeline.jsonl", "a") as f:
+        f.write('{"round": 2, "intervals": [["w", "comp')  # killed here
+    store.append_timeline(2, [["w", "compute", 5.0, 6.0]])
+    store.append_timeline(3, [["w", "upload", 7.0, 7.5]])
+    assert store.read_timeline() == {1: [["w", "compute", 0.0, 1.0]], 2: [["w", "compute", 5.0, 6.0]],
+                                     3: [["w", "upload", 7.0, 7.5]]}
+    store.append_timeline(2, [["w", "idle", 1.0, 2.0]])  # a round written again keeps its last entry
+    assert store.read_timeline()[2] == [["w", "idle", 1.0, 2.0]]
+    (store.root / "rounds.json").write_text('{"rounds": 1e999, "flag": 8}')
+    assert store.read_rounds(8) is None
