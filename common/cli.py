@@ -57,6 +57,9 @@ COMMANDS = {
 }
 
 
+LIGHT_COMMANDS = frozenset({"health", "admin", "token"})  # no model code: they start in a fraction of a second
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse would print the usage first)
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -134,9 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         stream=sys.stderr)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded from a model hub
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
+    if args.command not in LIGHT_COMMANDS:
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # our own progress and log lines say what is happening
+        hf_logging.disable_progress_bar()  # our own progress and log lines say what is happening
     prog = f"fedblock {args.command}"
     try:
         return _dispatch(args)
@@ -234,7 +238,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if command == "health":
         (config,) = parse_configs(command, args)
-        from .tools import health
+        from .health import health
 
         return health(config)
     if command == "admin":

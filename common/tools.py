@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from .config import CodecTrainConfig, ConfigError, EvalConfig, ExportConfig, HealthConfig, StatusConfig
+from .config import CodecTrainConfig, ConfigError, EvalConfig, ExportConfig, StatusConfig
 
 
 def export(config: ExportConfig) -> str:
@@ -166,27 +166,6 @@ def status_view(s, every: float | None = None) -> str:
     if not s.workers:
         lines.append("  no worker has joined yet")
     return "\n".join(lines) + "\n"
-
-
-def health(config: HealthConfig) -> int:
-    """0 when the coordinator's health service says SERVING (with --live: answers at all), else 1."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    from .rpc import open_channel
-    from .security import channel_credentials
-
-    credentials = None if config.insecure else channel_credentials(config.tls_ca, config.tls_cert, config.tls_key)
-    with open_channel(config.coordinator, credentials, config.tls_server_name) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=config.service),
-                                                              timeout=config.timeout)
-        except grpc.RpcError as e:
-            print(f"{config.coordinator}: {e.code().name}: {e.details()}")
-            return 1
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(f"{config.coordinator}: {status}")
-    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING or config.live else 1
 
 
 def codec_train(config: CodecTrainConfig) -> dict:
