@@ -7,8 +7,9 @@ CPU) with `BlockTrainer` for a few AdamW steps on real data, once per mode:
 * one block: `layers.0` (the lowest decoder layer: the worst case for activations, as backprop runs
   through every layer above it), the middle and the top decoder layer, and `embed` (the tied
   embedding/output head: backprop through everything plus the 28M-parameter block's AdamW state);
-* `+gc`: the same with the worker's `--gradient-checkpointing` (the layers above the block keep only
-  their inputs and are recomputed in the backward pass).
+* the worker's `--gradient-checkpointing`: `auto` by default (the lowest layers above the block, as
+  many as the memory estimate says reach the target, keep only their inputs and are recomputed in the
+  backward pass), `+on` all of them, `+off` none. `full` is plain full fine-tuning (`off`).
 
 How: each mode runs in a fresh subprocess (this script with `--child`), so peaks do not mix. The child
 loads the model (`fedblock.common.models.load_model`) and copies the weights out of the safetensors
@@ -48,8 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import parser, report  # noqa: E402
 
 TARGET = 0.5
-MODES = ("full", "embed", "bottom", "middle", "top", "embed+gc", "bottom+gc")
-QUICK_MODES = ("full", "bottom", "top", "bottom+gc")
+MODES = ("full", "embed", "bottom", "middle", "top", "embed+off", "bottom+off", "bottom+on")
+QUICK_MODES = ("full", "bottom", "top", "bottom+off")
 RESULT = "MEMORY-RESULT "
 
 
@@ -139,8 +140,9 @@ def child(args) -> None:
             "attention_mask": F.pad(b["attention_mask"], (0, pad), value=0),
             "labels": F.pad(b["labels"], (0, pad), value=IGNORE_INDEX),
         })
-    # "+gc": the worker's --gradient-checkpointing (recompute the layers above the block in the backward)
-    trainer = BlockTrainer(model, blocks, OptimConfig(gradient_checkpointing=option == "gc"))
+    # the worker's --gradient-checkpointing (auto by default); full fine-tuning is the plain reference
+    checkpointing = option or ("off" if mode == "full" else "auto")
+    trainer = BlockTrainer(model, blocks, OptimConfig(gradient_checkpointing=checkpointing))
     begin = trainer.begin_round
     gc.collect()
     rss_load = _status_mib("VmRSS") or _maxrss_mib()
@@ -154,7 +156,7 @@ def child(args) -> None:
     result = {
         "mode": args.child,
         "blocks": (trained[0] if len(trained) == 1 else f"full ({len(trained)} blocks)")
-        + (", gradient checkpointing" if option == "gc" else ""),
+        + ("" if mode == "full" else f", checkpointing {checkpointing}: {trainer.checkpointed} layers"),
         "trained_params": trained_params,
         "peak_mib": _maxrss_mib(),
         "rss_after_load_mib": rss_load,
@@ -235,7 +237,7 @@ def main() -> None:
             "process_seconds": r["process_seconds"],
         })
     layer_rows = [(r, row) for r, row in zip(results, rows, strict=True)
-                  if r["blocks"].startswith("layers.") and "checkpointing" not in r["blocks"]]
+                  if r["blocks"].startswith("layers.") and "checkpointing auto" in r["blocks"]]
     extra = {
         "settings": f"{args.model}, fp32, CPU, {args.threads} threads, batch {args.batch_size} x {args.seq_len} tokens "
                     f"({args.data}, padded/truncated to {args.seq_len}), {args.steps} AdamW step(s) per mode, "

@@ -298,5 +298,5 @@ def _memory(config: WorkerConfig, info: RunInfo | None, algorithm, model_dir: Pa
     have, where = available_memory(device)
     parts = ", ".join(f"{k} {_gib(v)}" for k, v in need.items())
     verdict = "OK" if total <= have else "FAIL"
-    hint = "" if verdict == "OK" else "; try a smaller --batch-size or --max-seq-len, --dtype bfloat16 or --gradient-checkpointing"
+    hint = "" if verdict == "OK" else "; try a smaller --batch-size or --max-seq-len, --dtype bfloat16 or --gradient-checkpointing on"
     report.line(verdict, "memory", f"needs about {_gib(total)} ({parts}, +{HEADROOM - 1:.0%}) of {_gib(have)} {where}{hint}")

@@ -406,8 +406,10 @@ class WorkerConfig:
     work_dir: Path | None = opt("where the model's config and tokenizer are kept (default: a temporary dir)", None)
     connect_timeout: float = opt("seconds to keep trying to reach the coordinator at start", 300.0)
     grad_clip: float = opt("max gradient norm of the trained block (0: off)", 1.0)
-    gradient_checkpointing: bool = opt("recompute the decoder layers above the trained block in the backward pass "
-                                       "instead of keeping their activations (less memory, more compute)", False)
+    gradient_checkpointing: str = opt(
+        "recompute decoder layers above the trained block in the backward pass instead of keeping their activations "
+        "(less memory, more compute): auto (as many as keep the peak at about half of full fine-tuning's), on (all), "
+        "off", "auto", parse=lambda v: {"true": "on", "false": "off"}.get(str(v).strip().lower(), str(v).strip().lower()))
     max_upload_rate: int = opt("cap on upload bandwidth in bytes/s, e.g. 20MB/s or 100Mbit/s (0: none)", 0, parse=parse_rate)
     max_download_rate: int = opt("cap on download bandwidth in bytes/s (0: none)", 0, parse=parse_rate)
     timeline: Path | None = opt("write this worker's compute and transfer intervals as JSONL here", None)
@@ -438,6 +440,8 @@ class WorkerConfig:
         _require(self.max_retries >= 0, "--max-retries must be >= 0")
         _require(self.max_backoff > 0, "--max-backoff must be > 0")
         _require(self.linger >= 0, "--linger must be >= 0")
+        _require(self.gradient_checkpointing in ("auto", "on", "off"),
+                 f"--gradient-checkpointing must be auto, on or off, got {self.gradient_checkpointing!r}")
         _require((self.tls_cert is None) == (self.tls_key is None), "--tls-cert and --tls-key go together")
         _require(not (self.insecure and (self.tls_ca or self.tls_cert)), "--insecure contradicts the --tls-* options")
         for flag, path in (("--tls-ca", self.tls_ca), ("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key)):

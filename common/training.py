@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import math
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import Block, set_trainable
+from .blocks import Block, find_decoder_layers, set_trainable
 from .data import IGNORE_INDEX, DataError, TokenizedExample, collate
 
 
@@ -39,7 +40,39 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm of the trained blocks; 0 disables
-    gradient_checkpointing: bool = False  # recompute decoder layers in the backward pass instead of storing them
+    # Recompute decoder layers in the backward pass instead of storing their activations: "auto" only as
+    # many of the layers above the trained block as `checkpointed_layers` says it takes to keep the peak
+    # at MEMORY_TARGET of full fine-tuning's, "on" all of them, "off" none.
+    gradient_checkpointing: str = "auto"
+
+
+GRADIENT_CHECKPOINTING = ("auto", "on", "off")
+# What "auto" aims at, as a fraction of full fine-tuning's peak memory: DESIGN's 0.5, less a margin for
+# the estimate's error (benchmarks/memory.py measures the result).
+MEMORY_TARGET = 0.48
+
+
+def checkpointed_layers(config, total: int, trainable: int, above: int, tokens: int, element_size: int,
+                        target: float = MEMORY_TARGET, baseline: int = 0) -> int:
+    """How many of the `above` decoder layers that backward runs through to reach the trained blocks
+    must be checkpointed for a peak of at most `target` x full fine-tuning's: the fewest, as each costs
+    a forward pass again. A model of the peak from the sizes alone (checked against benchmarks/memory.py):
+    the process's `baseline` bytes besides the weights (libraries, data), the weights, the gradients,
+    AdamW's two moments and its step's temporaries of what is trained, a stored layer's activations
+    (per token (8 hidden + 4 intermediate) values: attention and MLP inputs, norms, residuals, the MLP's
+    gate, up and product), a checkpointed layer's input only, and the logits with their gradient."""
+    hidden = int(config.hidden_size)
+    inner = int(getattr(config, "intermediate_size", None) or 4 * hidden)
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    layers = int(getattr(config, "num_hidden_layers", above) or above)
+    stored, kept = tokens * (8 * hidden + 4 * inner) * element_size, tokens * hidden * element_size
+    logits = 2 * tokens * vocab * 4
+    full = baseline + 4 * total * element_size + layers * stored + logits
+    block = baseline + total * element_size + 5 * trainable * element_size + above * stored + logits
+    need = block - target * full
+    if need <= 0:
+        return 0
+    return min(above, math.ceil(need / (stored - kept)))
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -171,6 +204,15 @@ class StepResult:
     tokens: int
 
 
+def _resident_bytes() -> int:
+    """This process's resident memory now (Linux), 0 where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 class BlockTrainer:
     """Trains `model` one assignment at a time: `begin_round(blocks)`, then `step(batch, lr)` K times."""
 
@@ -182,10 +224,32 @@ class BlockTrainer:
         self._params: list[nn.Parameter] = []
         self._optimizer: torch.optim.Optimizer | None = None
         set_trainable(model, [])
-        if optim.gradient_checkpointing:
-            # Only layers whose output needs a gradient are affected; non-reentrant checkpointing copes
-            # with frozen inputs below the trained block.
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if optim.gradient_checkpointing not in GRADIENT_CHECKPOINTING:
+            raise ValueError(f"gradient_checkpointing must be one of {GRADIENT_CHECKPOINTING}")
+        if optim.gradient_checkpointing == "on" and not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+        self._layers: list[nn.Module] = []
+        self._checkpointing: tuple = ()  # (active blocks, tokens) the layers' flags were set for
+        self.checkpointed = 0  # decoder layers recomputed in the backward pass, as last set
+        if optim.gradient_checkpointing != "off" and getattr(model, "supports_gradient_checkpointing", False):
+            # Non-reentrant checkpointing copes with frozen inputs below the trained block, so the input
+            # embeddings need no gradient (with one, backward would run through the frozen layers below).
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5's name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            if getattr(model, "_require_grads_hook", None) is not None:
+                model.disable_input_require_grads()
+            prefix, layers = find_decoder_layers(model)
+            self._layers = list(layers)
+            self._layer_of = {f"{prefix}.{i}.{n}": i for i, layer in enumerate(layers) for n, _ in layer.named_parameters()}
+            embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+            self._embedding = {id(p) for p in embeddings.parameters()} if embeddings is not None else set()
+            for layer in self._layers:
+                layer.gradient_checkpointing = False  # set per step (`_checkpoint`)
+            self._baseline = _resident_bytes() - sum(p.numel() * p.element_size() for p in model.parameters()) \
+                if next(model.parameters()).device.type == "cpu" else 0
         model.train()
 
     def begin_round(self, names: Sequence[str]) -> None:
@@ -214,6 +278,8 @@ class BlockTrainer:
             raise RuntimeError("begin_round() first")
         device = self._params[0].device
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        if self._layers:
+            self._checkpoint(int(batch["input_ids"].numel()))
         with nullcontext() if seed is None else seeded_rng(step_seed(seed), device):
             loss, tokens = task_loss(self.model, batch)
             if not torch.isfinite(loss):
@@ -226,6 +292,28 @@ class BlockTrainer:
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
         return StepResult(float(loss.detach()), tokens)
+
+
+    def _checkpoint(self, tokens: int) -> None:
+        """Set which decoder layers recompute in the backward pass for a batch of `tokens` tokens: of the
+        layers from the lowest trained one up, the lowest `checkpointed_layers` ("auto") or all ("on")."""
+        if self._checkpointing == (self.active, tokens):
+            return
+        params = dict(self.model.named_parameters())
+        trained = [n for b in self.active for n in self.blocks[b].params]
+        lowest = min((0 if id(params[n]) in self._embedding else self._layer_of.get(n, len(self._layers))
+                      for n in trained), default=len(self._layers))
+        above = len(self._layers) - lowest
+        if self.optim_config.gradient_checkpointing == "on":
+            count = above
+        else:
+            total = sum(p.numel() for p in params.values())
+            count = checkpointed_layers(self.model.config, total, sum(p.numel() for p in self._params), above, tokens,
+                                        self._params[0].element_size(), baseline=max(0, self._baseline))
+        for i, layer in enumerate(self._layers):
+            layer.gradient_checkpointing = lowest <= i < lowest + count
+        self._checkpointing = (self.active, tokens)
+        self.checkpointed = count
 
 
 @dataclass(frozen=True)

@@ -110,3 +110,48 @@ def test_workers_training_in_threads_of_one_process_keep_their_own_masks(tiny):
         t.join()
     for delta in out:
         assert_same(delta, alone)
+
+
+def test_checkpointed_layers_of_smollm2():
+    """The memory estimate behind --gradient-checkpointing auto, on SmolLM2-135M's sizes at batch 8 x 128
+    (fp32): the bottom layer and the embedding need part of the layers above them recomputed, the middle
+    and top layers none (benchmarks/memory.py measures the result)."""
+    from types import SimpleNamespace
+
+    from fedblock.common.training import checkpointed_layers
+
+    config = SimpleNamespace(hidden_size=576, intermediate_size=1536, vocab_size=49152, num_hidden_layers=30)
+    total, layer, embed = 134_515_008, 3_540_096, 28_311_552
+    counts = {name: checkpointed_layers(config, total, trainable, above, 1024, 4)
+              for name, trainable, above in (("bottom", layer, 30), ("middle", layer, 15), ("top", layer, 1),
+                                             ("embed", embed, 30))}
+    assert counts["middle"] == counts["top"] == 0
+    assert 0 < counts["bottom"] < counts["embed"] < 30
+    assert checkpointed_layers(config, total, layer, 30, 1024, 4, target=0.0) == 30  # as many as there are
+
+
+@pytest.mark.parametrize("mode", ["on", "auto"])
+def test_checkpointing_changes_no_number(tiny_model, mode, monkeypatch):
+    """Recomputing layers in the backward pass gives the same steps as keeping their activations, whichever
+    layers recompute (auto is forced to a part of them here)."""
+    from fedblock.common import training
+    from fedblock.common.blocks import partition
+    from fedblock.common.models import load_model
+    from fedblock.common.training import BlockTrainer, OptimConfig
+
+    monkeypatch.setattr(training, "checkpointed_layers", lambda *a, **k: 2)
+    torch.manual_seed(0)
+    batch = {"input_ids": torch.randint(0, 100, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+    batch["labels"] = batch["input_ids"].clone()
+    results = {}
+    for m in ("off", mode):
+        model = load_model(tiny_model)
+        blocks = partition(model)
+        trainer = BlockTrainer(model, blocks, OptimConfig(gradient_checkpointing=m))
+        trainer.begin_round(["layers.1"])
+        losses = [trainer.step(batch, 1e-3).loss for _ in range(3)]
+        results[m] = (losses, {n: p.detach().clone() for n, p in model.named_parameters()}, trainer.checkpointed)
+    assert results[mode][2] == (3 if mode == "on" else 2)  # layers 1..3 of 4 run backward
+    assert results["off"][0] == pytest.approx(results[mode][0], abs=1e-6)
+    for n, p in results["off"][1].items():
+        assert torch.allclose(p, results[mode][1][n], atol=1e-6), n
