@@ -108,6 +108,10 @@ def make_parser() -> argparse.ArgumentParser:
                 p.add_argument(flag_name(f), dest=f.name, default=None, help=help_, nargs="?", const="true",
                                metavar="BOOL")
                 continue
+            if f.metadata.get("const") is not None:
+                p.add_argument(flag_name(f), dest=f.name, default=None, help=help_, metavar=f.name.upper(), nargs="?",
+                               const=f.metadata["const"])
+                continue
             p.add_argument(flag_name(f), dest=f.name, default=None, help=help_, metavar=f.name.upper(),
                            choices=f.metadata.get("choices"))
     return parser

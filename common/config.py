@@ -58,12 +58,18 @@ def parse_rate(text: str | int) -> int:
 
 
 def opt(help: str, default: Any = REQUIRED, *, parse: Callable[[str], Any] | None = None,
-        choices: tuple[str, ...] | None = None, flag: str | None = None) -> Any:
-    """A dataclass field that is also a command-line option."""
-    meta = {"help": help, "parse": parse, "choices": choices, "flag": flag}
+        choices: tuple[str, ...] | None = None, flag: str | None = None, const: str | None = None) -> Any:
+    """A dataclass field that is also a command-line option (`const`: its value when the flag comes alone)."""
+    meta = {"help": help, "parse": parse, "choices": choices, "flag": flag, "const": const}
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def _switch(value: Any) -> str:
+    """auto, on or off; the words of a boolean (true, 1, yes; false, 0, no) as on and off."""
+    text = str(value).strip().lower()
+    return "on" if text in ("true", "1", "yes") else "off" if text in ("false", "0", "no") else text
 
 
 def flag_name(f: dataclasses.Field) -> str:
@@ -409,7 +415,7 @@ class WorkerConfig:
     gradient_checkpointing: str = opt(
         "recompute decoder layers above the trained block in the backward pass instead of keeping their activations "
         "(less memory, more compute): auto (as many as keep the peak at about half of full fine-tuning's), on (all), "
-        "off", "auto", parse=lambda v: {"true": "on", "false": "off"}.get(str(v).strip().lower(), str(v).strip().lower()))
+        "off (the flag alone: on)", "auto", parse=_switch, const="on")
     max_upload_rate: int = opt("cap on upload bandwidth in bytes/s, e.g. 20MB/s or 100Mbit/s (0: none)", 0, parse=parse_rate)
     max_download_rate: int = opt("cap on download bandwidth in bytes/s (0: none)", 0, parse=parse_rate)
     timeline: Path | None = opt("write this worker's compute and transfer intervals as JSONL here", None)

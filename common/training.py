@@ -70,7 +70,7 @@ def checkpointed_layers(config, total: int, trainable: int, above: int, tokens: 
     full = baseline + 4 * total * element_size + layers * stored + logits
     block = baseline + total * element_size + 5 * trainable * element_size + above * stored + logits
     need = block - target * full
-    if need <= 0:
+    if need <= 0 or above * (stored - kept) < 0.02 * block:  # within target, or nothing worth recomputing
         return 0
     return min(above, math.ceil(need / (stored - kept)))
 
@@ -241,15 +241,18 @@ class BlockTrainer:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             if getattr(model, "_require_grads_hook", None) is not None:
                 model.disable_input_require_grads()
-            prefix, layers = find_decoder_layers(model)
+            try:
+                prefix, layers = find_decoder_layers(model)
+            except ValueError:
+                if optim.gradient_checkpointing == "on":
+                    raise
+                prefix, layers = "", []  # auto: nothing to choose from
             self._layers = list(layers)
             self._layer_of = {f"{prefix}.{i}.{n}": i for i, layer in enumerate(layers) for n, _ in layer.named_parameters()}
             embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
             self._embedding = {id(p) for p in embeddings.parameters()} if embeddings is not None else set()
             for layer in self._layers:
                 layer.gradient_checkpointing = False  # set per step (`_checkpoint`)
-            self._baseline = _resident_bytes() - sum(p.numel() * p.element_size() for p in model.parameters()) \
-                if next(model.parameters()).device.type == "cpu" else 0
         model.train()
 
     def begin_round(self, names: Sequence[str]) -> None:
@@ -308,8 +311,12 @@ class BlockTrainer:
             count = above
         else:
             total = sum(p.numel() for p in params.values())
+            weight = next(self._layers[0].parameters())  # the model's dtype (LoRA's adapters may be float32)
+            # On the CPU the process's other memory counts against the same budget; on a GPU it does not.
+            baseline = _resident_bytes() - sum(p.numel() * p.element_size() for p in params.values()) \
+                if weight.device.type == "cpu" else 0
             count = checkpointed_layers(self.model.config, total, sum(p.numel() for p in self._params), above, tokens,
-                                        self._params[0].element_size(), baseline=max(0, self._baseline))
+                                        weight.element_size(), baseline=max(0, baseline))
         for i, layer in enumerate(self._layers):
             layer.gradient_checkpointing = lowest <= i < lowest + count
         self._checkpointing = (self.active, tokens)

@@ -155,3 +155,18 @@ def test_checkpointing_changes_no_number(tiny_model, mode, monkeypatch):
     assert results["off"][0] == pytest.approx(results[mode][0], abs=1e-6)
     for n, p in results["off"][1].items():
         assert torch.allclose(p, results[mode][1][n], atol=1e-6), n
+
+
+def test_gradient_checkpointing_option_words():
+    from fedblock.common.cli import make_parser, parse_configs
+
+    def value(*args, env=None):
+        argv = ["worker", "--coordinator", "h:1", "--name", "w", "--data", "d", *args]
+        return parse_configs("worker", make_parser().parse_args(argv), env=env or {})[0].gradient_checkpointing
+
+    assert value() == "auto" and value("--gradient-checkpointing") == "on"
+    assert value("--gradient-checkpointing", "1") == value("--gradient-checkpointing", "yes") == "on"
+    assert value("--gradient-checkpointing", "no") == value("--gradient-checkpointing", "off") == "off"
+    assert value(env={"FEDBLOCK_GRADIENT_CHECKPOINTING": "TRUE"}) == "on"
+    with pytest.raises(ValueError, match="auto, on or off"):
+        value("--gradient-checkpointing", "sometimes")
