@@ -3,6 +3,10 @@
 The compute thread is the only one that writes model weights. The communication side hands it
 `Patch`es (new global blocks) and receives `Update`s (block deltas) through bounded queues. Both sides
 read `ModelBook`, which records which global version each local block corresponds to.
+
+On a GPU an `Update`'s block deltas are `blocks.HostCopy` mappings, still being copied to pinned host
+memory when handed over: the communication thread's first read of a value waits for its copy, the
+compute thread never does.
 """
 
 from __future__ import annotations

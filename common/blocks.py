@@ -173,6 +173,67 @@ def take_delta_(current: Mapping[str, Tensor], start: Mapping[str, Tensor]) -> T
     return d
 
 
+class HostCopy(Mapping[str, Tensor]):
+    """CPU copies of a device block's tensors, still being made (`to_host_async`): the names at once,
+    the values once the copy is complete. Reading a value waits for the copy, on the reading thread
+    (the communication thread), so the thread that queued the copy never waits for it."""
+
+    def __init__(self, host: Tensors, done) -> None:
+        """`host`: the (pinned) CPU tensors being filled; `done`: what completes with the copy, a
+        torch.cuda.Event (anything with `query()` and `synchronize()`)."""
+        self._host, self._done = host, done
+
+    def ready(self) -> bool:
+        """Whether the copy is complete (never waits)."""
+        return bool(self._done.query())
+
+    def wait(self) -> None:
+        """Until the copy is complete."""
+        self._done.synchronize()
+
+    def __getitem__(self, name: str) -> Tensor:
+        self.wait()
+        return self._host[name]
+
+    def __contains__(self, name: object) -> bool:  # names need no waiting (Mapping's would read the value)
+        return name in self._host
+
+    def __iter__(self):
+        return iter(self._host)
+
+    def __len__(self) -> int:
+        return len(self._host)
+
+
+def to_host_async(tensors: Mapping[str, Tensor], stream: torch.cuda.Stream | None = None) -> Mapping[str, Tensor]:
+    """The same values on the CPU, without the calling thread waiting for a device.
+
+    CPU tensors: `tensors` itself (nothing is copied). Tensors on one CUDA device: a `HostCopy`, their
+    copy into pinned host memory queued on `stream` (default: a side stream from torch's pool), after
+    all the work queued so far on the caller's current stream (which produces them); the caller goes on
+    queueing work at once and the copy overlaps it. The caller must not write the tensors afterwards;
+    it may drop them at once: their device memory is not reused before the copy has read it. The
+    pinned buffers come from torch's caching host allocator, which reuses them once the reader has
+    dropped its copy and the copy's event has passed."""
+    devices = {t.device for t in tensors.values()}
+    if all(d.type == "cpu" for d in devices):
+        return tensors
+    if len(devices) != 1 or next(iter(devices)).type != "cuda":
+        raise ValueError(f"to_host_async: tensors on {sorted(map(str, devices))}; expected the CPU or one CUDA device")
+    device = devices.pop()
+    side = stream if stream is not None else torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))  # after the kernels that compute the tensors
+    host: Tensors = {}
+    with torch.cuda.stream(side):
+        for n, t in tensors.items():
+            host[n] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host[n].copy_(t, non_blocking=True)
+            t.record_stream(side)  # freed by the caller: its memory waits for the side stream's copy
+    done = torch.cuda.Event(blocking=True)  # a waiting reader sleeps rather than spins
+    done.record(side)
+    return HostCopy(host, done)
+
+
 def add_scaled_(target: Mapping[str, Tensor], update: Mapping[str, Tensor], scale: float = 1.0) -> None:
     """target += scale · update, in place, tensor by tensor."""
     with torch.no_grad():

@@ -68,7 +68,9 @@ class BlockDescent(Algorithm):
                 local.on_step(f"round {a.round}: {'+'.join(a.blocks)[:40]} step {k + 1}/{a.local_steps}", result.loss)
             if local.boundary():
                 base_version = local.version()
-            deltas = {b: B.take_delta_(self._training[b], self._start[b]) for b in a.blocks}
+            # On a GPU the deltas go to pinned host memory on a side stream: the next round's steps do
+            # not wait for the copy, the communication thread does (when it reads them).
+            deltas = {b: B.to_host_async(B.take_delta_(self._training[b], self._start[b])) for b in a.blocks}
         finally:
             self._training, self._start = {}, {}
         loss = loss_sum / tokens if tokens else float("nan")
