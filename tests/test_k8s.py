@@ -3,18 +3,23 @@ kubernetes-validate (Kubernetes 1.30, strict); each kustomization lists every fi
 fedblock command in a pod (the coordinator's args with its ConfigMap, the workers' shell line, the probes)
 parses and validates with the project's own CLI; the files those commands name are the ones the volumes
 provide; worker pod names are valid worker names; ports agree across containers, Services and scrape
-annotations; and, where kubectl and openssl exist, make-secrets.sh + `kubectl kustomize` render a
-deployment whose every object validates.
+annotations; the site of several nodes (overlays/multinode-site/, an indexed Job under torchrun): its
+shell line run as each pod would run it, the torchrun line parsed by torchrun's own parser and the worker
+options by fedblock's, the rendezvous, the GPUs, the restart policy and the rank-0-only probe; and, where
+kubectl and openssl exist, make-secrets.sh + `kubectl kustomize` render both deployments, whose every
+object validates.
 
 `probe_commands()` gives the coordinator's readiness and liveness exec commands, for a test that runs them
 against a live coordinator."""
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
 BASE = K8S / "base"
 OVERLAY = K8S / "overlays" / "example"
+MULTINODE = K8S / "overlays" / "multinode-site"
 K8S_VERSION = "1.30.0"
 UID = 10001  # the Dockerfile's user
 
@@ -39,9 +45,25 @@ def manifests() -> list[dict]:
     return [d for p in sorted(BASE.glob("*.yaml")) if p.name != "kustomization.yaml" for d in load_all(p)]
 
 
+def site_manifests() -> list[dict]:
+    """The objects overlays/multinode-site/ adds to overlays/example/."""
+    k = yaml.safe_load((MULTINODE / "kustomization.yaml").read_text())
+    return [d for r in k["resources"] if not r.startswith("..") for d in load_all(MULTINODE / r)]
+
+
 def find(kind: str, name: str) -> dict:
-    (obj,) = [d for d in manifests() if d["kind"] == kind and d["metadata"]["name"] == name]
+    (obj,) = [d for d in manifests() + site_manifests() if d["kind"] == kind and d["metadata"]["name"] == name]
     return obj
+
+
+def site_job() -> dict:
+    (job,) = [d for d in site_manifests() if d["kind"] == "Job"]
+    return job
+
+
+def site_names() -> set[str]:
+    """The names of the sites of several pods: each Job is one worker."""
+    return {d["metadata"]["name"] for d in site_manifests() if d["kind"] == "Job"}
 
 
 def coordinator_sts() -> dict:
@@ -85,7 +107,7 @@ def kustomization(folder: Path) -> dict:
     return yaml.safe_load((folder / "kustomization.yaml").read_text())
 
 
-@pytest.mark.parametrize("folder", [BASE, OVERLAY], ids=["base", "overlay"])
+@pytest.mark.parametrize("folder", [BASE, OVERLAY, MULTINODE], ids=["base", "overlay", "multinode"])
 def test_kustomization_lists_every_file(folder):
     k = kustomization(folder)
     assert k["apiVersion"] == "kustomize.config.k8s.io/v1beta1" and k["kind"] == "Kustomization"
@@ -110,12 +132,13 @@ def test_base_namespace_and_labels():
 
 
 def generated_secrets() -> dict[str, set[str]]:
-    """Secret name -> its keys, from the overlay's secretGenerator (env files: keys are worker names)."""
+    """Secret name -> its keys, from the overlay's secretGenerator (env files: keys are worker names, and
+    the sites' names, which make-secrets.sh writes when it is given them)."""
     out = {}
     for gen in kustomization(OVERLAY)["secretGenerator"]:
         keys = {f.split("=", 1)[0] for f in gen.get("files", [])}
         if gen.get("envs"):
-            keys |= {f"worker-{i}" for i in range(worker_sts()["spec"]["replicas"])}
+            keys |= {f"worker-{i}" for i in range(worker_sts()["spec"]["replicas"])} | site_names()
         out[gen["name"]] = keys
     return out
 
@@ -126,7 +149,7 @@ def test_overlay_generates_the_referenced_secrets():
         assert f.startswith("secrets/"), f
     ignore = (OVERLAY / "secrets" / ".gitignore").read_text().split()
     assert "*" in ignore  # keys and tokens never get committed
-    for sts in (coordinator_sts(), worker_sts()):
+    for sts in (coordinator_sts(), worker_sts(), site_job()):
         for vol in sts["spec"]["template"]["spec"]["volumes"]:
             sources = vol.get("projected", {}).get("sources", []) + ([{"secret": {"name": vol["secret"]["secretName"],
                                                                                    **vol["secret"]}}] if "secret" in vol else [])
@@ -151,9 +174,10 @@ def validate(doc: dict) -> None:
     kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
-@pytest.mark.parametrize("path", sorted(p.name for p in BASE.glob("*.yaml") if p.name != "kustomization.yaml"))
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(K8S)) for folder in (BASE, MULTINODE)
+                                         for p in folder.glob("*.yaml") if p.name != "kustomization.yaml"))
 def test_manifest_validates(path):
-    for doc in load_all(BASE / path):
+    for doc in load_all(K8S / path):
         validate(doc)
 
 
@@ -376,16 +400,17 @@ def test_ports_match_services_and_annotations():
     assert live["path"] == "/metrics" and live["port"] == "metrics"
 
 
-@pytest.mark.parametrize("which", ["coordinator", "worker"])
+@pytest.mark.parametrize("which", ["coordinator", "worker", "site"])
 def test_security_context(which):
-    sts = coordinator_sts() if which == "coordinator" else worker_sts()
+    sts = {"coordinator": coordinator_sts, "worker": worker_sts, "site": site_job}[which]()
     pod = sts["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == UID and pod["securityContext"]["runAsGroup"] == UID
     assert pod["securityContext"]["fsGroup"] == UID
     assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     c = container(sts)
-    assert c["image"] == "fedblock:0.1.0"
+    assert c["image"] == ("fedblock:0.1.0-cu128" if which == "site" else "fedblock:0.1.0")
+    assert f"-t {c['image']} ." in (ROOT / "deploy" / "README.md").read_text()  # the README builds that image
     sc = c["securityContext"]
     assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"]["drop"] == ["ALL"]
@@ -397,6 +422,263 @@ def test_security_context(which):
         if "secret" in v or "projected" in v:
             assert m.get("readOnly") is True, m["name"]
     assert c["resources"]["requests"]["memory"] and c["resources"]["limits"]["memory"]
+
+
+# ---- a site of several nodes: overlays/multinode-site/ -------------------------------------------
+
+
+def service_selects(service: dict, template: dict) -> bool:
+    return service["spec"]["selector"].items() <= template["metadata"]["labels"].items()
+
+
+def site_service() -> dict:
+    (svc,) = [d for d in site_manifests() if d["kind"] == "Service"]
+    return svc
+
+
+def run_site_pod(tmp_path: Path, index: int) -> tuple[list[str], dict[str, str]]:
+    """Run the site container's shell line as the pod of completion index `index` runs it, the Secrets'
+    files laid out under tmp_path (their paths in the line moved there), with a stand-in `torchrun` on the
+    PATH; return the argv torchrun got and the FEDBLOCK_* environment it (and so every rank) got."""
+    job = site_job()
+    c = container(job)
+    mounts = volume_files(job, tmp_path / "volumes")  # the same files in every pod
+    assert c["command"][:2] == ["/bin/sh", "-c"]
+    script = c["command"][2]
+    assert "set -eu" in script
+    for mount, where in mounts.items():
+        script = script.replace(mount + "/", f"{where}/")
+    root = tmp_path / f"pod-{index}"
+    bin_dir = root / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "torchrun").write_text(
+        f"#!{sys.executable}\n"
+        "import json, os, sys\n"
+        "env = {k: v for k, v in os.environ.items() if k.startswith('FEDBLOCK_')}\n"
+        "json.dump({'argv': sys.argv[1:], 'env': env}, open(os.environ['RECORD'], 'w'))\n")
+    (bin_dir / "torchrun").chmod(0o755)
+    record = root / "torchrun.json"
+    env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+    assert not {"JOB_COMPLETION_INDEX", "PATH", "RECORD"} & set(env)
+    env |= {"PATH": f"{bin_dir}:/usr/bin:/bin", "JOB_COMPLETION_INDEX": str(index), "RECORD": str(record)}
+    r = subprocess.run(["/bin/sh", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(record.read_text())
+    return out["argv"], out["env"]
+
+
+def launch(argv: list[str], monkeypatch):
+    """torchrun's own reading of its command line: (LaunchConfig, the command each rank runs)."""
+    run = pytest.importorskip("torch.distributed.run")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # config_from_args would set it in this process otherwise
+    config, cmd, cmd_args = run.config_from_args(run.get_args_parser().parse_args(argv))
+    assert cmd == sys.executable  # with Python (not --no-python): `python -u -m MODULE ARGS`
+    return config, cmd_args
+
+
+def rdzv_params(config):
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+
+    return RendezvousParameters(config.rdzv_backend, config.rdzv_endpoint, config.run_id, config.min_nodes,
+                                config.max_nodes, **config.rdzv_configs)
+
+
+def site_pods(tmp_path: Path, monkeypatch) -> list[tuple]:
+    """(torchrun's LaunchConfig, the worker options, their FEDBLOCK_* env, torchrun's argv) of each pod of
+    the site."""
+    pods = []
+    for index in range(site_job()["spec"]["completions"]):
+        argv, env = run_site_pod(tmp_path, index)
+        config, cmd_args = launch(argv, monkeypatch)
+        assert cmd_args[:3] == ["-u", "-m", "fedblock.client"]  # `python -m fedblock.client` = `fedblock worker`
+        pods.append((config, cmd_args[3:], env, argv))
+    return pods
+
+
+def test_site_runs_the_worker_module():
+    import importlib.util
+
+    assert importlib.util.find_spec("fedblock.client.__main__") is not None
+
+
+def test_site_job_shape():
+    job = site_job()
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"  # pod N: hostname <job>-N, JOB_COMPLETION_INDEX=N
+    assert spec["completions"] == spec["parallelism"] >= 2  # every node at once: the rendezvous waits for all
+    pod = spec["template"]["spec"]
+    # a failed pod is replaced, only once it is gone (no two pods with one hostname); evictions and drains
+    # are not held against the site; the site can come back at least once as a whole (each pod failing)
+    assert pod["restartPolicy"] == "Never"
+    assert spec["podReplacementPolicy"] == "Failed"
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in spec["podFailurePolicy"]["rules"]
+    assert spec["backoffLimit"] >= spec["completions"]
+    assert valid_worker_name(job["metadata"]["name"])
+    assert len(f"{job['metadata']['name']}-{spec['completions'] - 1}") <= 63  # a hostname
+    # the headless Service gives the pods their DNS names
+    svc = site_service()
+    assert pod["subdomain"] == svc["metadata"]["name"]
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert service_selects(svc, spec["template"])
+    c = container(job)
+    for p in svc["spec"]["ports"]:
+        assert p["port"] == port(c, p["targetPort"])
+    # the site's pods and the base's stay apart: no selector of one matches the other's pods
+    for other in (coordinator_sts(), worker_sts()):
+        assert not other["spec"]["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+        assert not service_selects(svc, other["spec"]["template"])
+    for s in manifests():
+        if s["kind"] == "Service":
+            assert not service_selects(s, spec["template"]), s["metadata"]["name"]
+    # one pod per machine
+    (term,) = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+
+
+def quantity(q: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    return int(q[:-2]) * units[q[-2:]] if q[-2:] in units else int(q)
+
+
+def test_site_gpus_and_shared_memory():
+    job = site_job()
+    c = container(job)
+    gpus = c["resources"]["limits"]["nvidia.com/gpu"]
+    assert c["resources"]["requests"].get("nvidia.com/gpu", gpus) == gpus
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    (shm,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    assert volumes[shm["name"]]["emptyDir"]["medium"] == "Memory"  # NCCL: more than the runtime's 64 MiB
+    assert quantity(volumes[shm["name"]]["emptyDir"]["sizeLimit"]) < quantity(c["resources"]["limits"]["memory"])
+
+
+def test_site_pods_run_one_torchrun_site(tmp_path, monkeypatch):
+    job = site_job()
+    name, spec = job["metadata"]["name"], job["spec"]
+    c = container(job)
+    svc = site_service()
+    coordinator = find("Service", "fedblock-coordinator")
+    grpc_port = {p["name"]: p["port"] for p in coordinator["spec"]["ports"]}["grpc"]
+    pods = site_pods(tmp_path, monkeypatch)
+    first, options, env, first_argv = pods[0]
+    for index, (config, worker_argv, worker_env, argv) in enumerate(pods):
+        # the same worker options and environment in every pod (so on every rank)
+        assert worker_argv == options and worker_env == env
+        # one rendezvous of --nnodes = completions nodes, at pod 0's stable name, hosted by pod 0 alone
+        assert config.rdzv_backend == "c10d" and config.run_id == name
+        assert config.min_nodes == config.max_nodes == spec["completions"] == spec["parallelism"]
+        host, rdzv_port = config.rdzv_endpoint.rsplit(":", 1)
+        assert host == f"{name}-0.{svc['metadata']['name']}"
+        assert int(rdzv_port) == port(c, "rendezvous") == {p["name"]: p["port"] for p in svc["spec"]["ports"]}["rendezvous"]
+        params = rdzv_params(config)
+        assert params.get_as_bool("is_host") is (index == 0)
+        assert config.local_addr == f"{name}-{index}.{svc['metadata']['name']}"  # its own stable name
+        # a pod waits for the others longer than a replaced one takes to come (the defaults: 600 s, 60 s)
+        assert params.get_as_int("join_timeout") >= 600 and params.get_as_int("read_timeout") >= 600
+        # one rank per GPU; a dead rank takes the site down and torchrun brings it back in place
+        assert config.nproc_per_node == c["resources"]["limits"]["nvidia.com/gpu"]
+        assert config.max_restarts >= 1
+        # nothing else differs between the pods
+        differs = {a.split("=", 1)[0] for a in set(argv) ^ set(first_argv)}
+        assert len(argv) == len(first_argv) and differs <= {"--local-addr", "--rdzv-conf"}, differs
+        assert {k for k, v in config.rdzv_configs.items() if v != first.rdzv_configs[k]} <= {"is_host"}
+    # c10d ignores --node-rank and numbers the nodes by their addresses: pod 0 is node 0, so it has rank 0
+    # (the session, /metrics); --node-rank would only earn a warning
+    assert sorted(p[0].local_addr for p in pods)[0] == first.local_addr
+    assert not any("node-rank" in a or "node_rank" in a for a in run_site_pod(tmp_path / "again", 1)[0])
+
+    config = parse(["worker", *options], {k: v for k, v in env.items() if k != "FEDBLOCK_LOG_LEVEL"})
+    assert config.name == name  # one federated identity: the Job's name
+    assert config.coordinator == f"{coordinator['metadata']['name']}:{grpc_port}"
+    assert config.tls_ca and not config.insecure
+    assert env["FEDBLOCK_TOKEN"] == "placeholder"  # from the Secret's file (torchrun hands it to every rank)
+    assert not any(a.startswith("--token") for a in options)
+    assert config.metrics_port == port(c, "metrics")
+    assert job["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(config.metrics_port)
+    assert config.nproc_per_node == 1  # under torchrun the worker starts no torchrun of its own
+    assert config.batch_size >= first.min_nodes * first.nproc_per_node  # the batch is split by rows over the ranks
+    # a Job does not restart what exits 0: a short linger, inside torchrun's exit barrier (the other
+    # nodes' agents wait for rank 0)
+    import inspect
+
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    barrier = inspect.signature(LocalElasticAgent.__init__).parameters["exit_barrier_timeout"].default
+    assert 0 < config.linger < barrier
+    # the token is this site's, from the worker tokens' Secret; the data is one volume for all the pods
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    (token_volume,) = [v for v in volumes.values() if v.get("secret", {}).get("secretName") == "fedblock-worker-tokens"]
+    assert [i["key"] for i in token_volume["secret"]["items"]] == [name]
+    assert config.data == "/data/train.jsonl" and mounts["/data"]["readOnly"] is True
+    claim = volumes[mounts["/data"]["name"]]["persistentVolumeClaim"]["claimName"]
+    assert set(find("PersistentVolumeClaim", claim)["spec"]["accessModes"]) & {"ReadWriteMany", "ReadOnlyMany"}
+    # the same worker options as the base's workers, but for the name and the linger
+    base = {a.split("=", 1)[0]: a for a in worker_commands(tmp_path / "base")[0][1][1:]}
+    mine = {a.split("=", 1)[0]: a for a in options}
+    assert set(base) == set(mine)
+    for flag in set(base) - {"--name", "--linger", "--tls-ca"}:
+        assert base[flag] == mine[flag], flag
+    assert Path(base["--tls-ca"].split("=", 1)[1]).name == Path(mine["--tls-ca"].split("=", 1)[1]).name
+
+
+def test_site_probes(tmp_path):
+    """No liveness probe (torchrun watches the ranks; one on /metrics would kill pod 0 while it waits at the
+    rendezvous); readiness: pod 0 when rank 0 serves /metrics, the others as soon as they run."""
+    import http.server
+    import socket
+    import threading
+
+    c = container(site_job())
+    assert "livenessProbe" not in c and "startupProbe" not in c
+    cmd = c["readinessProbe"]["exec"]["command"]
+    assert cmd[:2] == ["/bin/sh", "-c"]
+    url = f"http://127.0.0.1:{port(c, 'metrics')}/metrics"
+    assert url in cmd[2]
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}  # `python` as in the image
+
+    def probe(index: int, metrics_port: int) -> int:
+        script = cmd[2].replace(url, f"http://127.0.0.1:{metrics_port}/metrics")
+        return subprocess.run(["/bin/sh", "-c", script], env={**env, "JOB_COMPLETION_INDEX": str(index)},
+                              capture_output=True, timeout=30).returncode
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    assert probe(1, closed) == 0  # a pod > 0 serves nothing
+    assert probe(0, closed) != 0  # rank 0 not serving yet
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/metrics" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert probe(0, server.server_address[1]) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert c["readinessProbe"]["timeoutSeconds"] > 5  # the probe's own urlopen timeout
+
+
+def test_readme_network_policy_for_a_site():
+    """The NetworkPolicy deploy/README.md shows for a namespace that denies by default: every port between
+    the pods of the site (the rendezvous, and the ephemeral ports of the ranks' store, gloo and NCCL)."""
+    text = (ROOT / "deploy" / "README.md").read_text()
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "kind: NetworkPolicy" in b]
+    (policy,) = blocks
+    validate(policy)
+    labels = site_job()["spec"]["template"]["metadata"]["labels"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= labels.items()
+    (rule,) = policy["spec"]["ingress"]
+    assert "ports" not in rule  # all ports
+    assert [peer["podSelector"]["matchLabels"] for peer in rule["from"]] == [selector]
 
 
 # ---- the rendered deployment ----------------------------------------------------------------------
@@ -414,7 +696,6 @@ def test_make_secrets_checks_its_tools_before_writing(tmp_path):
 @pytest.mark.skipif(shutil.which("kubectl") is None or shutil.which("openssl") is None,
                     reason="needs kubectl (its built-in kustomize) and openssl")
 def test_make_secrets_and_kustomize_build(tmp_path):
-    import sys
 
     from fedblock.common.security import hash_token
 
@@ -422,8 +703,9 @@ def test_make_secrets_and_kustomize_build(tmp_path):
     shutil.copytree(K8S, tree, ignore=shutil.ignore_patterns("secrets"))
     secrets = tree / "overlays" / "example" / "secrets"
     workers = worker_sts()["spec"]["replicas"]
+    sites = sorted(site_names())
     env = {"PATH": "/usr/bin:/bin", "FEDBLOCK": str(Path(sys.executable).parent / "fedblock")}
-    r = subprocess.run(["sh", str(tree / "make-secrets.sh"), str(secrets), str(workers)], env=env,
+    r = subprocess.run(["sh", str(tree / "make-secrets.sh"), str(secrets), str(workers), "fedblock", *sites], env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     # a second run refuses to overwrite
@@ -432,7 +714,7 @@ def test_make_secrets_and_kustomize_build(tmp_path):
     # tokens: each worker's token hashes to its line in the coordinator's file
     tokens = yaml.safe_load((secrets / "tokens.yaml").read_text())
     worker_tokens = dict(line.split("=", 1) for line in (secrets / "worker-tokens.env").read_text().split())
-    assert set(tokens) == set(worker_tokens) == {f"worker-{i}" for i in range(workers)}
+    assert set(tokens) == set(worker_tokens) == {f"worker-{i}" for i in range(workers)} | set(sites)
     for name, token in worker_tokens.items():
         assert tokens[name] == hash_token(token)
     admin = yaml.safe_load((secrets / "admin-tokens.yaml").read_text())
@@ -466,3 +748,30 @@ def test_make_secrets_and_kustomize_build(tmp_path):
                 names = [s["secret"]["name"] for s in v.get("projected", {}).get("sources", []) if "secret" in s]
                 names += [v["secret"]["secretName"]] if "secret" in v else []
                 assert set(names) <= secret_names, names
+
+    # the deployment with a site of several nodes: the example's objects plus the site's
+    example = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    r = subprocess.run(["kubectl", "kustomize", str(tree / "overlays" / "multinode-site")], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    docs = [d for d in yaml.safe_load_all(r.stdout) if d]
+    for d in docs:
+        validate(d)
+        if d["kind"] != "Namespace":
+            assert d["metadata"]["namespace"] == "fedblock", d["metadata"]["name"]
+        assert d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "fedblock"
+    assert {(d["kind"], d["metadata"]["name"]) for d in docs} == example | {
+        (d["kind"], d["metadata"]["name"]) for d in site_manifests()}
+    secrets_by_name = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    (job,) = [d for d in docs if d["kind"] == "Job"]
+    assert job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/part-of"] == "fedblock"
+    for v in job["spec"]["template"]["spec"]["volumes"]:
+        if "secret" in v:  # the hashed name, and the keys the pod takes are in it
+            assert v["secret"]["secretName"] in secrets_by_name, v
+            for item in v["secret"].get("items", []):
+                assert item["key"] in secrets_by_name[v["secret"]["secretName"]]["data"], item
+    # the coordinator knows the site's token
+    import base64
+
+    auth = next(d for n, d in secrets_by_name.items() if n.startswith("fedblock-auth-tokens"))
+    assert job["metadata"]["name"] in yaml.safe_load(base64.b64decode(auth["data"]["tokens.yaml"]))
