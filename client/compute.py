@@ -30,6 +30,7 @@ from ..common.messages import Assignment, TaskTimings
 from ..common.progress import Progress
 from ..common.training import BlockTrainer
 from .metrics import WorkerMetrics
+from .site import Lockstep
 from .state import ModelBook, Patch, Update
 from .timeline import Timeline
 
@@ -59,19 +60,22 @@ class ComputeLoop:
         claim_holds: bool = False,
         on_stale: Callable[[], None] = lambda: None,
         want_view: Callable[[int], None] = lambda round: None,
+        lockstep: Lockstep | None = None,
     ):
         """`algorithm`: the run's (its worker half runs the tasks; default a block method). `local`:
         what it works on (default: built from the arguments, in a temporary work dir). `claim_holds`:
         record the hash of each block handed in (the codec is lossless), so that a sync need not bring
         it back; `on_stale`: a confirmed block was not what we hold, and must be downloaded;
         `want_view(round)`: for an algorithm whose views depend on the task (`needs_base`), the task
-        that starts next, which waits for a patch of its own view."""
+        that starts next, which waits for a patch of its own view. `lockstep`: on rank 0 of a site of
+        several processes, what tells the other ranks each patch, task and step boundary (site.py)."""
         self.model = model
         self.blocks = {b.name: b for b in blocks}
         self.trainer = trainer
         self.algorithm = algorithm or BlockDescent({}, (), ())
         self.local = local or Local(model, self.blocks, (), stream, trainer, Path(tempfile.gettempdir()), stop)
-        self.local.boundary, self.local.version, self.local.on_step = self._drain, lambda: self.book.version, self._stepped
+        self.local.boundary, self.local.version, self.local.on_step = self._boundary, lambda: self.book.version, self._stepped
+        self.lockstep = lockstep or Lockstep()
         self.stream = stream
         self.book = book
         self.inbox = inbox
@@ -107,6 +111,8 @@ class ComputeLoop:
             self.error = e
             log.exception("compute thread failed")
             self.stop.set()
+        finally:
+            self.lockstep.end()
 
     # ---- one round ---------------------------------------------------------------------------
 
@@ -145,7 +151,9 @@ class ComputeLoop:
         started, idle, self._idle_s = time.time(), self._idle_s, 0.0
         t0 = time.perf_counter()
         base = self.book.version
+        self.lockstep.task(a)
         update = self.algorithm.run(a, self.local)
+        self.lockstep.done(self.local, a)
         seconds = time.perf_counter() - t0
         update = dataclasses.replace(update, timings=TaskTimings(seconds, idle, started))
         self.metrics.compute_seconds.inc(seconds)
@@ -209,7 +217,7 @@ class ComputeLoop:
             try:
                 return self.inbox.get(timeout=timeout)
             except queue.Empty:
-                pass
+                self.lockstep.idle()
 
     @contextmanager
     def _idle(self, why: str):
@@ -222,6 +230,12 @@ class ComputeLoop:
             seconds = time.perf_counter() - t0
             self._idle_s += seconds
             self.metrics.compute_idle_seconds.inc(seconds)
+
+    def _boundary(self) -> bool:
+        """A task's step boundary (Local.boundary): `_drain`, and the other ranks of the site follow."""
+        changed = self._drain()
+        self.lockstep.boundary(changed)
+        return changed
 
     def _drain(self) -> bool:
         """Take everything that has arrived (we are at a step boundary). True if a patch was applied."""
@@ -237,6 +251,7 @@ class ComputeLoop:
             # are planned again. Rounds that had not closed are still on their way: never trained twice.
             gone = range(patch.version + 1, self.book.version + 1)
             self._taken = {t for t in self._taken if t[0] not in gone}
+        self.lockstep.apply(patch)
         stale = self.algorithm.apply(patch, self.local) or ()
         self.book.applied(patch)
         self._view_round = patch.view_round

@@ -26,12 +26,14 @@ from ..common.data import BatchStream, load_examples, tokenize
 from ..common.messages import DROPPED, REVOKED, Patch
 from ..common.metrics import serve as serve_metrics
 from ..common.models import build_model_from_files, load_model, load_tokenizer, resolve_model
+from ..common.parallel import DataParallel
 from ..common.security import channel_credentials
 from ..common.training import BlockTrainer, OptimConfig
 from .comm import Comm
 from .compute import ComputeLoop
 from .metrics import WorkerMetrics
 from .session import Session, backoff_delays, reconnects
+from .site import Leader, Lockstep, join_site, leave_site, place_from_env, site_device
 from .state import ModelBook
 from .timeline import Timeline
 
@@ -74,6 +76,33 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def _dtype(config: WorkerConfig) -> torch.dtype:
+    return torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+
+
+def build_local(config: WorkerConfig, info, model_dir: Path, examples, device: torch.device, work_dir: Path, stop,
+                parallel: DataParallel | None = None, base: Path | None = None) -> Local:
+    """The model (from the coordinator's files, or a local base model `base` in float32), its blocks,
+    the trainer and the data stream (this process's rows of the site's batches under `parallel`): what
+    the algorithm works on, before any block is downloaded."""
+    tokenizer = load_tokenizer(model_dir)
+    data = tokenize(examples, tokenizer, config.max_seq_len)
+    shard = (parallel.rank, parallel.world) if parallel is not None else (0, 1)
+    stream = BatchStream(data, config.batch_size, config.seed, tokenizer.pad_token_id, shard)
+    # A local base model is read in float32 (its blocks are checked by their float32 hash) and cast after.
+    model = load_model(base) if base is not None else build_model_from_files(model_dir, dtype=_dtype(config),
+                                                                              device=device)
+    model = adapters.add_lora(model, info.lora)  # the same adapters as the coordinator's, from its seed
+    blocks = adapters.partition(model, info.layers_per_block, info.lora)
+    params = dict(model.named_parameters())
+    shapes = {b.name: {n: tuple(params[n].shape) for n in b.params} for b in blocks}
+    if shapes != {b.name: {t.name: tuple(t.shape) for t in b.tensors} for b in info.blocks}:
+        raise RuntimeError("the model built from the coordinator's files does not match its block layout")
+    trainer = BlockTrainer(model, blocks, OptimConfig(grad_clip=config.grad_clip,
+                                                      gradient_checkpointing=config.gradient_checkpointing), parallel)
+    return Local(model, {b.name: b for b in blocks}, info.blocks, stream, trainer, work_dir, stop, parallel=parallel)
+
+
 @dataclass
 class Outcome:
     finished: bool  # the coordinator ended the run
@@ -85,15 +114,19 @@ class Outcome:
 
 
 class Worker:
-    def __init__(self, config: WorkerConfig, metrics: WorkerMetrics | None = None):
+    def __init__(self, config: WorkerConfig, metrics: WorkerMetrics | None = None, lockstep: Lockstep | None = None,
+                 parallel: DataParallel | None = None, device: torch.device | None = None):
+        """`lockstep`, `parallel`, `device`: rank 0 of a site of several processes (site.py)."""
         self.config = config
+        self.lockstep = lockstep or Lockstep()
+        self.parallel = parallel
         self.metrics = metrics or WorkerMetrics()
         self.stop = threading.Event()
         self.training = False  # True once the compute and communication threads run
         self.algorithm = self.local = self.book = None  # set once the worker has joined and has the model
         # Fail on a bad data path or format before touching the network.
         self.examples = load_examples(config.data)
-        self.device = pick_device(config.device)
+        self.device = device or pick_device(config.device)
         self.timeline = Timeline(config.name, config.timeline)
         if config.insecure:
             log.warning("connecting without TLS (--insecure): only on a network you trust")
@@ -176,44 +209,28 @@ class Worker:
         base = resolve_model(c.model) if c.model else None
         session.fetch_model_files(model_dir, have=base)
         session.fetch_files(info.codec_files, work_dir / "codec")  # the autoencoder's weights (ae:RATIO)
-        tokenizer = load_tokenizer(model_dir)
-        data = tokenize(self.examples, tokenizer, c.max_seq_len)
-        stream = BatchStream(data, c.batch_size, c.seed, tokenizer.pad_token_id)
-        dtype = torch.bfloat16 if c.dtype == "bfloat16" else torch.float32
+        self.lockstep.start(info, model_dir)  # the other ranks build the model while this one downloads it
         local_model = base is not None and _same_file(base / "config.json", model_dir / "config.json")
         if base is not None and not local_model:
             log.warning("--model %s: its config.json is not the coordinator's; downloading the whole model", c.model)
-        # A local base model is read in float32 (its blocks are checked by their float32 hash) and cast after.
-        model = load_model(base) if local_model else build_model_from_files(model_dir, dtype=dtype, device=self.device)
-        model = adapters.add_lora(model, info.lora)  # the same adapters as the coordinator's, from its seed
-        blocks = adapters.partition(model, info.layers_per_block, info.lora)
-        self._check_partition(model, blocks, info)
-        matched = self._matching_blocks(model, blocks, info) if local_model else set()
-        trainer = BlockTrainer(model, blocks, OptimConfig(grad_clip=c.grad_clip,
-                                                          gradient_checkpointing=c.gradient_checkpointing))
         book = ModelBook()
-        local = Local(model, {b.name: b for b in blocks}, info.blocks, stream, trainer, work_dir, self.stop,
-                      version=lambda: book.version)
+        local = build_local(c, info, model_dir, self.examples, self.device, work_dir,
+                            self.lockstep.stop_flag(self.stop), self.parallel, base if local_model else None)
+        local.version = lambda: book.version
+        matched = self._matching_blocks(local, info) if local_model else set()
         self._initial_sync(session, algorithm, local, book, matched)
         if local_model:  # only now: the sync took the algorithm's exact copy (zeroth-order) in float32
-            model.to(device=self.device, dtype=dtype).train()
+            local.model.to(device=self.device, dtype=_dtype(c)).train()
         return local, book
 
     @staticmethod
-    def _matching_blocks(model, blocks: list[B.Block], info) -> set[str]:
+    def _matching_blocks(local: Local, info) -> set[str]:
         """The blocks of a local base model whose canonical hash is the coordinator's initial one."""
-        params = dict(model.named_parameters())
+        params, blocks = dict(local.model.named_parameters()), list(local.blocks.values())
         expected = dict(zip((b.name for b in info.blocks), info.initial_block_sha256, strict=False))
         matched = {b.name for b in blocks if expected.get(b.name) == B.canonical_sha256({n: params[n] for n in b.params}, b.params)}
         log.info("local base model: %d of %d blocks match the coordinator's initial model", len(matched), len(blocks))
         return matched
-
-    def _check_partition(self, model, blocks: list[B.Block], info) -> None:
-        params = dict(model.named_parameters())
-        local = {b.name: {n: tuple(params[n].shape) for n in b.params} for b in blocks}
-        remote = {b.name: {t.name: tuple(t.shape) for t in b.tensors} for b in info.blocks}
-        if local != remote:
-            raise RuntimeError("the model built from the coordinator's files does not match its block layout")
 
     def _initial_sync(self, session: Session, algorithm: Algorithm, local: Local, book: ModelBook,
                       matched: set[str]) -> None:
@@ -229,6 +246,10 @@ class Worker:
             missing = {b for b in names - set(patch.blocks) if not (b in matched and sync.block_versions.get(b) == 0)}
             if missing:
                 raise RuntimeError(f"initial download is missing blocks {sorted(missing)[:5]}")
+        # The other ranks of a site hold no local base model: they are sent its matched blocks too.
+        kept = {b: B.snapshot(B.block_params(local.model, local.blocks[b])) for b in matched - set(patch.blocks)}
+        self.lockstep.apply(Patch(patch.version, {**patch.block_versions, **dict.fromkeys(kept, 0)},
+                                  {**patch.blocks, **kept}) if kept else patch)
         algorithm.apply(patch, local)
         book.applied(patch)
         with book.lock:
@@ -242,7 +263,8 @@ class Worker:
         # new global value: the worker claims it by hash instead of downloading it back.
         claim = CodecPipeline(session.info.codec).lossless and all(p.dtype == torch.float32 for p in model.parameters())
         compute = ComputeLoop(model, blocks, trainer, stream, book, inbox, outbox, depth, self.metrics, self.stop,
-                              self.timeline, algorithm=algorithm, local=local, claim_holds=claim)
+                              self.timeline, algorithm=algorithm, local=local, claim_holds=claim,
+                              lockstep=self.lockstep)
         comm = Comm(session, book, inbox, outbox, self.metrics, self.stop, self.timeline,
                     steps_done=lambda: compute.steps_done, num_examples=len(self.examples), device=str(self.device),
                     max_retries=self.config.max_retries, max_backoff=self.config.max_backoff, algorithm=algorithm,
@@ -275,8 +297,33 @@ class Worker:
 
 
 def run(config: WorkerConfig) -> Outcome:
-    """`fedblock worker`: SIGINT/SIGTERM stop it cleanly (at once while it is still starting up)."""
-    worker = Worker(config)
+    """`fedblock worker`: SIGINT/SIGTERM stop it cleanly (at once while it is still starting up). Under
+    torchrun with several processes, this process's part of the site (site.py): rank 0 is the worker,
+    the others follow it."""
+    place = place_from_env()
+    if place is None:
+        return _run(Worker(config))
+    if config.batch_size < place.ranks:
+        raise ConfigError(f"--batch-size {config.batch_size} cannot be shared by the site's {place.ranks} processes")
+    device = site_device(place, pick_device(config.device))
+    control = join_site(place, device, config.rank_timeout)
+    parallel = DataParallel(device)
+    try:
+        if place.leader:
+            return _run(Worker(config, lockstep=Leader(control), parallel=parallel, device=device))
+        from .follower import Follower
+
+        try:
+            Follower(config, parallel, device, control).run()
+        except Exception as e:  # a rank died, or rank 0 failed mid-collective: this rank fails too
+            return Outcome(False, 0, 0, error=e)
+        return Outcome(True, 0, 0, reason="finished")
+    finally:
+        leave_site()
+
+
+def _run(worker: Worker) -> Outcome:
+    config = worker.config
     if config.metrics_port:
         server, _ = serve_metrics(worker.metrics.registry, config.metrics_port)
     lingering, stop_lingering = threading.Event(), threading.Event()

@@ -146,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()  # our own progress and log lines say what is happening
     prog = f"fedblock {args.command}"
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return _dispatch(args)
     except _user_errors() as e:
@@ -182,6 +183,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             from ..client.check import preflight
 
             return preflight(config)
+        if config.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+            # This process becomes torchrun (signals reach it, and it passes them on), which starts the site's
+            # processes on this machine, each this same command (torchrun sets WORLD_SIZE).
+            os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                      f"--nproc-per-node={config.nproc_per_node}", "-m", "fedblock.common.cli",
+                                      *args.argv])
         from ..client import worker
 
         outcome = worker.run(config)

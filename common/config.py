@@ -429,6 +429,10 @@ class WorkerConfig:
     max_backoff: float = opt("longest wait between reconnection attempts, in seconds (exponential with jitter up to it)", 30.0)
     linger: float = opt("with --metrics-port: after the run, seconds to keep serving /metrics, so that Prometheus "
                         "scrapes the final values (twice the deploy kit's scrape interval); SIGTERM ends it early", 10.0)
+    nproc_per_node: int = opt("processes of this site on this machine, one per GPU: more than 1 starts them under "
+                              "torchrun (one federated identity; rank 0 talks to the coordinator)", 1)
+    rank_timeout: float = opt("on a site of several processes: seconds a process waits on the others (rank 0's model "
+                              "download included) before it gives up", 1800.0)
     check_only: bool = opt("pre-flight check of this site, then exit (0: all good, 1: something failed): the data, "
                            "--model against the coordinator's initial model, the token and TLS, the memory needed; "
                            "joins nothing", False, flag="--check")
@@ -446,6 +450,10 @@ class WorkerConfig:
         _require(self.max_retries >= 0, "--max-retries must be >= 0")
         _require(self.max_backoff > 0, "--max-backoff must be > 0")
         _require(self.linger >= 0, "--linger must be >= 0")
+        _require(self.nproc_per_node >= 1, "--nproc-per-node must be >= 1")
+        _require(self.rank_timeout > 0, "--rank-timeout must be > 0")
+        _require(self.batch_size >= self.nproc_per_node,
+                 f"--batch-size {self.batch_size} cannot be shared by --nproc-per-node {self.nproc_per_node} processes")
         _require(self.gradient_checkpointing in ("auto", "on", "off"),
                  f"--gradient-checkpointing must be auto, on or off, got {self.gradient_checkpointing!r}")
         _require((self.tls_cert is None) == (self.tls_key is None), "--tls-cert and --tls-key go together")

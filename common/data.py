@@ -773,17 +773,25 @@ class BatchStream:
     (`seed`, `r`): a shuffled pass over the data, reshuffled when it runs out. So a worker's update for
     a round does not depend on what it trained before, and a round run again (after a coordinator
     restart, say) sees exactly the same batches.
+
+    `shard` (rank, ranks): the batches are the site's batches of `batch_size` rows, of which this rank
+    of a site of several processes gets rows rank, rank + ranks, ... (each rank at least one).
     """
 
-    def __init__(self, data: Sequence[TokenizedExample], batch_size: int, seed: int, pad_id: int):
+    def __init__(self, data: Sequence[TokenizedExample], batch_size: int, seed: int, pad_id: int,
+                 shard: tuple[int, int] = (0, 1)):
         if not data:
             raise DataError("no training examples (after tokenizing and truncating)")
         if batch_size < 1:
             raise DataError(f"batch_size must be at least 1, got {batch_size}")
+        rank, ranks = shard
+        if not 0 <= rank < ranks or batch_size < ranks:
+            raise DataError(f"a batch of {batch_size} rows cannot be shared by {ranks} processes (rank {rank})")
         self.data = list(data)
         self.batch_size = batch_size
         self.seed = seed
         self.pad_id = pad_id
+        self.shard = shard
 
     def round(self, r: int) -> Iterator[dict[str, torch.Tensor]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + r)
@@ -792,7 +800,7 @@ class BatchStream:
             while len(order) < self.batch_size:
                 order += torch.randperm(len(self.data), generator=generator).tolist()
             picked, order = order[: self.batch_size], order[self.batch_size :]
-            yield collate([self.data[i] for i in picked], self.pad_id)
+            yield collate([self.data[i] for i in picked[self.shard[0] :: self.shard[1]]], self.pad_id)
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:

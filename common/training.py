@@ -32,6 +32,7 @@ from torch import nn
 
 from .blocks import Block, find_decoder_layers, set_trainable
 from .data import IGNORE_INDEX, DataError, TokenizedExample, collate
+from .parallel import DataParallel
 
 
 @dataclass(frozen=True)
@@ -216,8 +217,11 @@ def _resident_bytes() -> int:
 class BlockTrainer:
     """Trains `model` one assignment at a time: `begin_round(blocks)`, then `step(batch, lr)` K times."""
 
-    def __init__(self, model: nn.Module, blocks: Sequence[Block], optim: OptimConfig = OptimConfig()):
+    def __init__(self, model: nn.Module, blocks: Sequence[Block], optim: OptimConfig = OptimConfig(),
+                 parallel: DataParallel | None = None):
+        """`parallel`: the site's ranks, each stepping on its rows of the global batch (see `step`)."""
         self.model = model
+        self.parallel = parallel
         self.blocks = {b.name: b for b in blocks}
         self.optim_config = optim
         self.active: tuple[str, ...] = ()
@@ -276,6 +280,11 @@ class BlockTrainer:
         backward pass (dropout) comes from torch's generators seeded from that key (`seeded_rng`), so
         the step is a function of the model, the batch and the key. Without it they draw from torch's
         global generators as they are.
+
+        With `parallel`, `batch` is this rank's rows of the site's batch: the loss is weighted by this
+        rank's share of the global token count and the gradients summed over the ranks (parallel.py), so
+        every rank takes the step one process takes on the whole batch; the loss and tokens returned
+        are the whole batch's.
         """
         if self._optimizer is None:
             raise RuntimeError("begin_round() first")
@@ -285,16 +294,29 @@ class BlockTrainer:
             self._checkpoint(int(batch["input_ids"].numel()))
         with nullcontext() if seed is None else seeded_rng(step_seed(seed), device):
             loss, tokens = task_loss(self.model, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss is {loss.item()}")
-            loss.backward()
+            value = float(loss.detach())
+            if self.parallel is not None:  # every rank decides on the whole batch's loss: all raise, or none
+                mine = tokens
+                total, tokens = self.parallel.sum_scalars([value * mine, mine])
+                tokens = int(tokens)
+                if tokens:
+                    value, loss = total / tokens, loss * (mine / tokens)
+            if not math.isfinite(value):
+                raise FloatingPointError(f"training loss is {value}")
+            if loss.requires_grad:  # not where this rank's rows have no trained token (it adds zeros)
+                loss.backward()
+        if self.parallel is not None:
+            for p in self._params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            self.parallel.sum_([p.grad for p in self._params])
         if self.optim_config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self._params, self.optim_config.grad_clip)
         for group in self._optimizer.param_groups:
             group["lr"] = lr
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
-        return StepResult(float(loss.detach()), tokens)
+        return StepResult(value, tokens)
 
 
     def _checkpoint(self, tokens: int) -> None:

@@ -65,7 +65,8 @@ class Local:
     stream: BatchStream
     trainer: Any  # training.BlockTrainer for first-order methods
     work_dir: Path  # the algorithm may keep files here (zeroth-order: the exact copy of the model)
-    stop: threading.Event
+    stop: threading.Event  # (anything with is_set: a site of several processes decides it together)
+    parallel: Any = None  # parallel.DataParallel over a site's processes (None: one process)
     # Set by the compute thread that runs the tasks:
     boundary: Callable[[], bool] = lambda: False  # a step boundary: apply what has arrived; True if the model changed
     version: Callable[[], int] = lambda: -1  # the global model version the local copy is at

@@ -99,6 +99,7 @@ class DeComFL(Algorithm):
         self.files_version = 0  # coordinator: the version its block files hold
         self.written = [0]  # coordinator: versions whose block files it wrote, recent ones (downloads)
         self._snapshot = None  # worker: its copy at its last sync
+        self._summed = None  # worker on a site of several processes: the loss summed over them
         self._lock = threading.Lock()
 
     def _parse_perturbations(self, text: str) -> None:
@@ -272,7 +273,7 @@ class DeComFL(Algorithm):
                 if k < len(a.seeds) - 1:  # the last step's own update would be undone at once (below)
                     self.local_step(params, seed, scalars, a.learning_rate)
                 numbers += scalars
-                n = int(batch["input_ids"].shape[0])
+                n = local.stream.batch_size  # the site's batch: this process may hold only some of its rows
                 rows += n
                 loss_sum += loss * n
                 local.on_step(f"round {a.round}: zeroth-order step {k + 1}/{len(a.seeds)}", loss)
@@ -281,10 +282,19 @@ class DeComFL(Algorithm):
         return Update(a.round, local.version(), {}, rows, loss_sum / rows if rows else math.nan, tuple(numbers))
 
     def estimate(self, local: Local, params, batch, seed: int) -> tuple[list[float], float]:
+        settings = zo.ZOSettings(self.P, self.mu, self.estimator)
+        return zo.estimate(local.model, params, batch, seed, settings, self._loss_fn(local))
+
+    def _loss_fn(self, local: Local):
+        """task_loss, or on a site of several processes its mean over the site's batch (one function per
+        run: zo.SplitForward primes each loss function once)."""
         from ..training import task_loss
 
-        settings = zo.ZOSettings(self.P, self.mu, self.estimator)
-        return zo.estimate(local.model, params, batch, seed, settings, task_loss)
+        if local.parallel is None:
+            return task_loss
+        if self._summed is None:
+            self._summed = local.parallel.mean_loss(task_loss)
+        return self._summed
 
     def local_step(self, params, seed: int, scalars, lr: float) -> None:
         for i, p in enumerate(params):
@@ -390,7 +400,5 @@ class FedSPZO(DeComFL):
         return out
 
     def estimate(self, local: Local, params, batch, seed: int) -> tuple[list[float], float]:
-        from ..training import task_loss
-
         return zo.spzo_estimate(local.model, self.split, params[: self.n1], params[self.n1 :], batch, seed,
-                                self.P1, self.P2, self.mu, task_loss)
+                                self.P1, self.P2, self.mu, self._loss_fn(local))
