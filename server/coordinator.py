@@ -27,7 +27,7 @@ from ..common import provenance, wire
 from ..common.adapters import select_trainable
 from ..common.aggregation import is_finite, l2_norm
 from ..common.algorithms import Algorithm, Task
-from ..common.codecs import CodecPipeline, load_safetensors
+from ..common.codecs import CodecPipeline
 from ..common.config import ConfigError, CoordinatorConfig
 from ..common.messages import (
     DROPPED,
@@ -48,7 +48,7 @@ from .evaluation import BackgroundEvaluation
 from .metrics import CoordinatorMetrics
 from .registry import Ended, Registry
 from .rounds import Refused, RoundPlan, RoundRules, Rounds
-from .store import Checkpoint, StateError, StateStore, export_model
+from .store import BlockFileMissing, Checkpoint, StateError, StateStore, StoredModel, export_model
 
 if TYPE_CHECKING:
     from ..common.security import Authenticator
@@ -63,15 +63,16 @@ OUTCOME_WAIT_S = 300.0  # a resumed stream waits this long for the one checking 
 
 @dataclass(frozen=True)
 class GlobalModel:
-    """One version of the global model. A block method's tensors are never changed in place (a new
-    version gets new tensors); a records algorithm (zeroth-order) moves its replica on in place, on the
-    coordinator's run thread, which is the only reader of tensors (evaluation, export): downloads
-    stream the block files."""
+    """One version of the global model. Its tensors are its block files' (`block_versions`), which the
+    coordinator reads as a StoredModel: a block is in memory only while it is used (aggregated, hashed,
+    evaluated, exported), and a new version is new files. A records algorithm (zeroth-order) holds its
+    replica's blocks in memory instead and moves them on in place, on the coordinator's run thread,
+    which is the only reader of them (evaluation, export): downloads stream the block files."""
 
     version: int
     block_versions: Mapping[str, int]
     block_sha256: Mapping[str, str]
-    tensors: Mapping[str, Tensors]
+    tensors: Mapping[str, Tensors]  # a StoredModel (the coordinator reads any other mapping's blocks from the files)
     files_version: int | None = None  # the version the block files hold (None: `version`); a records
     # algorithm (zeroth-order) moves its tensors on in place and writes its blocks only now and then
 
@@ -159,7 +160,7 @@ class Coordinator:
     ):
         """`evaluate(tensors_by_block) -> loss` is optional; `checkpoint` resumes a run; `initial_sha256`
         is the canonical hash of each block of the initial model (a worker with a local base model
-        checks its copy against it)."""
+        checks its copy against it). `initial`'s blocks are read from its block files in `store`."""
         self.config = config
         self.store = store
         self.run_id = run_id
@@ -185,7 +186,12 @@ class Coordinator:
         self._evaluate = evaluate
         self._evaluations: BackgroundEvaluation | None = None  # its thread runs while `run` does
         self.registry = Registry()
-        self.global_model = initial
+        model = initial.tensors
+        if not isinstance(model, StoredModel):
+            model = StoredModel(store, initial.block_versions, initial.block_sha256)
+        if self.algorithm.records:  # its replica moves on in place: in memory, never a file's map
+            model = model.holding(self.trainable)
+        self.global_model = initial = dataclasses.replace(initial, tensors=model)
         self._awaited: set[str] = set()  # after a restart: workers of the open rounds not back yet
         self._awaited_until = 0.0
         self.rounds = Rounds(
@@ -691,33 +697,37 @@ class Coordinator:
                 return None
             return Task(plan.assignments[name], plan.seeds.get(name, ()))
 
-    def _canonical_sha256(self, g: GlobalModel, block: str) -> bytes:
-        """The canonical hash of the global block (a block method never changes its tensors in place)."""
+    def _canonical_sha256(self, g: GlobalModel, block: str) -> bytes | None:
+        """The canonical hash of the global block (a block method never changes its tensors in place);
+        None when its file is gone (`g` is older than the checkpoints kept: the block is sent, and the
+        download, whose pin fails, is asked again)."""
         version = g.block_versions[block]
         with self._hash_lock:
             hit = self._canonical.get(block)
         if hit is not None and hit[0] == version:
             return hit[1]
-        digest = B.canonical_sha256(g.tensors[block], [t.name for t in self.specs[block].tensors])
+        try:
+            digest = B.canonical_sha256(g.tensors[block], [t.name for t in self.specs[block].tensors])
+        except BlockFileMissing:
+            return None
         with self._hash_lock:
             self._canonical[block] = (version, digest)
         return digest
 
     def _check_base_files(self) -> dict[str, str]:
-        """SHA-256 of each base block file (version 0), checked against the initial model's hashes."""
+        """SHA-256 of each base block file (version 0), checked against the initial model's hashes
+        (one block file mapped at a time)."""
         shas = {}
         for b in self.block_order:
-            path = self.store.block_path(b, 0)
             try:
-                data = path.read_bytes()
-            except FileNotFoundError:
+                shas[b] = self.store.file_sha256(b, 0)
+            except BlockFileMissing:
                 raise StateError(f"{self.config.algorithm} with these settings hands out the base model, whose block "
-                                 f"file {path.name} is gone; use another --state-dir") from None
+                                 f"file {self.store.block_path(b, 0).name} is gone; use another --state-dir") from None
             names = [t.name for t in self.specs[b].tensors]
             expected = self.initial_sha256.get(b)
-            if expected is not None and B.canonical_sha256(load_safetensors(bytearray(data))[0], names) != expected:
-                raise StateError(f"base block file {path.name} is not the initial model's {b}")
-            shas[b] = wire.sha256(data).hex()
+            if expected is not None and B.canonical_sha256(self.store.read_block(b, 0, shas[b]), names) != expected:
+                raise StateError(f"base block file {self.store.block_path(b, 0).name} is not the initial model's {b}")
         return shas
 
     def download_manifest(self, g: GlobalModel, block: str, version: int) -> tuple[Manifest, Path]:
@@ -1211,25 +1221,26 @@ class Coordinator:
         except Exception as e:  # the model may be half changed: nothing of it is written or announced
             self._fail(RuntimeError(f"round {plan.round}: the algorithm failed to close it: {e!r}"))
             return
-        new_tensors = {}
-        for b, result in changed.items():
-            if is_finite(result):  # finite deltas can still overflow float32 when added to the block
-                new_tensors[b] = result
-            else:
-                self._count("rejected", "non_finite_result")
-                log.error("round %d: the new value of %s is not finite; %s keeps its value", plan.round, b, b)
+        # Finite deltas can still overflow float32 when added to the block.
+        finite = {b: is_finite(result) for b, result in changed.items()}
+        for b in (b for b, ok in finite.items() if not ok):
+            self._count("rejected", "non_finite_result")
+            log.error("round %d: the new value of %s is not finite; %s keeps its value", plan.round, b, b)
+        new_tensors = {b: result for b, result in changed.items() if finite[b]}
+        written = sorted(new_tensors)
+        del changed  # (comprehensions: no loop variable keeps a new block alive past its write)
         for memory in plan.sums.owners:  # the round's means are folded in: their memory can serve again
             self._pool.give(memory)
         with self._cv:
             folding = self._fold_seconds.pop(plan.round, 0.0)
         self.metrics.phase_seconds.labels("aggregation").observe(folding + time.perf_counter() - t)
         # A records algorithm may move the model on without writing blocks: its files stay where they were.
-        files_version = g.files_at if self.algorithm.records and not new_tensors else plan.round
-        versions = {**g.block_versions, **{b: plan.round for b in new_tensors}}
+        files_version = g.files_at if self.algorithm.records and not written else plan.round
+        versions = {**g.block_versions, **{b: plan.round for b in written}}
         t = time.perf_counter()
         shas = dict(g.block_sha256)
-        for b, tensors in new_tensors.items():
-            shas[b] = self.store.write_block(b, plan.round, tensors)
+        for b in written:  # each new block goes once it is written: its file has it
+            shas[b] = self.store.write_block(b, plan.round, new_tensors.pop(b))
         started = self._round_started.pop(plan.round, time.monotonic())
         # A record covers a worker's whole task; a tensor update is one block.
         updates = len(plan.records) if self.algorithm.records else sum(len(r) for r in plan.reported.values())
@@ -1242,7 +1253,7 @@ class Coordinator:
                 "updates": updates,
                 "tokens": plan.tokens,
                 "train_loss": plan.train_loss,
-                "blocks": sorted(new_tensors),
+                "blocks": written,
                 "bytes_up": self.totals.bytes_up,
                 "bytes_down": self.totals.bytes_down,
             })
@@ -1272,7 +1283,7 @@ class Coordinator:
         self.metrics.phase_seconds.labels("checkpoint").observe(time.perf_counter() - t)
         if self.config.record_updates and self.config.record_keep_rounds:
             self.store.prune_records(plan.round - self.config.record_keep_rounds + 1)
-        new_global = GlobalModel(plan.round, versions, shas, {**g.tensors, **new_tensors},
+        new_global = GlobalModel(plan.round, versions, shas, g.tensors.next(versions, shas),
                                  files_version if files_version != plan.round else None)
         with self._cv:
             self.global_model = new_global
@@ -1287,7 +1298,7 @@ class Coordinator:
         log.info(
             "round %d/%d closed: %d updates from %d workers, %d tokens, train loss %.4f, blocks %s, up %.1f MB, down %.1f MB",
             plan.round, self.rounds.total, updates, plan.workers_done,
-            plan.tokens, plan.train_loss, ",".join(sorted(new_tensors)) or "-", self.totals.bytes_up / 1e6,
+            plan.tokens, plan.train_loss, ",".join(written) or "-", self.totals.bytes_up / 1e6,
             self.totals.bytes_down / 1e6,
         )
         every = self.config.eval_every
@@ -1295,15 +1306,13 @@ class Coordinator:
             self._submit_eval()
 
     def _submit_eval(self) -> None:
-        """Evaluate the current global model on the evaluation thread. A block method's tensors are
-        never changed in place, so they are the snapshot; a records algorithm's replica is copied."""
+        """Evaluate the current global model on the evaluation thread: a snapshot of it, whose block
+        files stay on disk until it is evaluated (or dropped), and which copies a records algorithm's
+        replica (it moves on in place)."""
         if self._evaluations is None:
             return
         g = self.global_model
-        tensors = g.tensors
-        if self.algorithm.records:
-            tensors = {b: {n: t.clone() for n, t in ts.items()} for b, ts in tensors.items()}
-        self._evaluations.submit(g.version, tensors)
+        self._evaluations.submit(g.version, g.tensors.snapshot())
 
     def _evaluated(self, round: int, loss: float, accuracy: float | None, seconds: float) -> None:
         """On the evaluation thread: record one result ([round, loss] or [round, loss, accuracy])."""

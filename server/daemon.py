@@ -6,39 +6,53 @@ import ctypes
 import logging
 import signal
 import threading
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from torch import nn
 
 from ..common import adapters, wire
-from ..common.blocks import canonical_sha256
+from ..common.adapters import LoraSettings
+from ..common.blocks import Block, Tensors, canonical_sha256
 from ..common.config import ConfigError, CoordinatorConfig
 from ..common.messages import BlockSpec
 from ..common.metrics import serve as serve_metrics
-from ..common.models import load_model, model_files, model_fingerprint, resolve_model
+from ..common.models import build_model_from_files, load_model, model_files, model_fingerprint, resolve_model
 from ..common.rpc import message_limit, server_options
 from ..common.security import Authenticator, load_tokens, server_credentials
 from .coordinator import Coordinator, GlobalModel, trainable_blocks
 from .metrics import CoordinatorMetrics
 from .service import SERVICE, CoordinatorService, add_to_server
-from .store import Checkpoint, StateError, StateStore, check_export_dir
+from .store import (
+    Checkpoint,
+    SafetensorsFile,
+    StateError,
+    StateStore,
+    StoredModel,
+    check_export_dir,
+    exported_names,
+)
 
 log = logging.getLogger("fedblock.coordinator")
 GRPC_THREADS = 1024  # every connected worker holds one event stream (one thread); threads start lazily
 
 
 def build(config: CoordinatorConfig, metrics: CoordinatorMetrics | None = None) -> Coordinator:
-    """A ready coordinator: the global model loaded from the last checkpoint, or from MODEL at version 0.
+    """A ready coordinator: the global model of the last checkpoint, or MODEL's at version 0. The model
+    is never loaded whole: the architecture is built on the meta device, a checkpoint's blocks are read
+    from their files when used, and a new run's blocks are written one at a time (`_base_blocks`).
     `metrics`: its registry (perhaps served already, while this loads)."""
     if config.threads:
         torch.set_num_threads(config.threads)
     model_path = resolve_model(config.model)
     try:
-        model = adapters.add_lora(load_model(model_path, dtype=torch.float32), config.lora)
+        model = adapters.add_lora(build_model_from_files(model_path, device="meta"), config.lora)
     except ValueError as e:  # --lora-targets names no module of this model
         raise ConfigError(str(e)) from None
     store = StateStore(config.state_dir, keep=config.keep_checkpoints)
@@ -47,7 +61,12 @@ def build(config: CoordinatorConfig, metrics: CoordinatorMetrics | None = None) 
         check_export_dir(config.export_dir or store.root / "export", store.root)
     except ConfigError as e:
         raise ConfigError(f"--export-dir: {e}") from None
-    blocks = adapters.partition(model, config.layers_per_block, config.lora)
+    try:
+        blocks = adapters.partition(model, config.layers_per_block, config.lora)
+    except (RuntimeError, NotImplementedError):  # the trace asked a meta tensor for a value (GPT-2's mask)
+        log.info("tracing %s's blocks on an allocated copy of it (its memory, for a moment)", model_path.name)
+        model = adapters.add_lora(build_model_from_files(model_path), config.lora)
+        blocks = adapters.partition(model, config.layers_per_block, config.lora)
     trainable_blocks(config, [b.name for b in blocks])  # refused before the state dir is bound
     params = dict(model.named_parameters())
     specs = [BlockSpec.of(b.name, params, b.params) for b in blocks]
@@ -71,20 +90,26 @@ def build(config: CoordinatorConfig, metrics: CoordinatorMetrics | None = None) 
     if config.codec_weights:
         store.install_codec_weights(config.codec_weights)
     store.install_model_files(model_files(model_path))
-    if not store.initial_hashes():  # a new run, or one of a state format that did not record them
-        store.write_initial_hashes({b.name: canonical_sha256({n: params[n] for n in b.params}, b.params) for b in blocks})
     intact = store.latest_intact()  # falls back past a damaged newest checkpoint, with a warning
+    recorded = bool(store.initial_hashes())  # not by a new run, nor by a state format that did not record them
+    if intact is None or not recorded:
+        hashes, shas = {}, {}
+        for block, tensors in _base_blocks(model_path, model, blocks, config.lora):
+            hashes[block.name] = canonical_sha256(tensors, block.params)
+            if intact is None:
+                shas[block.name] = store.write_block(block.name, 0, tensors)
+            del tensors  # before the next block is read
+        if not recorded:
+            store.write_initial_hashes(hashes)
     ckpt = None
     if intact is not None:
-        ckpt, tensors = intact
-        initial = GlobalModel(ckpt.round, ckpt.block_versions, ckpt.block_sha256, tensors)
+        ckpt, stored = intact
+        initial = GlobalModel(ckpt.round, ckpt.block_versions, ckpt.block_sha256, stored)
         log.info("resuming run %s from the checkpoint of round %d", run_id, ckpt.round)
     else:
-        tensors = {b.name: {n: params[n].detach().float() for n in b.params} for b in blocks}
-        shas = {name: store.write_block(name, 0, t) for name, t in tensors.items()}
         versions = {b.name: 0 for b in blocks}
         store.write_checkpoint(Checkpoint(0, versions, shas))
-        initial = GlobalModel(0, versions, shas, tensors)
+        initial = GlobalModel(0, versions, shas, StoredModel(store, versions, shas))
     del model, params
     evaluate = None
     if config.eval_data:
@@ -96,31 +121,69 @@ def build(config: CoordinatorConfig, metrics: CoordinatorMetrics | None = None) 
                        initial_sha256=store.initial_hashes())
 
 
-def checkpoint_model(store: StateStore, ckpt: Checkpoint, tensors: dict) -> dict:
+def checkpoint_model(store: StateStore, ckpt: Checkpoint, tensors: StoredModel) -> StoredModel:
     """The global model of a checkpoint: its block files, brought to its round by the algorithm's state
-    (a zeroth-order checkpoint holds the blocks it last wrote and the log since). For `fedblock export`."""
+    (a zeroth-order checkpoint holds the blocks it last wrote and the log since: those are read into
+    memory and replayed there). For `fedblock export`."""
     if not ckpt.algorithm:
         return tensors
     import json
 
     from ..common.algorithms import load
-    from ..common.models import build_model_from_files
 
     run = json.loads((store.root / "run.json").read_text())
     cls = load(run["algorithm"])
     lora = adapters.recorded(run)
-    # For its layout (allocated, never initialised).
-    model = adapters.add_lora(build_model_from_files(store.model_dir), lora)
+    try:  # for its layout: on the meta device (no memory), or allocated and never loaded
+        model = adapters.add_lora(build_model_from_files(store.model_dir, device="meta"), lora)
+        blocks = adapters.partition(model, int(run.get("layers_per_block", 1)), lora)
+    except (RuntimeError, NotImplementedError):  # the trace asked a meta tensor for a value (GPT-2's mask)
+        model = adapters.add_lora(build_model_from_files(store.model_dir), lora)
+        blocks = adapters.partition(model, int(run.get("layers_per_block", 1)), lora)
     params = dict(model.named_parameters())
-    blocks = adapters.partition(model, int(run.get("layers_per_block", 1)), lora)
     specs = [BlockSpec.of(b.name, params, b.params) for b in blocks]
     trainable = adapters.select_trainable([b.name for b in blocks], str(run.get("train_blocks", "*")), lora is not None)
     algorithm = cls(dict(run.get("settings", {})), specs, trainable)
+    tensors = tensors.holding(trainable)  # the replay moves them in place
     try:
         algorithm.restore(ckpt.algorithm, tensors, ckpt.round)
     except ValueError as e:
         raise StateError(f"checkpoint of round {ckpt.round}: {e}") from None
     return tensors
+
+
+def _base_blocks(model_path: Path, model: nn.Module, blocks: list[Block],
+                 lora: LoraSettings | None) -> Iterator[tuple[Block, Tensors]]:
+    """Each block's initial value in float32, one block at a time. The base weights are read tensor by
+    tensor from the model folder's safetensors files where those hold every one of `model`'s base
+    parameters under its name and with its shape (as from_pretrained reads them); otherwise (another
+    layout, which from_pretrained converts) the model is loaded whole, once. The adapters start as
+    `add_lora` makes them from their seed, on an allocated base model that is never loaded (no memory
+    but theirs)."""
+    names = exported_names(model)  # the base parameters' names in the folder's files
+    shapes = {names[n]: tuple(p.shape) for n, p in model.named_parameters() if n in names}
+    where = {}  # base parameter (as the files name it) -> the file that holds it
+    try:
+        for path in sorted(model_path.glob("*.safetensors")):
+            f = SafetensorsFile(path)
+            where.update({k: f for k, t in f.tensors.items() if t.shape == shapes.get(k)})
+    except StateError:  # a dtype we do not read: from_pretrained does
+        where = {}
+    if not all(exported in where for exported in names.values()):
+        log.info("%s's weight files are not laid out as its parameters: loading it whole", model_path.name)
+        whole = adapters.add_lora(load_model(model_path, dtype=torch.float32), lora)
+        params = dict(whole.named_parameters())
+        for b in blocks:
+            yield b, {n: params[n].detach().float() for n in b.params}
+        return
+    initial_adapters = {}
+    if lora is not None:
+        allocated = adapters.add_lora(build_model_from_files(model_path), lora)
+        initial_adapters = {n: p.detach().clone() for n, p in allocated.named_parameters() if adapters.is_adapter(n)}
+        del allocated
+    for b in blocks:
+        yield b, {n: initial_adapters[n] if n in initial_adapters else where[names[n]].read(names[n]).float()
+                  for n in b.params}
 
 
 @dataclass

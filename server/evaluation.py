@@ -16,6 +16,7 @@ from ..common.adapters import LoraSettings, add_lora
 from ..common.data import DataError, load_examples, sample, tokenize
 from ..common.models import build_model_from_files, load_tokenizer
 from ..common.training import Evaluation, evaluate
+from .store import StoredModel
 
 log = logging.getLogger("fedblock.coordinator")
 
@@ -23,7 +24,11 @@ log = logging.getLogger("fedblock.coordinator")
 class Evaluator:
     """Callable: {block: {param: tensor}} -> token-weighted mean loss on the first `max_examples` examples
     (for classification data the row-weighted loss over the choices). The whole result of the latest
-    call, with the accuracy of classification data, is in `last`."""
+    call, with the accuracy of classification data, is in `last`.
+
+    It holds a whole float32 model (the memory of the model, on the coordinator, when it evaluates).
+    The blocks of a StoredModel are copied in only when their file differs from the one copied last
+    time: an evaluation reads the blocks that changed since the one before."""
 
     def __init__(self, model_dir: Path, source: str, max_examples: int, batch_size: int, max_seq_len: int,
                  lora: LoraSettings | None = None):
@@ -36,13 +41,20 @@ class Evaluator:
         self.batch_size = batch_size
         self.model = add_lora(build_model_from_files(model_dir, dtype=torch.float32), lora)
         self._params = dict(self.model.named_parameters())
+        self._loaded: dict[str, str] = {}  # block -> SHA-256 of the file its values in the model came from
         self.last: Evaluation | None = None
 
     def __call__(self, blocks: Mapping[str, Mapping[str, Tensor]]) -> float:
         with torch.no_grad():
-            for tensors in blocks.values():
-                for name, t in tensors.items():
+            for block in blocks:
+                source = blocks.source(block) if isinstance(blocks, StoredModel) else None
+                if source is not None and self._loaded.get(block) == source:
+                    continue
+                self._loaded.pop(block, None)  # (until it is copied whole)
+                for name, t in blocks[block].items():
                     self._params[name].copy_(t)
+                if source is not None:
+                    self._loaded[block] = source
         self.last = evaluate(self.model, self.data, self.batch_size, self.pad_id)
         return self.last.loss
 
@@ -50,8 +62,9 @@ class Evaluator:
 class BackgroundEvaluation:
     """Evaluates snapshots of the global model on its own thread, one at a time, oldest first, so that
     the round loop never waits for an evaluation. A snapshot must not change while it waits or is
-    evaluated. `submit` never blocks: beyond `backlog` waiting snapshots the oldest waiting one is
-    dropped (with a warning), so memory stays bounded when evaluating is slower than training.
+    evaluated; one with a `release()` (StoredModel.snapshot) is released once evaluated or dropped.
+    `submit` never blocks: beyond `backlog` waiting snapshots the oldest waiting one is dropped (with
+    a warning), so memory and pinned files stay bounded when evaluating is slower than training.
 
     `evaluate(tensors) -> loss` (with an optional `.last.accuracy`, as `Evaluator` has);
     `on_result(round, loss, accuracy or None, seconds)` is called on the evaluation thread. An
@@ -73,9 +86,11 @@ class BackgroundEvaluation:
     def submit(self, round: int, tensors: Mapping[str, Mapping[str, Tensor]]) -> None:
         with self._cv:
             if self._closed or self.error is not None:
+                _release(tensors)
                 return
             if len(self._waiting) >= self._backlog:
-                dropped, _ = self._waiting.popleft()
+                dropped, snapshot = self._waiting.popleft()
+                _release(snapshot)
                 log.warning("evaluation of round %d skipped: evaluations are slower than rounds", dropped)
             self._waiting.append((round, tensors))
             self._cv.notify_all()
@@ -93,9 +108,13 @@ class BackgroundEvaluation:
         Closing twice is harmless."""
         with self._cv:
             self._closed = True
-            self._waiting.clear()
+            self._drop_waiting()
             self._cv.notify_all()
         self._thread.join(timeout)
+
+    def _drop_waiting(self) -> None:
+        while self._waiting:
+            _release(self._waiting.popleft()[1])
 
     def _run(self) -> None:
         torch.set_num_threads(self._threads)
@@ -120,8 +139,17 @@ class BackgroundEvaluation:
                 log.exception("evaluation of round %d failed; no more evaluations this run", round)
                 with self._cv:
                     self.error = e
-                    self._waiting.clear()
+                    self._drop_waiting()
             finally:
+                _release(tensors)
+                del tensors  # (a snapshot's tensors: not kept while the thread waits for the next)
                 with self._cv:
                     self._busy = False
                     self._cv.notify_all()
+
+
+def _release(snapshot: Mapping) -> None:
+    """Let go of what a snapshot holds on disk (StoredModel.snapshot's pinned files); others hold nothing."""
+    release = getattr(snapshot, "release", None)
+    if release is not None:
+        release()

@@ -20,27 +20,36 @@ any point leaves the previous checkpoint intact. A checkpoint only references bl
 complete before it was written; loading verifies each file's hash. Only blocks that changed in a round
 are written, so a checkpoint costs in proportion to what changed.
 
-Block files that a download is streaming are pinned: pruning leaves them until the download ends.
+The global model is a `StoredModel`: its blocks are read from their block files when asked (views of a
+private map of the file, checked against its hash, unmapped once dropped), so the coordinator holds in
+memory only the blocks it is working on, whatever the model's size. The export is written shard by
+shard, one block at a time.
+
+Block files that a download (or an evaluation) is reading are pinned: pruning leaves them until it ends.
 With `keep_base`, the base model's block files (version 0) are never pruned: an algorithm that hands
 workers base values (FedCyBGD's --download-fraction) serves them all run long.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
+import itertools
 import json
 import logging
+import math
+import mmap
 import os
 import re
 import shutil
 import tempfile
 import threading
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import safetensors.torch
 import torch
@@ -78,12 +87,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A file to write `path` through: it replaces `path` (fsynced) only when the block ends without an
+    exception; otherwise it is removed and `path` is left as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -93,8 +105,113 @@ def atomic_write(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def atomic_write(path: Path, data: bytes) -> None:
+    with atomic_file(path) as f:
+        f.write(data)
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+# ---- safetensors, streamed -------------------------------------------------------------------------
+
+_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                torch.bool: "BOOL"}
+_HEADER_LIMIT = 100 << 20  # no safetensors file we read (blocks, model weights) has a larger header
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """One tensor of a safetensors file, before its values are at hand."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def safetensors_order(layout: Iterable[TensorLayout]) -> list[TensorLayout]:
+    """The order safetensors lays tensors out in (widest elements first, then by name), which keeps
+    every tensor aligned; with it a streamed file of one dtype (a block) is byte for byte what
+    `safetensors.torch.save` writes."""
+    return sorted(layout, key=lambda t: (-torch.empty((), dtype=t.dtype).element_size(), t.name))
+
+
+def write_safetensors(f: BinaryIO, layout: list[TensorLayout], tensors: Iterable[tuple[str, Tensor]],
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Write a safetensors file of `layout` (in that order) to `f`, its values streamed from `tensors`
+    ((name, tensor) in the same order), each written from its own memory: no copy of the file is
+    ever made. Raises ValueError when a tensor is not the one the layout says comes next."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for t in layout:
+        header[t.name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors pads it
+    f.write(len(encoded).to_bytes(8, "little") + encoded)
+    stream = iter(tensors)
+    for want in layout:
+        name, t = next(stream, (None, None))
+        if t is None or name != want.name or t.dtype != want.dtype or tuple(t.shape) != want.shape:
+            got = "nothing" if t is None else f"{name} {t.dtype} {tuple(t.shape)}"
+            raise ValueError(f"expected tensor {want.name} {want.dtype} {want.shape} next, got {got}")
+        if want.nbytes:  # (little-endian, as safetensors wants it, on every machine we run on)
+            f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+        t = None  # a view of a block file's map keeps all of it mapped: not while the next is read
+
+
+class _Hashing:
+    """A file whose bytes are hashed (SHA-256) as they are written."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data) -> None:
+        self.sha.update(data)
+        self.f.write(data)
+
+
+class SafetensorsFile:
+    """A safetensors file's tensors by name, from its header, each read on its own into fresh memory
+    (never mapped: what was read goes when the caller drops it). StateError for a malformed file."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= _HEADER_LIMIT:
+                raise StateError(f"{self.path.name} is not a safetensors file (header length {size})")
+            raw = f.read(size)
+        inverse = {v: k for k, v in _DTYPE_NAMES.items()}
+        try:
+            header = json.loads(raw)
+            header.pop("__metadata__", None)
+            entries = sorted(header.items(), key=lambda item: int(item[1]["data_offsets"][0]))
+            self.tensors = {n: TensorLayout(n, inverse[e["dtype"]], tuple(int(d) for d in e["shape"])) for n, e in entries}
+            self._offsets = {n: 8 + size + int(e["data_offsets"][0]) for n, e in entries}
+            bad = [n for n, e in entries if int(e["data_offsets"][1]) - int(e["data_offsets"][0]) != self.tensors[n].nbytes]
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise StateError(f"{self.path.name} has a malformed safetensors header ({type(e).__name__}: {e})") from None
+        if bad:
+            raise StateError(f"{self.path.name}: the offsets of {bad[0]} do not fit its shape")
+
+    def read(self, name: str) -> Tensor:
+        spec = self.tensors[name]
+        out = torch.empty(spec.shape, dtype=spec.dtype)
+        view, done = memoryview(out.reshape(-1).view(torch.uint8).numpy()), 0
+        with open(self.path, "rb", buffering=0) as f:
+            while done < spec.nbytes:  # one call reads at most about 2 GB
+                n = os.preadv(f.fileno(), [view[done:]], self._offsets[name] + done)
+                if n <= 0:
+                    raise StateError(f"{self.path.name} ends inside tensor {name}")
+                done += n
+        return out
 
 
 @dataclass
@@ -127,6 +244,90 @@ class Pin:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class StoredModel(Mapping[str, Tensors]):
+    """One version of the global model, block -> tensors, whose blocks are read from their block files
+    when asked (`StateStore.read_block`: hash-checked views of a private map of the file, unmapped once
+    the caller drops them). Only the blocks someone is using are in memory, and each access reads the
+    file again: a caller that reads a block twice keeps what it read.
+
+    Blocks `held` are in memory instead, and returned as they are: a records algorithm's replica, which
+    it moves on in place (its files are written only now and then). The tensors of a file-backed block
+    may be changed by whoever got them without changing the file or the model (the map is private),
+    but a held block's change is the model's.
+
+    A version stays readable while its block files are kept: the last checkpoints name them, or a pin
+    holds them (`snapshot`). A file that is gone raises BlockFileMissing."""
+
+    def __init__(self, store: StateStore, versions: Mapping[str, int], shas: Mapping[str, str],
+                 held: Mapping[str, Tensors] | None = None, pin: Pin | None = None):
+        self.store = store
+        self.block_versions = dict(versions)
+        self.block_sha256 = dict(shas)
+        self._held = dict(held or {})
+        self._pin = pin
+        if not self._held.keys() <= self.block_versions.keys():
+            raise KeyError(f"held blocks {sorted(self._held.keys() - self.block_versions.keys())} are not the model's")
+
+    def __getitem__(self, block: str) -> Tensors:
+        held = self._held.get(block)
+        if held is not None:
+            return held
+        return self.store.read_block(block, self.block_versions[block], self.block_sha256[block])
+
+    def __contains__(self, block: object) -> bool:  # without reading the block, as Mapping's would
+        return block in self.block_versions
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.block_versions)
+
+    def __len__(self) -> int:
+        return len(self.block_versions)
+
+    def __repr__(self) -> str:
+        return f"StoredModel({len(self)} blocks in {self.store.blocks_dir}, held: {sorted(self._held)})"
+
+    @property
+    def held(self) -> frozenset[str]:
+        """The blocks in memory (all others are read from their files at each access)."""
+        return frozenset(self._held)
+
+    def source(self, block: str) -> str | None:
+        """The SHA-256 of the file a block is read from (what its value is, for a reader that keeps a
+        copy); None for a held block, whose value changes in place."""
+        return None if block in self._held else self.block_sha256[block]
+
+    def layout(self, block: str) -> list[TensorLayout]:
+        """A block's tensors (names, dtypes, shapes), without reading their values."""
+        held = self._held.get(block)
+        if held is not None:
+            return [TensorLayout(n, t.dtype, tuple(t.shape)) for n, t in held.items()]
+        return self.store.block_layout(block, self.block_versions[block])
+
+    def holding(self, blocks: Iterable[str]) -> StoredModel:
+        """This version with `blocks` read into memory too (copies, which the holder may change in place)."""
+        held = dict(self._held)
+        for b in blocks:
+            if b not in held:
+                held[b] = {n: t.clone() for n, t in self[b].items()}
+        return StoredModel(self.store, self.block_versions, self.block_sha256, held)
+
+    def next(self, versions: Mapping[str, int], shas: Mapping[str, str]) -> StoredModel:
+        """The version whose block files are `versions` (with hashes `shas`); the held blocks stay held."""
+        return StoredModel(self.store, versions, shas, self._held)
+
+    def snapshot(self) -> StoredModel:
+        """This version as it is now, readable until `release()` whatever closes meanwhile: its files
+        are pinned (pruning leaves them) and its held blocks copied (their holder moves them on)."""
+        pin = self.store.pin({b: v for b, v in self.block_versions.items() if b not in self._held})
+        held = {b: {n: t.clone() for n, t in ts.items()} for b, ts in self._held.items()}
+        return StoredModel(self.store, self.block_versions, self.block_sha256, held, pin)
+
+    def release(self) -> None:
+        """Let pruning have a snapshot's files (a no-op for a model that is no snapshot, or once done)."""
+        if self._pin is not None:
+            self._pin.release()
 
 
 class StateStore:
@@ -239,12 +440,15 @@ class StateStore:
         return self.blocks_dir / f"{block}@{version}.safetensors"
 
     def write_block(self, block: str, version: int, tensors: Mapping[str, Tensor]) -> str:
-        """Write one block version; returns the file's SHA-256 (hex)."""
-        data = safetensors.torch.save({n: t.detach().contiguous().cpu() for n, t in tensors.items()})
+        """Write one block version; returns the file's SHA-256 (hex). The file is what
+        `safetensors.torch.save` makes of `tensors`, streamed from their memory (no copy of the block)."""
+        layout = safetensors_order(TensorLayout(n, t.dtype, tuple(t.shape)) for n, t in tensors.items())
         path = self.block_path(block, version)
         _remove_blobs(path)  # a round written again after a restart: what was encoded from before is stale
-        atomic_write(path, data)
-        return hashlib.sha256(data).hexdigest()
+        with atomic_file(path) as f:
+            hashing = _Hashing(f)
+            write_safetensors(hashing, layout, ((t.name, tensors[t.name]) for t in layout))
+        return hashing.sha.hexdigest()
 
     def blob_path(self, block: str, version: int, codec: str) -> Path:
         """Where (block, version) encoded with download codec `codec` is cached."""
@@ -260,16 +464,39 @@ class StateStore:
         return path
 
     def read_block(self, block: str, version: int, sha256_hex: str) -> Tensors:
+        """The tensors of a block file, checked against its hash: views of a private map of the file
+        (copy-on-write: writing to them never reaches the file, nor costs memory until then), unmapped
+        when the last of them is dropped. The map outlives the file's removal (pruning)."""
         path = self.block_path(block, version)
         try:
-            with open(path, "rb") as f:  # into a writable buffer: the tensors are views of it, not copies
-                data = bytearray(os.fstat(f.fileno()).st_size)
-                f.readinto(data)
+            with open(path, "rb") as f:
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         except FileNotFoundError:
             raise BlockFileMissing(f"checkpoint references missing block file {path.name}") from None
-        if hashlib.sha256(data).hexdigest() != sha256_hex:
+        except ValueError:  # an empty file cannot be mapped
+            raise StateError(f"block file {path.name} is empty") from None
+        if hashlib.sha256(mapped).hexdigest() != sha256_hex:
             raise StateError(f"block file {path.name} does not match its checkpoint hash")
-        return load_safetensors(data)[0]
+        return load_safetensors(mapped)[0]
+
+    def file_sha256(self, block: str, version: int) -> str:
+        """SHA-256 (hex) of a block file, read in pieces (it is never in memory whole)."""
+        path = self.block_path(block, version)
+        sha, piece = hashlib.sha256(), bytearray(1 << 20)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                while n := f.readinto(piece):
+                    sha.update(memoryview(piece)[:n])
+        except FileNotFoundError:
+            raise BlockFileMissing(f"checkpoint references missing block file {path.name}") from None
+        return sha.hexdigest()
+
+    def block_layout(self, block: str, version: int) -> list[TensorLayout]:
+        """The tensors of a block file, from its header alone (unchecked: the values are not read)."""
+        try:
+            return list(SafetensorsFile(self.block_path(block, version)).tensors.values())
+        except FileNotFoundError:
+            raise BlockFileMissing(f"block file {self.block_path(block, version).name} is not on disk") from None
 
     # ---- checkpoints ------------------------------------------------------------------------------
 
@@ -291,13 +518,18 @@ class StateStore:
                 continue  # unreadable: fall back to the one before
         return None
 
-    def load_blocks(self, ckpt: Checkpoint) -> dict[str, Tensors]:
-        return {b: self.read_block(b, v, ckpt.block_sha256[b]) for b, v in ckpt.block_versions.items()}
+    def load_blocks(self, ckpt: Checkpoint) -> StoredModel:
+        """The checkpoint's model, its block files checked against their hashes first (read in pieces:
+        nothing is kept in memory). Raises StateError (BlockFileMissing for a file that is gone)."""
+        for b, v in ckpt.block_versions.items():
+            if self.file_sha256(b, v) != ckpt.block_sha256[b]:
+                raise StateError(f"block file {self.block_path(b, v).name} does not match its checkpoint hash")
+        return StoredModel(self, ckpt.block_versions, ckpt.block_sha256)
 
-    def latest_intact(self) -> tuple[Checkpoint, dict[str, Tensors]] | None:
-        """The newest checkpoint that reads and whose block files all load and match their hashes, with
-        its tensors; None for a fresh state dir. Damaged newer checkpoints are skipped with a warning
-        that says what is wrong with each; StateError when there are checkpoints but none is intact."""
+    def latest_intact(self) -> tuple[Checkpoint, StoredModel] | None:
+        """The newest checkpoint that reads and whose block files all match their hashes, with its
+        model; None for a fresh state dir. Damaged newer checkpoints are skipped with a warning that
+        says what is wrong with each; StateError when there are checkpoints but none is intact."""
         problems = []
         for path in reversed(self.checkpoints()):
             try:
@@ -485,13 +717,24 @@ def check_export_dir(out: Path, state_dir: Path | None = None) -> None:
                       f"(it has no {EXPORT_MARKER}); refusing to replace it: choose a new or empty folder")
 
 
+DEFAULT_SHARD_BYTES = 2_000_000_000  # transformers' "2GB": the most bytes of tensors in one export shard
+WEIGHTS_NAME = "model.safetensors"  # the names save_pretrained gives a model's weights
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+
 def export_model(model_dir: Path, blocks: Mapping[str, Mapping[str, Tensor]], out: Path,
-                 lora: LoraSettings | None = None, adapter_out: Path | None = None) -> Path:
-    """Write the model (architecture from `model_dir`, weights from `blocks`) as a Hugging Face folder.
-    With `lora`, the adapters are merged into the base weights first, and with `adapter_out` also written
-    alone in peft's format there. A folder is replaced only if check_export_dir allows it (ConfigError
-    otherwise, before any work); `model_dir` is the state dir's model/ folder, so that the state dir
-    itself is never replaced."""
+                 lora: LoraSettings | None = None, adapter_out: Path | None = None,
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write the model (architecture from `model_dir`, weights from `blocks`) as a Hugging Face folder:
+    float32 safetensors shards of at most `max_shard_bytes` each (`model-00001-of-0000N.safetensors`
+    and `model.safetensors.index.json`; `model.safetensors` alone when one is enough), as
+    `save_pretrained` writes them. The blocks are read one at a time, in model order (a StoredModel's
+    from its files): the model is never in memory whole. With `lora`, each layer's adapters (block
+    `lora.<block>`) are merged into its base weight (peft's merge, layer by layer), and with
+    `adapter_out` the adapters are also written alone in peft's format there. StateError when the
+    blocks are not the architecture's parameters. A folder is replaced only if check_export_dir
+    allows it (ConfigError otherwise, before any work); `model_dir` is the state dir's model/ folder,
+    so that the state dir itself is never replaced."""
     from ..common.models import build_model_from_files
 
     targets = [Path(out)] + ([Path(adapter_out)] if adapter_out is not None else [])
@@ -503,21 +746,22 @@ def export_model(model_dir: Path, blocks: Mapping[str, Mapping[str, Tensor]], ou
             raise ConfigError("--adapter-out and --out must be separate folders, neither inside the other")
     for target in targets:
         check_export_dir(target, model_dir.parent)
-    model = adapters.add_lora(build_model_from_files(model_dir, dtype=torch.float32), lora)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for tensors in blocks.values():
-            for name, t in tensors.items():
-                params[name].copy_(t)
+    # The architecture on the meta device (names, shapes, the adapters' layers): no memory.
+    base = build_model_from_files(model_dir, dtype=torch.float32, device="meta")
+    model = adapters.add_lora(base, lora)
+    plan = _export_plan(model, blocks)
     tmps = []
     try:
         for target in targets:
             target.parent.mkdir(parents=True, exist_ok=True)
             tmps.append(Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.")))
-        if adapter_out is not None:  # before the merge, which folds the adapters away
-            adapters.save_adapter(model, tmps[1])
-        model = adapters.merge(model)
-        model.save_pretrained(tmps[0])
+        if adapter_out is not None:
+            _save_adapters(model, blocks, tmps[1])
+        _write_shards(tmps[0], plan, _exported_tensors(model, blocks, plan), max_shard_bytes)
+        base.config.architectures = [type(base).__name__]  # as save_pretrained records it
+        base.config.save_pretrained(tmps[0])
+        if base.can_generate():
+            base.generation_config.save_pretrained(tmps[0])
         for f in model_dir.iterdir():
             if f.is_file() and not f.name.startswith(".") and not (tmps[0] / f.name).exists():
                 shutil.copy2(f, tmps[0] / f.name)
@@ -532,3 +776,131 @@ def export_model(model_dir: Path, blocks: Mapping[str, Mapping[str, Tensor]], ou
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Path(out)
+
+
+def _lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The LoRA layers of a peft model, by module name ({} for a plain model)."""
+    from peft.tuners.lora import LoraLayer
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def exported_names(model: torch.nn.Module) -> dict[str, str]:
+    """Each parameter of `model` (a peft model or a plain one) but the adapters -> its name in the
+    exported model, which has the adapters merged away: peft's merge puts each LoRA layer's base layer
+    in its place (`q_proj.base_layer.weight` becomes `q_proj.weight`) and unwraps the model."""
+    layers = _lora_layers(model)
+    peft_model = hasattr(model, "merge_and_unload")
+    names = {}
+    for name, _ in model.named_parameters():
+        if adapters.is_adapter(name):
+            continue
+        module, _, leaf = name.rpartition(".")
+        owner = module.removesuffix(".base_layer")
+        exported = f"{owner}.{leaf}" if owner != module and owner in layers else name
+        names[name] = exported.removeprefix("base_model.model.") if peft_model else exported
+    return names
+
+
+def _layout(blocks: Mapping[str, Mapping[str, Tensor]], block: str) -> list[TensorLayout]:
+    if isinstance(blocks, StoredModel):  # from the file's header: the values are read once, when written
+        return blocks.layout(block)
+    return [TensorLayout(n, t.dtype, tuple(t.shape)) for n, t in blocks[block].items()]
+
+
+def _export_plan(model: torch.nn.Module, blocks: Mapping[str, Mapping[str, Tensor]]) -> list[tuple[str, list[TensorLayout]]]:
+    """(block, its exported tensors: float32, exported names) in model order, for the blocks that hold
+    base weights; checked first: every parameter of the architecture once, with its shape."""
+    names = exported_names(model)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    position = {exported: i for i, exported in enumerate(names.values())}
+    plan, seen = [], set()
+    for b in blocks:
+        exported = []
+        for t in _layout(blocks, b):
+            if adapters.is_adapter(t.name):
+                continue
+            if t.name not in names:
+                raise StateError(f"block {b}: {t.name} is no parameter of the model to export")
+            if t.name in seen:
+                raise StateError(f"block {b}: {t.name} is in another block too")
+            if t.shape != shapes[t.name]:
+                raise StateError(f"block {b}: {t.name} has shape {list(t.shape)}, the model {list(shapes[t.name])}")
+            seen.add(t.name)
+            exported.append(TensorLayout(names[t.name], torch.float32, t.shape))
+        if exported:
+            plan.append((b, sorted(exported, key=lambda t: position[t.name])))
+    missing = sorted(names.keys() - seen)
+    if missing:
+        raise StateError(f"the blocks lack {len(missing)} of the model's parameters ({', '.join(missing[:3])}, ...)")
+    return sorted(plan, key=lambda entry: position[entry[1][0].name])
+
+
+def _exported_tensors(model: torch.nn.Module, blocks: Mapping[str, Mapping[str, Tensor]],
+                      plan: list[tuple[str, list[TensorLayout]]]) -> Iterator[tuple[str, Tensor]]:
+    """(exported name, float32 tensor) in `plan` order, reading one block (and its adapters) at a time."""
+    names, layers = exported_names(model), _lora_layers(model)
+    for block, layout in plan:
+        exported = _exported_block(blocks, block, names, layers)
+        for t in layout:
+            yield t.name, exported[t.name].float()
+        del exported  # before the next block is read
+
+
+def _exported_block(blocks: Mapping[str, Mapping[str, Tensor]], block: str, names: Mapping[str, str],
+                    layers: Mapping[str, torch.nn.Module]) -> Tensors:
+    """One block's base weights by exported name, the adapters of its LoRA layers merged in."""
+    values = blocks[block]
+    own = [p for p in layers if f"{p}.base_layer.weight" in values]
+    merged = {}
+    if own:
+        extra = blocks.get(adapters.PREFIX + block)
+        if extra is None:
+            raise StateError(f"block {block} has LoRA layers but there is no block {adapters.PREFIX + block}")
+        both = {**values, **extra}
+        merged = {f"{p}.base_layer.weight": _merged_weight(layers[p], p, both) for p in own}
+    return {names[n]: merged.get(n, t) for n, t in values.items() if not adapters.is_adapter(n)}
+
+
+def _merged_weight(layer: torch.nn.Module, prefix: str, values: Mapping[str, Tensor]) -> Tensor:
+    """One LoRA layer's base weight with its adapters merged in, by peft's own merge, on a copy."""
+    state = {n[len(prefix) + 1:]: t for n, t in values.items() if n.startswith(prefix + ".")}
+    state["base_layer.weight"] = state["base_layer.weight"].float().clone()  # the merge adds in place
+    layer.load_state_dict(state, assign=True)
+    layer.merge()
+    merged = layer.base_layer.weight.detach()
+    layer.to_empty(device="meta")  # lets go of what was loaded
+    return merged
+
+
+def _save_adapters(model: torch.nn.Module, blocks: Mapping[str, Mapping[str, Tensor]], out: Path) -> None:
+    """The adapters alone, in peft's format: the adapter blocks (small) are loaded into the meta model."""
+    values = {n: t for b in blocks if b.startswith(adapters.PREFIX) for n, t in blocks[b].items()}
+    unexpected = model.load_state_dict(values, strict=False, assign=True).unexpected_keys
+    if unexpected:
+        raise StateError(f"the adapter blocks hold {', '.join(unexpected[:3])}, which the model has not")
+    adapters.save_adapter(model, out)
+
+
+def _write_shards(folder: Path, plan: list[tuple[str, list[TensorLayout]]], tensors: Iterator[tuple[str, Tensor]],
+                  max_shard_bytes: int) -> None:
+    """The weights as save_pretrained shards them: tensors in order, a new shard when the next one
+    would take the shard past `max_shard_bytes` (a larger tensor has one of its own)."""
+    shards: list[list[TensorLayout]] = [[]]
+    size = 0
+    for _, layout in plan:
+        for t in layout:
+            if shards[-1] and size + t.nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(t)
+            size += t.nbytes
+    files = [WEIGHTS_NAME] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for file, layout in zip(files, shards, strict=True):
+        with open(folder / file, "wb") as f:
+            write_safetensors(f, layout, itertools.islice(tensors, len(layout)), {"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.nbytes for shard in shards for t in shard)},
+                 "weight_map": {t.name: file for file, shard in zip(files, shards, strict=True) for t in shard}}
+        (folder / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

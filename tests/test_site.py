@@ -89,19 +89,6 @@ def test_two_ranks_upload_what_one_process_uploads(federation, tiny_model, data_
     assert ratios[0] <= 1e-4, ratios
 
 
-def test_two_ranks_give_the_zeroth_order_scalars_of_one_process(federation, data_file):
-    options = dict(algorithm="decomfl", rounds=ROUNDS, local_steps=4, lr=1e-4, min_workers=1)
-    alone = one_process(federation, data_file, **options).coordinator.algorithm.log
-    shared = two_ranks(federation, data_file, **options).coordinator.algorithm.log
-    assert [e.round for e in alone] == [e.round for e in shared] == list(range(1, ROUNDS + 1))
-    for x, y in zip(alone, shared, strict=True):
-        assert x.seeds == y.seeds and len(x.scalars) == len(y.scalars) == 4 * 5
-        largest = max(abs(v) for v in x.scalars)
-        worst = max(abs(u - v) for u, v in zip(x.scalars, y.scalars, strict=True))
-        print(f"round {x.round}: max |scalar difference| {worst:.3g}, max |scalar| {largest:.3g}")
-        assert worst <= 1e-3 * largest
-
-
 def joins(caplog) -> int:
     return sum(r.getMessage().startswith("worker site joined") for r in caplog.records)
 
@@ -149,16 +136,20 @@ def ranks(torchrun_pid: int) -> list[int]:
     return [c.pid for c in workers]
 
 
-def test_two_torchrun_agents_make_one_site_of_two_nodes(federation, data_file, caplog):
-    """--nnodes 2 with c10d rendezvous on localhost: what a site of two machines runs."""
+def test_two_nodes_give_the_zeroth_order_scalars_of_one_process(federation, data_file, caplog):
+    """Two torchrun agents, --nnodes 2 with c10d rendezvous on localhost (what a site of two machines
+    runs), on DeComFL: the same scalars as one process."""
     caplog.set_level(logging.INFO, logger="fedblock.coordinator")
-    fed = federation(algorithm="fedbcd", rounds=2, local_steps=2, lr=LR, min_workers=1)
+    options = dict(algorithm="decomfl", rounds=ROUNDS, local_steps=4, lr=1e-4, min_workers=1)
+    alone = one_process(federation, data_file, **options).coordinator.algorithm.log
+    caplog.clear()
+    fed = federation(**options)
     port = free_port()
     agents = [site(fed, data_file, launcher=["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
-                                             f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=site",
-                                             f"--node-rank={i}"]) for i in range(2)]
+                                             f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=site"])
+              for _ in range(2)]
     try:
-        assert fed.run(timeout=240)["rounds_completed"] == 2
+        assert fed.run(timeout=240)["rounds_completed"] == ROUNDS
         for agent in agents:
             finish(agent)
     finally:
@@ -166,6 +157,14 @@ def test_two_torchrun_agents_make_one_site_of_two_nodes(federation, data_file, c
             if agent.poll() is None:
                 agent.kill()
     assert joins(caplog) == 1
+    shared = fed.coordinator.algorithm.log
+    assert [e.round for e in alone] == [e.round for e in shared] == list(range(1, ROUNDS + 1))
+    for x, y in zip(alone, shared, strict=True):
+        assert x.seeds == y.seeds and len(x.scalars) == len(y.scalars) == 4 * 5
+        largest = max(abs(v) for v in x.scalars)
+        worst = max(abs(u - v) for u, v in zip(x.scalars, y.scalars, strict=True))
+        print(f"round {x.round}: max |scalar difference| {worst:.3g}, max |scalar| {largest:.3g}")
+        assert worst <= 1e-3 * largest
 
 
 def free_port():

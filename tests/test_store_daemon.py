@@ -7,7 +7,7 @@ import torch
 from fedblock.common.cli import main
 from fedblock.common.config import ConfigError, CoordinatorConfig
 from fedblock.server import daemon
-from fedblock.server.store import Checkpoint
+from fedblock.server.store import BlockFileMissing, Checkpoint
 
 
 def config(tmp_path, tiny_model, **kw):
@@ -29,14 +29,17 @@ def close_rounds(coordinator, rounds):
 def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, tiny_model, caplog):
     c = config(tmp_path, tiny_model, keep_checkpoints=3)
     first = daemon.build(c)
-    close_rounds(first, [1, 2, 3])
     block = first.block_order[1]
+    base = {n: t.clone() for n, t in first.global_model.tensors[block].items()}
+    close_rounds(first, [1, 2, 3])
+    with pytest.raises(BlockFileMissing):  # version 0 is older than the checkpoints kept: its files are gone
+        first.global_model.tensors[block]
     first.store.block_path(block, 3).unlink()  # the newest checkpoint's file is gone
     with caplog.at_level("WARNING"):
         resumed = daemon.build(c)
     g = resumed.global_model
     assert g.version == 2 and g.block_versions[block] == 2
-    for name, t in first.global_model.tensors[block].items():
+    for name, t in base.items():
         assert torch.equal(g.tensors[block][name], t + 2)
     assert any("round-000003.json" in r.getMessage() and f"{block}@3" in r.getMessage() for r in caplog.records)
 
