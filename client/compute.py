@@ -273,3 +273,4 @@ class ComputeLoop:
                     # The communication threads may be waiting to put into a full inbox (assignments sent
                     # again at every re-join, catch-ups) before they take from the outbox: keep taking.
                     self._drain()
+                    self.lockstep.idle()

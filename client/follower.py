@@ -60,29 +60,36 @@ class Follower:
         """Until rank 0 ends (End): returns; a collective that fails (a rank died) raises."""
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
-        work_dir = Path(tempfile.mkdtemp(prefix=f"fedblock-{self.config.name}-rank{self.parallel.rank}-"))
+        parent = self.config.work_dir
+        if parent is not None:
+            parent.mkdir(parents=True, exist_ok=True)
+        work_dir = Path(tempfile.mkdtemp(prefix=f"fedblock-{self.config.name}-rank{self.parallel.rank}-", dir=parent))
         try:
-            start = self.channel.receive()
-            if isinstance(start, End):
-                return  # rank 0 failed to start
-            if not isinstance(start, Start):
-                raise LockstepError(f"expected Start from rank 0, got {type(start).__name__}")
-            model_dir = work_dir / "model"
-            for name, data in start.files.items():
-                path = model_dir / name
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(data)
-            algorithm = Worker._algorithm(start.info)  # the same reading of the run as rank 0
-            local = build_local(self.config, start.info, model_dir, self.examples, self.device, work_dir, _Stop(self),
-                                self.parallel)
-            local.boundary, local.version = self._boundary(algorithm, local), lambda: self.version
-            self._follow(algorithm, local)
+            message = self.channel.receive()
+            while isinstance(message, Start):  # again when rank 0 lost the coordinator while starting
+                message = self._session(message, work_dir)
+            if message is not None and not isinstance(message, End):
+                raise LockstepError(f"expected Start from rank 0, got {type(message).__name__}")
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
 
-    def _follow(self, algorithm, local) -> None:
+    def _session(self, start: Start, work_dir: Path) -> Start | None:
+        """Build the model from rank 0's Start and follow it: None once rank 0 ends, or the next Start."""
+        model_dir = work_dir / "model"
+        shutil.rmtree(model_dir, ignore_errors=True)
+        for name, data in start.files.items():
+            path = model_dir / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        algorithm = Worker._algorithm(start.info)  # the same reading of the run as rank 0
+        local = build_local(self.config, start.info, model_dir, self.examples, self.device, work_dir, _Stop(self),
+                            self.parallel)
+        local.boundary, local.version = self._boundary(algorithm, local), lambda: self.version
+        self.version = -1
         while not self.channel.ended:
             message = self.channel.receive()
+            if isinstance(message, Start):
+                return message
             if isinstance(message, Apply):
                 self._apply(algorithm, local, message)
             elif isinstance(message, Task):
@@ -95,6 +102,7 @@ class Follower:
             elif not isinstance(message, (KeepAlive, End)):
                 raise LockstepError(f"unexpected {type(message).__name__} from rank 0")
         log.info("rank %d: rank 0 ended after %d tasks", self.parallel.rank, self.tasks)
+        return None
 
     def _apply(self, algorithm, local, message: Apply) -> None:
         # A block rank 0 finds stale is downloaded there and comes here as a patch of its own.

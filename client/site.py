@@ -17,8 +17,11 @@ too; a rank waits on the others at most --rank-timeout.
 
 from __future__ import annotations
 
+import io
 import logging
+import math
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -28,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..common import blocks as B
+from ..common.config import ConfigError
 from ..common.messages import Assignment, Patch, RunInfo
 
 log = logging.getLogger("fedblock.site")
@@ -52,6 +56,10 @@ def place_from_env() -> Place | None:
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
     if ranks <= 1:
         return None
+    missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise ConfigError(f"WORLD_SIZE={ranks} without {', '.join(missing)}: start a site of several processes "
+                          "with torchrun (or fedblock worker --nproc-per-node)")
     return Place(int(os.environ["RANK"]), ranks, int(os.environ.get("LOCAL_RANK", "0")))
 
 
@@ -68,9 +76,12 @@ def join_site(place: Place, device: torch.device, timeout_s: float):
     env, timeout = os.environ, timedelta(seconds=timeout_s)
     # torchrun's store outlives a restart of the site, and with it the last attempt's gloo addresses, which
     # the new processes would try to reach (and time out on): each attempt keys its own under a prefix.
+    # Every attempt starts every rank once, so each rank's count of its starts is the attempt's number
+    # (torchrun's restart count is per node, and not counted where a node restarts for another's sake).
     store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), place.ranks, timeout=timeout,
                           is_master=env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and place.rank == 0)
-    store = dist.PrefixStore(f"fedblock/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    attempt = store.add(f"fedblock/starts/{place.rank}", 1)
+    store = dist.PrefixStore(f"fedblock/attempt-{attempt}", store)
     dist.init_process_group(backend, store=store, rank=place.rank, world_size=place.ranks, timeout=timeout)
     log.info("rank %d of %d (%s, %s)", place.rank, place.ranks, backend, device)
     return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if backend != "gloo" else None
@@ -123,15 +134,18 @@ class LockstepError(RuntimeError):
     """The ranks no longer run the same calls, or their copies of the model differ."""
 
 
-def fingerprint(local, names) -> list[float]:
-    """A checksum of blocks `names` of the local model (sums and sums of squares in float64): the ranks
-    compare theirs after each task, so that a rank whose copy drifted stops the site instead of
-    training on silently."""
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def fingerprint(local, names) -> list[int]:
+    """A checksum of blocks `names` of the local model: integer sums of the values' bit patterns, which
+    no thread count or device changes (a float sum would). The ranks compare theirs after each task, so
+    that a rank whose copy drifted stops the site instead of training on silently."""
     out = []
     for name in names or local.blocks:  # a task of no named blocks (zeroth-order): the whole model
         for t in B.block_params(local.model, local.blocks[name]).values():
-            x = t.detach().double()
-            out += [float(x.sum()), float((x * x).sum())]
+            bits = t.detach().contiguous().view(_BITS[t.element_size()]).long()
+            out += [int(bits.sum()), int(((bits & 0xFFFF) * (bits >> 16)).sum())]
     return out
 
 
@@ -175,7 +189,7 @@ class Leader(Lockstep):
         self._ended = False
 
     def _send(self, message) -> None:
-        dist.broadcast_object_list([message], src=0, group=self.group)
+        broadcast(message, self.group)
         self._last = time.monotonic()
 
     def start(self, info: RunInfo, model_dir: Path) -> None:
@@ -235,14 +249,55 @@ class Channel:
         self.ended = False
 
     def receive(self):
-        box = [None]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        if isinstance(box[0], End):
+        message = broadcast(None, self.group)
+        if isinstance(message, End):
             self.ended = True
-        return box[0]
-
-    def expect(self, kind: type):
-        message = self.receive()
-        if not isinstance(message, kind):
-            raise LockstepError(f"expected {kind.__name__} from rank 0, got {type(message).__name__}")
         return message
+
+
+class _Pickler(pickle.Pickler):
+    """Pickles everything but tensors, which it lists (they travel as raw bytes, `broadcast`)."""
+
+    def __init__(self, file, tensors: list):
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.tensors = tensors
+
+    def persistent_id(self, obj):
+        if isinstance(obj, torch.Tensor):
+            self.tensors.append(obj)
+            return len(self.tensors) - 1
+        return None
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file, tensors: list):
+        super().__init__(file)
+        self.tensors = tensors
+
+    def persistent_load(self, pid):
+        return self.tensors[pid]
+
+
+def broadcast(message, group=None):
+    """Rank 0's `message` on every rank of `group` (the others pass None). The message is pickled
+    without its tensors, each of which is then broadcast as its bytes into a buffer of its own: a patch
+    costs its size once on each side, not the several copies of pickling it whole."""
+    tensors: list = []
+    header: list = [None, None]
+    leader = dist.get_rank() == 0
+    if leader:
+        buffer = io.BytesIO()
+        _Pickler(buffer, tensors).dump(message)
+        header = [buffer.getvalue(), [(t.dtype, tuple(t.shape)) for t in tensors]]
+    dist.broadcast_object_list(header, src=0, group=group)
+    data, specs = header
+    received = []
+    for i, (dtype, shape) in enumerate(specs):
+        if leader:
+            flat = tensors[i].detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        else:
+            flat = torch.empty(math.prod(shape) * torch.empty((), dtype=dtype).element_size(), dtype=torch.uint8)
+        if flat.numel():
+            dist.broadcast(flat, src=0, group=group)
+        received.append(flat.view(dtype).reshape(shape))
+    return message if leader else _Unpickler(io.BytesIO(data), received).load()

@@ -183,7 +183,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             from ..client.check import preflight
 
             return preflight(config)
-        if config.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+        under = os.environ.get("LOCAL_WORLD_SIZE")  # torchrun's processes on this machine (its --nproc-per-node)
+        if config.nproc_per_node > 1 and under is not None and int(under) != config.nproc_per_node:
+            raise ConfigError(f"--nproc-per-node {config.nproc_per_node} under a torchrun that started {under} "
+                              "processes on this machine: leave it out (or at 1) under torchrun")
+        if config.nproc_per_node > 1 and under is None:
             # This process becomes torchrun (signals reach it, and it passes them on), which starts the site's
             # processes on this machine, each this same command (torchrun sets WORLD_SIZE).
             os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",

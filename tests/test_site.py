@@ -20,7 +20,33 @@ pytestmark = pytest.mark.slow
 ROUNDS, STEPS, LR = 2, 8, 1e-3
 
 
-def site(fed, data_file, *extra, nproc=2, launcher=()):
+LOSES_THE_COORDINATOR_ONCE = """
+import os, sys
+import grpc
+from fedblock.client import session
+
+class Lost(grpc.RpcError):
+    def code(self):
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self):
+        return "the coordinator restarts"
+
+if os.environ["RANK"] == "0":  # rank 0's first block download fails, after the other ranks had their Start
+    download, calls = session.Session.download, []
+    def failing(self, *args, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise Lost()
+        return download(self, *args, **kw)
+    session.Session.download = failing
+
+from fedblock.common.cli import main
+sys.exit(main(["worker", *sys.argv[1:]]))
+"""
+
+
+def site(fed, data_file, *extra, nproc=2, launcher=(), script=None):
     """One site named "site": `fedblock worker --nproc-per-node 2 ...`, or torchrun `launcher` options and
     `-m fedblock.client ...`."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "FEDBLOCK_LINGER": "0"}
@@ -28,7 +54,8 @@ def site(fed, data_file, *extra, nproc=2, launcher=()):
             "--max-seq-len", "64", "--threads", "1", "--insecure", "--connect-timeout", "60", "--rank-timeout", "120",
             *map(str, extra)]
     if launcher:
-        command = [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "fedblock.client", *args]
+        target = [str(script)] if script else ["-m", "fedblock.client"]
+        command = [sys.executable, "-m", "torch.distributed.run", *launcher, *target, *args]
     else:  # fedblock worker starts torchrun itself
         command = [sys.executable, "-m", "fedblock.common.cli", "worker", "--nproc-per-node", str(nproc), *args]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -121,6 +148,21 @@ def test_a_rank_that_dies_takes_the_site_down_and_it_rejoins(federation, data_fi
     assert joins(caplog) == 2, out[-3000:]  # the site went down once, and came back once
 
 
+def test_a_site_that_loses_the_coordinator_while_starting_joins_again(federation, data_file, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="fedblock.coordinator")
+    script = tmp_path / "worker.py"
+    script.write_text(LOSES_THE_COORDINATOR_ONCE)
+    fed = federation(algorithm="fedbcd", rounds=2, local_steps=2, lr=LR, min_workers=1)
+    proc = site(fed, data_file, launcher=["--standalone", "--nproc-per-node=2"], script=script)
+    try:
+        assert fed.run(timeout=180)["rounds_completed"] == 2
+        out = finish(proc)  # the other ranks built the model again from rank 0's second Start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "joining again" in out and joins(caplog) == 2
+
+
 def checkpointed(fed) -> bool:
     latest = fed.coordinator.store.latest()
     return latest is not None and latest.round >= 1
@@ -184,3 +226,55 @@ def test_ranks_share_batch_rows():
     assert torch.equal(whole[0::2], halves[0]) and torch.equal(whole[1::2], halves[1])
     with pytest.raises(DataError, match="cannot be shared"):
         BatchStream(data, 2, 0, 0, shard=(0, 3))
+
+
+def _channel_rank(rank, port, out):
+    import torch.distributed as dist
+
+    from fedblock.client.site import Apply, broadcast
+    from fedblock.common.messages import Patch
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        tensors = {"w": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3), "s": torch.tensor(3.5),
+                   "e": torch.zeros(0, 4), "t": torch.arange(8.0)[::2]}  # bf16, 0-d, empty, not contiguous
+        sent = Apply(Patch(7, {"b": 7}, {"b": tensors})) if rank == 0 else None
+        got = broadcast(sent, None)
+        if rank == 1:
+            torch.save(got.patch.blocks["b"], out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_control_channel_carries_tensors_as_their_bytes(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "got.pt"
+    mp.spawn(_channel_rank, args=(free_port(), str(out)), nprocs=2)
+    got = torch.load(out)
+    assert got["w"].dtype == torch.bfloat16 and torch.equal(got["w"], torch.arange(6, dtype=torch.bfloat16).reshape(2, 3))
+    assert got["s"].item() == 3.5 and got["s"].dim() == 0
+    assert got["e"].shape == (0, 4) and torch.equal(got["t"], torch.tensor([0.0, 2.0, 4.0, 6.0]))
+
+
+def test_fingerprints_do_not_depend_on_the_thread_count():
+    from types import SimpleNamespace
+
+    from fedblock.client.site import fingerprint
+    from fedblock.common.blocks import Block
+
+    weight = torch.nn.Parameter(torch.randn(1 << 20))
+    model = torch.nn.Module()
+    model.weight = weight
+    local = SimpleNamespace(model=model, blocks={"b": Block("b", ("weight",))})
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fingerprint(local, ("b",))
+        torch.set_num_threads(2)
+        assert fingerprint(local, ("b",)) == one
+        with torch.no_grad():
+            weight[12345] = torch.nextafter(weight[12345], torch.tensor(1e9))  # one ulp
+        assert fingerprint(local, ("b",)) != one
+    finally:
+        torch.set_num_threads(threads)
