@@ -149,7 +149,7 @@ def fingerprint(local, names) -> list[int]:
     return out
 
 
-def agree(mine: list[float], group=None) -> None:
+def agree(mine: list[int], group=None) -> None:
     """Every rank calls it with its fingerprint; raises LockstepError unless all are equal."""
     everyone: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, mine, group=group)
