@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import signal
 import threading
@@ -152,6 +153,16 @@ def checkpoint_model(store: StateStore, ckpt: Checkpoint, tensors: StoredModel) 
     return tensors
 
 
+def _weight_files(model_path: Path) -> list[Path]:
+    """The safetensors files from_pretrained reads: those its index names, or model.safetensors (other
+    files in the folder, an old copy say, are not the model)."""
+    index = model_path / "model.safetensors.index.json"
+    if index.is_file():
+        return [model_path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    single = model_path / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
 def _base_blocks(model_path: Path, model: nn.Module, blocks: list[Block],
                  lora: LoraSettings | None) -> Iterator[tuple[Block, Tensors]]:
     """Each block's initial value in float32, one block at a time. The base weights are read tensor by
@@ -164,7 +175,7 @@ def _base_blocks(model_path: Path, model: nn.Module, blocks: list[Block],
     shapes = {names[n]: tuple(p.shape) for n, p in model.named_parameters() if n in names}
     where = {}  # base parameter (as the files name it) -> the file that holds it
     try:
-        for path in sorted(model_path.glob("*.safetensors")):
+        for path in _weight_files(model_path):
             f = SafetensorsFile(path)
             where.update({k: f for k, t in f.tensors.items() if t.shape == shapes.get(k)})
     except StateError:  # a dtype we do not read: from_pretrained does

@@ -876,6 +876,15 @@ def _merged_weight(layer: torch.nn.Module, prefix: str, values: Mapping[str, Ten
 def _save_adapters(model: torch.nn.Module, blocks: Mapping[str, Mapping[str, Tensor]], out: Path) -> None:
     """The adapters alone, in peft's format: the adapter blocks (small) are loaded into the meta model."""
     values = {n: t for b in blocks if b.startswith(adapters.PREFIX) for n, t in blocks[b].items()}
+    # An adapter on an embedding layer makes peft save that layer's base weight too: load it from the
+    # embedding and head blocks (not decoder layers).
+    embeddings = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    if any("lora_" in n for m in embeddings for n, _ in m.named_parameters()):
+        wanted = {id(p) for m in embeddings for p in m.parameters()}
+        names = {n for n, p in model.named_parameters() if id(p) in wanted} - set(values)
+        for b in blocks:
+            if not b.startswith(adapters.PREFIX) and not b.startswith("layers."):
+                values.update({n: t for n, t in blocks[b].items() if n in names})
     unexpected = model.load_state_dict(values, strict=False, assign=True).unexpected_keys
     if unexpected:
         raise StateError(f"the adapter blocks hold {', '.join(unexpected[:3])}, which the model has not")
