@@ -695,6 +695,19 @@ def test_make_secrets_checks_its_tools_before_writing(tmp_path):
 
 @pytest.mark.skipif(shutil.which("kubectl") is None or shutil.which("openssl") is None,
                     reason="needs kubectl (its built-in kustomize) and openssl")
+def rendered(overlay):
+    """The overlay as kustomize renders it, each object validated, in the fedblock namespace and labelled."""
+    r = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    docs = [d for d in yaml.safe_load_all(r.stdout) if d]
+    for d in docs:
+        validate(d)
+        if d["kind"] != "Namespace":
+            assert d["metadata"]["namespace"] == "fedblock", d["metadata"]["name"]
+        assert d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "fedblock"
+    return docs
+
+
 def test_make_secrets_and_kustomize_build(tmp_path):
 
     from fedblock.common.security import hash_token
@@ -728,15 +741,7 @@ def test_make_secrets_and_kustomize_build(tmp_path):
                             capture_output=True, text=True)
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
-    r = subprocess.run(["kubectl", "kustomize", str(tree / "overlays" / "example")], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0, r.stderr
-    docs = [d for d in yaml.safe_load_all(r.stdout) if d]
-    for d in docs:
-        validate(d)
-        if d["kind"] != "Namespace":
-            assert d["metadata"]["namespace"] == "fedblock", d["metadata"]["name"]
-        assert d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "fedblock"
+    docs = rendered(tree / "overlays" / "example")
     secret_names = {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"}
     assert len(secret_names) == 4
     worker_secret = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].startswith("fedblock-worker-tokens"))
@@ -751,15 +756,7 @@ def test_make_secrets_and_kustomize_build(tmp_path):
 
     # the deployment with a site of several nodes: the example's objects plus the site's
     example = {(d["kind"], d["metadata"]["name"]) for d in docs}
-    r = subprocess.run(["kubectl", "kustomize", str(tree / "overlays" / "multinode-site")], capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    docs = [d for d in yaml.safe_load_all(r.stdout) if d]
-    for d in docs:
-        validate(d)
-        if d["kind"] != "Namespace":
-            assert d["metadata"]["namespace"] == "fedblock", d["metadata"]["name"]
-        assert d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "fedblock"
+    docs = rendered(tree / "overlays" / "multinode-site")
     assert {(d["kind"], d["metadata"]["name"]) for d in docs} == example | {
         (d["kind"], d["metadata"]["name"]) for d in site_manifests()}
     secrets_by_name = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
