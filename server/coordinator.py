@@ -658,6 +658,7 @@ class Coordinator:
                 return UploadState(sorted(up.assembly.held), up.assembly.complete)
         with self._cv:
             if round <= self.rounds.version:
+                self._closed_for_good(round)
                 return UploadState([], True, closed=True)
             has = self.rounds.has_update(name, round, block)
             return UploadState([], has, delivered=has)
@@ -979,6 +980,9 @@ class Coordinator:
             self._evaluations = BackgroundEvaluation(self._evaluate, self._evaluated)
         try:
             return self._run()
+        except BaseException:
+            self.stop()  # no checkpoint is coming: "late" answers waiting for one give up (`_closed_for_good`)
+            raise
         finally:
             if self._evaluations is not None:
                 self._evaluations.close()
@@ -1089,10 +1093,27 @@ class Coordinator:
             self.totals.refusals[key] = self.totals.refusals.get(key, 0) + 1
 
     def _late(self, name: str, round: int) -> None:
-        """Under the lock: a worker handed in a closed round; it may get its next assignment."""
+        """Under the lock: a worker handed in a closed round; it may get its next assignment. Answered
+        once the round's close is checkpointed (`_closed_for_good`)."""
+        self._closed_for_good(round)
         self._count("late", "round_closed")
         log.info("late update from %s for closed round %d", name, round)
         self._deliver()
+
+    def _closed_for_good(self, round: int) -> None:
+        """Under the lock, before a worker is told that `round` has closed ("late", or an upload state
+        "closed"): wait until its checkpoint is written (the global model's version, which notices and
+        heartbeats announce, is at `round`). A worker drops an update that came late; had this
+        coordinator died between closing the round and writing its checkpoint, the next one resumes
+        before the round, plans it again, and waits forever for that update (the worker trained the
+        round already, and kept nothing of it). Refused ("in_progress": ask again) when this coordinator
+        stops first, or the checkpoint takes longer than OUTCOME_WAIT_S."""
+        deadline = time.monotonic() + OUTCOME_WAIT_S
+        while self.global_model.version < round:
+            left = deadline - time.monotonic()
+            if self._stop.is_set() or left <= 0:
+                raise Refused("in_progress", f"round {round} is closing; ask again")
+            self._cv.wait(timeout=left)
 
     def _open_upload(self, name: str, m: Manifest) -> _Upload:
         """The upload of (worker, round, block): the one in progress when the blob is the same, else a
@@ -1287,6 +1308,7 @@ class Coordinator:
                                  files_version if files_version != plan.round else None)
         with self._cv:
             self.global_model = new_global
+            self._cv.notify_all()  # "late" answers waited for this checkpoint (`_closed_for_good`)
             if plan.round < self.rounds.total:  # after the last round the end of the run is the news
                 notice = ModelNotice(plan.round)
                 for name in self.registry.connected():

@@ -148,6 +148,72 @@ def test_a_decomfl_coordinator_killed_mid_run_resumes_to_the_uninterrupted_model
         assert torch.equal(exported[name], t), name
 
 
+def test_an_update_is_called_late_only_once_its_round_is_checkpointed(federation):
+    """A worker drops an update that the coordinator calls late. A coordinator killed between closing a
+    round and writing its checkpoint resumes before the round and plans it again: had it called a second
+    copy of the update late meanwhile (a report retried into a new session is sent again), the worker
+    would keep nothing of the round, and the resumed run would wait for it forever (the kill test above
+    once hung so). The answer waits for the checkpoint; a coordinator that stops first says "ask again"."""
+    import threading
+
+    from fedblock.common.messages import Assignment
+    from fedblock.server.rounds import Refused
+
+    fed = federation(algorithm="decomfl", rounds=2, zo_perturbations="2")
+    c = fed.coordinator
+    writing, release = threading.Event(), threading.Event()
+    write_checkpoint = c.store.write_checkpoint
+
+    def held(ckpt):  # round 1's checkpoint waits: the moment a kill -9 may strike
+        if ckpt.round == 1:
+            writing.set()
+            assert release.wait(60)
+        return write_checkpoint(ckpt)
+
+    c.store.write_checkpoint = held
+    admit_record, refused_late = c.rounds.admit_record, threading.Event()
+
+    def admit(*args):
+        try:
+            return admit_record(*args)
+        except Refused as e:
+            if e.reason == "late":
+                refused_late.set()
+            raise
+
+    c.rounds.admit_record = admit
+    session = Session(fed.address, "solo")
+    session.join(1, "cpu", timeout=10)
+    runner = threading.Thread(target=c.run, daemon=True)
+    runner.start()
+    try:
+        task = next(e for e in session.events() if isinstance(e, Assignment))
+        again = (task.round, task.base_version, [0.5, -0.5], 1, 1.0)
+        assert session.report(*again) == "accepted"
+        assert writing.wait(30), "round 1 never closed"
+        answer = {}
+
+        def report_again():
+            try:
+                answer["status"] = c.report("solo", session.info.session, *again)
+            except Refused as e:
+                answer["refused"] = e.reason
+
+        second = threading.Thread(target=report_again, daemon=True)
+        second.start()
+        assert refused_late.wait(30), "the second report never reached its round"
+        with c._cv:  # held by the second report until it answers or waits
+            c.stop()  # as the kill: round 1's checkpoint is never written while it waits
+        second.join(30)
+        assert answer == {"refused": "in_progress"}, answer  # never "late": the worker keeps the update
+    finally:
+        release.set()
+        runner.join(30)
+    assert c.global_model.version == 1 and (c.store.ckpt_dir / "round-000001.json").is_file()
+    assert c.report("solo", session.info.session, *again) == "late"  # once checkpointed: late at once
+    session.close()
+
+
 def test_fedblock_export_of_a_zeroth_order_state_dir_is_the_replica(federation, data_file, tmp_path):
     from safetensors.torch import load_file
 
