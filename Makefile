@@ -68,6 +68,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/zo.py --quick --json $(BENCH)/zo.json
 	$(PY) benchmarks/compare.py --quick --json $(BENCH)/compare.json
 	$(PY) benchmarks/autoencoder.py --quick --json $(BENCH)/autoencoder.json
+	$(PY) benchmarks/sharding.py --quick --json $(BENCH)/sharding.json
 
 proto: $(STAMP)
 	$(PY) proto/generate.py

@@ -26,7 +26,7 @@ from .site import (
     agree,
     fingerprint,
 )
-from .worker import Worker, build_local
+from .worker import Worker, build_local, shard_local
 
 log = logging.getLogger("fedblock.site")
 
@@ -82,8 +82,11 @@ class Follower:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
         algorithm = Worker._algorithm(start.info)  # the same reading of the run as rank 0
-        local = build_local(self.config, start.info, model_dir, self.examples, self.device, work_dir, _Stop(self),
+        host = torch.device("cpu") if start.shard else self.device  # sharded, each rank's part goes to the device
+        local = build_local(self.config, start.info, model_dir, self.examples, host, work_dir, _Stop(self),
                             self.parallel)
+        if start.shard:  # before any patch: a patch gives each rank its part (rank 0 shards after its sync)
+            shard_local(local, self.device)
         local.boundary, local.version = self._boundary(algorithm, local), lambda: self.version
         self.version = -1
         while not self.channel.ended:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from ..common import blocks as B
 from ..common.config import ConfigError
@@ -98,6 +99,7 @@ def leave_site() -> None:
 class Start:
     info: RunInfo
     files: dict[str, bytes] = field(repr=False)  # the model's config and tokenizer files, by relative path
+    shard: bool = False  # the model is sharded over the ranks once built (rank 0's --shard-model)
 
 
 @dataclass(frozen=True)
@@ -140,10 +142,13 @@ _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 def fingerprint(local, names) -> list[int]:
     """A checksum of blocks `names` of the local model: integer sums of the values' bit patterns, which
     no thread count or device changes (a float sum would). The ranks compare theirs after each task, so
-    that a rank whose copy drifted stops the site instead of training on silently."""
+    that a rank whose copy drifted stops the site instead of training on silently. A sharded tensor
+    has one copy, each rank its part: there is nothing to compare, and it is left out."""
     out = []
     for name in names or local.blocks:  # a task of no named blocks (zeroth-order): the whole model
         for t in B.block_params(local.model, local.blocks[name]).values():
+            if isinstance(t, DTensor):
+                continue
             bits = t.detach().contiguous().view(_BITS[t.element_size()]).long()
             out += [int(bits.sum()), int(((bits & 0xFFFF) * (bits >> 16)).sum())]
     return out
@@ -162,7 +167,7 @@ def agree(mine: list[int], group=None) -> None:
 class Lockstep:
     """What rank 0's compute thread tells the followers. This one, for a process alone, tells nobody."""
 
-    def start(self, info: RunInfo, model_dir: Path) -> None: ...
+    def start(self, info: RunInfo, model_dir: Path, shard: bool = False) -> None: ...
 
     def apply(self, patch: Patch) -> None: ...
 
@@ -192,9 +197,9 @@ class Leader(Lockstep):
         broadcast(message, self.group)
         self._last = time.monotonic()
 
-    def start(self, info: RunInfo, model_dir: Path) -> None:
+    def start(self, info: RunInfo, model_dir: Path, shard: bool = False) -> None:
         files = {str(p.relative_to(model_dir)): p.read_bytes() for p in sorted(model_dir.rglob("*")) if p.is_file()}
-        self._send(Start(info, files))
+        self._send(Start(info, files, shard))
 
     def apply(self, patch: Patch) -> None:
         self._send(Apply(patch))

@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from ..common import adapters
+from ..common import adapters, sharding
 from ..common import blocks as B
 from ..common.algorithms import Algorithm, Local, load
 from ..common.codecs import CodecPipeline
@@ -103,6 +103,18 @@ def build_local(config: WorkerConfig, info, model_dir: Path, examples, device: t
     return Local(model, {b.name: b for b in blocks}, info.blocks, stream, trainer, work_dir, stop, parallel=parallel)
 
 
+def shard_local(local: Local, device: torch.device) -> None:
+    """Shard the local model over the site's ranks (sharding.py), each rank's part on `device`."""
+    try:
+        _, layers = B.find_decoder_layers(local.model)
+    except ValueError as e:
+        raise ConfigError(f"--shard-model: {e}") from None
+    sharding.shard_model(local.model, layers, device, local.parallel.group)
+    mine, total = sharding.held(local.model)
+    log.info("rank %d holds %d of the model's %d parameters (%.1f%%, sharded with FSDP2)",
+             local.parallel.rank, mine, total, 100 * mine / total)
+
+
 @dataclass
 class Outcome:
     finished: bool  # the coordinator ended the run
@@ -184,6 +196,11 @@ class Worker:
             if not isinstance(e, Exception):
                 raise
             raise ConfigError(f"the run uses algorithm {info.algorithm!r}, which this worker cannot run: {e}") from None
+        if c.shard_model and (not algorithm.shardable or info.lora is not None):
+            what = "LoRA adapters" if info.lora is not None else f"algorithm {info.algorithm!r}"
+            session.leave(f"--shard-model: {what} not supported")
+            raise ConfigError(f"--shard-model: the run trains {what}; a sharded model trains full weights with a "
+                              "first-order block method (fedbcd, parablock, fedavg, fedcybgd)")
         try:
             with _heartbeating(session, info.heartbeat_interval_s):
                 return info, algorithm, *self._prepare(session, work_dir, info, algorithm)
@@ -209,18 +226,21 @@ class Worker:
         base = resolve_model(c.model) if c.model else None
         session.fetch_model_files(model_dir, have=base)
         session.fetch_files(info.codec_files, work_dir / "codec")  # the autoencoder's weights (ae:RATIO)
-        self.lockstep.start(info, model_dir)  # the other ranks build the model while this one downloads it
+        self.lockstep.start(info, model_dir, c.shard_model)  # the other ranks build the model while this one downloads it
         local_model = base is not None and _same_file(base / "config.json", model_dir / "config.json")
         if base is not None and not local_model:
             log.warning("--model %s: its config.json is not the coordinator's; downloading the whole model", c.model)
         book = ModelBook()
-        local = build_local(c, info, model_dir, self.examples, self.device, work_dir,
+        host = torch.device("cpu") if c.shard_model else self.device  # sharded, each rank's part goes to the device
+        local = build_local(c, info, model_dir, self.examples, host, work_dir,
                             self.lockstep.stop_flag(self.stop), self.parallel, base if local_model else None)
         local.version = lambda: book.version
         matched = self._matching_blocks(local, info) if local_model else set()
         self._initial_sync(session, algorithm, local, book, matched)
         if local_model:  # only now: the sync took the algorithm's exact copy (zeroth-order) in float32
-            local.model.to(device=self.device, dtype=_dtype(c)).train()
+            local.model.to(device=host, dtype=_dtype(c)).train()
+        if c.shard_model:  # only now: the local base model's blocks were hashed whole, on this rank alone
+            shard_local(local, self.device)
         return local, book
 
     @staticmethod
@@ -261,7 +281,9 @@ class Worker:
         outbox: queue.Queue = queue.Queue(1)
         # With a lossless codec and float32 weights, a block handed in is, if nobody else trained it, the
         # new global value: the worker claims it by hash instead of downloading it back.
-        claim = CodecPipeline(session.info.codec).lossless and all(p.dtype == torch.float32 for p in model.parameters())
+        # (Not sharded: the hash of a whole block would take the other ranks, busy training.)
+        claim = CodecPipeline(session.info.codec).lossless and all(p.dtype == torch.float32 for p in model.parameters()) \
+            and not sharding.is_sharded(model)
         compute = ComputeLoop(model, blocks, trainer, stream, book, inbox, outbox, depth, self.metrics, self.stop,
                               self.timeline, algorithm=algorithm, local=local, claim_holds=claim,
                               lockstep=self.lockstep)
@@ -302,6 +324,9 @@ def run(config: WorkerConfig) -> Outcome:
     the others follow it."""
     place = place_from_env()
     if place is None:
+        if config.shard_model:
+            raise ConfigError("--shard-model shards the model over the processes of a site: start it with "
+                              "--nproc-per-node N (N > 1) or under torchrun")
         return _run(Worker(config))
     if config.batch_size < place.ranks:
         raise ConfigError(f"--batch-size {config.batch_size} cannot be shared by the site's {place.ranks} processes")

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+from .sharding import full, local_part
 
 Tensors = dict[str, Tensor]
 
@@ -214,7 +217,10 @@ def to_host_async(tensors: Mapping[str, Tensor], stream: torch.cuda.Stream | Non
     queueing work at once and the copy overlaps it. The caller must not write the tensors afterwards;
     it may drop them at once: their device memory is not reused before the copy has read it. The
     pinned buffers come from torch's caching host allocator, which reuses them once the reader has
-    dropped its copy and the copy's event has passed."""
+    dropped its copy and the copy's event has passed. Sharded tensors (sharding.py) are gathered
+    first: every rank must call it then."""
+    if any(isinstance(t, DTensor) for t in tensors.values()):
+        tensors = {n: full(t) for n, t in tensors.items()}
     devices = {t.device for t in tensors.values()}
     if all(d.type == "cpu" for d in devices):
         return tensors
@@ -238,14 +244,15 @@ def add_scaled_(target: Mapping[str, Tensor], update: Mapping[str, Tensor], scal
     """target += scale · update, in place, tensor by tensor."""
     with torch.no_grad():
         for n, u in update.items():
-            target[n].add_(u.to(target[n].dtype), alpha=scale)
+            target[n].add_(local_part(u.to(target[n].dtype), target[n]), alpha=scale)
 
 
 def assign_(target: Mapping[str, Tensor], values: Mapping[str, Tensor]) -> None:
-    """target ← values, in place (keeps optimizer references to the parameters valid)."""
+    """target ← values, in place (keeps optimizer references to the parameters valid). A sharded
+    target takes its part of the whole value."""
     with torch.no_grad():
         for n, v in values.items():
-            target[n].copy_(v)
+            target[n].copy_(local_part(v, target[n]))
 
 
 def rebase_(current: Mapping[str, Tensor], start: Mapping[str, Tensor], new_global: Mapping[str, Tensor]) -> None:
@@ -257,6 +264,7 @@ def rebase_(current: Mapping[str, Tensor], start: Mapping[str, Tensor], new_glob
     with torch.no_grad():
         for n, g in new_global.items():
             w, s = current[n], start[n]
+            g = local_part(g, s)
             # w + (g − s), not g + (w − s): the same in exact arithmetic, but g − s is exactly 0 when the
             # patch carries the block unchanged (a resync), so such a patch changes nothing at all.
             w.add_(g - s)
@@ -270,12 +278,13 @@ def tensor_bytes(tensors: Mapping[str, Tensor]) -> int:
 def canonical_sha256(tensors: Mapping[str, Tensor], names: Iterable[str]) -> bytes:
     """SHA-256 of a block's canonical form: for each tensor in `names` order, its name, its shape and
     its values as little-endian float32 bytes. Two copies of a block agree exactly when this agrees,
-    whatever dtype or device they are held in (a bfloat16 copy hashes as its float32 values)."""
+    whatever dtype or device they are held in (a bfloat16 copy hashes as its float32 values). A sharded
+    tensor is gathered: every rank must call it then."""
     import hashlib
 
     h = hashlib.sha256()
     for name in names:
-        t = tensors[name].detach().to("cpu", torch.float32).contiguous()
+        t = full(tensors[name].detach()).to("cpu", torch.float32).contiguous()
         h.update(f"{name}:{tuple(t.shape)};".encode())
         h.update(t.numpy().tobytes())  # numpy's float32 is little-endian on every platform we run on
     return h.digest()

@@ -433,6 +433,9 @@ class WorkerConfig:
                               "torchrun (one federated identity; rank 0 talks to the coordinator)", 1)
     rank_timeout: float = opt("on a site of several processes: seconds a process waits on the others (rank 0's model "
                               "download included) before it gives up", 1800.0)
+    shard_model: bool = opt("on a site of several processes: shard the model's weights over them with FSDP2 (each "
+                            "holds about 1/N), for a model that does not fit one device; full weights, first-order "
+                            "block methods only", False)
     check_only: bool = opt("pre-flight check of this site, then exit (0: all good, 1: something failed): the data, "
                            "--model against the coordinator's initial model, the token and TLS, the memory needed; "
                            "joins nothing", False, flag="--check")

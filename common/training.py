@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import sharding
 from .blocks import Block, find_decoder_layers, set_trainable
 from .data import IGNORE_INDEX, DataError, TokenizedExample, collate
 from .parallel import DataParallel
@@ -153,7 +154,8 @@ def _head_is_separable(model: nn.Module) -> bool:
         return known
     head, base = model.get_output_embeddings(), getattr(model, "base_model", None)
     separable = False
-    if head is not None and base is not None and base is not model:
+    # Sharded, only the whole model's forward gathers the embeddings and the head (sharding.py).
+    if head is not None and not sharding.is_sharded(model) and base is not None and base is not model:
         was_training = model.training
         model.eval()
         try:
@@ -197,6 +199,13 @@ def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
             with torch.cuda.device(index):
                 torch.cuda.manual_seed(seed)
         yield
+
+
+def _no_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A loss of 0 whose backward runs through the whole model: a sharded model's rank whose rows have
+    no trained token still takes part in every gather and gradient sum."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
+    return out.logits.sum() * 0.0
 
 
 @dataclass(frozen=True)
@@ -284,16 +293,20 @@ class BlockTrainer:
         With `parallel`, `batch` is this rank's rows of the site's batch: the loss is weighted by this
         rank's share of the global token count and the gradients summed over the ranks (parallel.py), so
         every rank takes the step one process takes on the whole batch; the loss and tokens returned
-        are the whole batch's.
+        are the whole batch's. On a sharded model (sharding.py) FSDP makes the sums, and a rank
+        whose rows train no token runs the model all the same, for a loss of 0.
         """
         if self._optimizer is None:
             raise RuntimeError("begin_round() first")
-        device = self._params[0].device
+        sharded = sharding.is_sharded(self.model)
+        device = sharding.mine(self._params[0]).device
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         if self._layers:
             self._checkpoint(int(batch["input_ids"].numel()))
         with nullcontext() if seed is None else seeded_rng(step_seed(seed), device):
             loss, tokens = task_loss(self.model, batch)
+            if not loss.requires_grad and sharded:  # no forward ran: every rank must run every unit (FSDP)
+                loss = _no_loss(self.model, batch)
             value = float(loss.detach())
             if self.parallel is not None:  # every rank decides on the whole batch's loss: all raise, or none
                 mine = tokens
@@ -305,7 +318,7 @@ class BlockTrainer:
                 raise FloatingPointError(f"training loss is {value}")
             if loss.requires_grad:  # not where this rank's rows have no trained token (it adds zeros)
                 loss.backward()
-        if self.parallel is not None:
+        if self.parallel is not None and not sharded:  # sharded, FSDP summed the gradients
             for p in self._params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -335,7 +348,7 @@ class BlockTrainer:
             total = sum(p.numel() for p in params.values())
             weight = next(self._layers[0].parameters())  # the model's dtype (LoRA's adapters may be float32)
             # On the CPU the process's other memory counts against the same budget; on a GPU it does not.
-            baseline = _resident_bytes() - sum(p.numel() * p.element_size() for p in params.values()) \
+            baseline = _resident_bytes() - sum(sharding.mine(p).numel() * p.element_size() for p in params.values()) \
                 if weight.device.type == "cpu" else 0
             count = checkpointed_layers(self.model.config, total, sum(p.numel() for p in self._params), above, tokens,
                                         weight.element_size(), baseline=max(0, baseline))

@@ -6,6 +6,7 @@ down, which comes back and finishes the run when restarted."""
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,16 +80,16 @@ def one_process(federation, data_file, **options):
     return fed
 
 
-def two_ranks(federation, data_file, **options):
+def two_ranks(federation, data_file, *extra, **options):
+    """(the federation, the site's output)"""
     fed = federation(**options)
-    proc = site(fed, data_file)
+    proc = site(fed, data_file, *extra)
     try:
         assert fed.run(timeout=240)["rounds_completed"] == options["rounds"]
-        finish(proc)
+        return fed, finish(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
-    return fed
 
 
 def recorded(fed, round):
@@ -103,17 +104,23 @@ def test_two_ranks_upload_what_one_process_uploads(federation, tiny_model, data_
     options = dict(algorithm="parablock", rounds=ROUNDS, local_steps=STEPS, lr=LR, codec="none", min_workers=1,
                    record_updates=True)
     alone = one_process(federation, data_file, **options)
-    shared = two_ranks(federation, data_file, **options)
-    ratios = []
-    for round in range(1, ROUNDS + 1):
-        a, b = recorded(alone, round), recorded(shared, round)
-        assert a.keys() == b.keys() and a
-        largest = max(t.abs().max().item() for t in a.values())
-        ratios.append(max((a[n] - b[n]).abs().max().item() for n in a) / largest)
-    print("max |delta difference| / max |delta|, by round:", ratios)
-    # Round 1 starts both from the same model: the criterion. Later rounds start from models that
-    # differ by round 1's float rounding, which AdamW's normalised steps make larger.
-    assert ratios[0] <= 1e-4, ratios
+    for extra in ((), ("--shard-model",)):
+        shared, out = two_ranks(federation, data_file, *extra, **options)
+        ratios = []
+        for round in range(1, ROUNDS + 1):
+            a, b = recorded(alone, round), recorded(shared, round)
+            assert a.keys() == b.keys() and a
+            largest = max(t.abs().max().item() for t in a.values())
+            ratios.append(max((a[n] - b[n]).abs().max().item() for n in a) / largest)
+        print(extra, "max |delta difference| / max |delta|, by round:", ratios)
+        # Round 1 starts both from the same model: the criterion. Later rounds start from models that
+        # differ by round 1's float rounding, which AdamW's normalised steps make larger.
+        assert ratios[0] <= 1e-4, ratios
+        held = re.findall(r"rank (\d) holds (\d+) of the model's (\d+) parameters", out)
+        if extra:  # each rank holds half of the model
+            assert sorted(r for r, _, _ in held) == ["0", "1"] and all(0.45 <= int(m) / int(t) <= 0.55 for _, m, t in held), held
+        else:
+            assert not held
 
 
 def joins(caplog) -> int:

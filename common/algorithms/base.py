@@ -83,6 +83,7 @@ class Algorithm:
     pipeline_depth: ClassVar[int] = 0  # rounds a worker may train ahead of the global model
     records: ClassVar[bool] = False  # updates are a record of numbers (Report), not block tensors
     catch_up_on_task: ClassVar[bool] = False  # workers catch up when given a task, not on every new model
+    shardable: ClassVar[bool] = False  # its worker half runs on a model sharded over a site's ranks (sharding.py)
     # Views hand out the base model's blocks: the coordinator keeps their files, and a worker syncs for
     # each task and starts it only on that task's view.
     needs_base: bool = False

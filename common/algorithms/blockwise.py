@@ -23,6 +23,7 @@ class BlockDescent(Algorithm):
     name = "fedbcd"
     summary = "federated block coordinate descent: one block per worker, synchronous"
     all_blocks = False  # every worker trains every trainable block
+    shardable = True
     defaults = {"lr": 1e-4, "local_steps": 10, "block_schedule": "round-robin", "train_blocks": "*"}
 
     def __init__(self, settings, blocks, trainable):
