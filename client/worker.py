@@ -105,10 +105,7 @@ def build_local(config: WorkerConfig, info, model_dir: Path, examples, device: t
 
 def shard_local(local: Local, device: torch.device) -> None:
     """Shard the local model over the site's ranks (sharding.py), each rank's part on `device`."""
-    try:
-        _, layers = B.find_decoder_layers(local.model)
-    except ValueError as e:
-        raise ConfigError(f"--shard-model: {e}") from None
+    _, layers = B.find_decoder_layers(local.model)  # the partition into blocks found them already
     sharding.shard_model(local.model, layers, device, local.parallel.group)
     mine, total = sharding.held(local.model)
     log.info("rank %d holds %d of the model's %d parameters (%.1f%%, sharded with FSDP2)",

@@ -263,7 +263,9 @@ class BlockTrainer:
             self._layers = list(layers)
             self._layer_of = {f"{prefix}.{i}.{n}": i for i, layer in enumerate(layers) for n, _ in layer.named_parameters()}
             embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-            self._embedding = {id(p) for p in embeddings.parameters()} if embeddings is not None else set()
+            # By name: sharding the model (sharding.py) after this replaces the parameter objects.
+            own = {id(p) for p in embeddings.parameters()} if embeddings is not None else set()
+            self._embedding = {n for n, p in model.named_parameters() if id(p) in own}
             for layer in self._layers:
                 layer.gradient_checkpointing = False  # set per step (`_checkpoint`)
         model.train()
@@ -339,7 +341,7 @@ class BlockTrainer:
             return
         params = dict(self.model.named_parameters())
         trained = [n for b in self.active for n in self.blocks[b].params]
-        lowest = min((0 if id(params[n]) in self._embedding else self._layer_of.get(n, len(self._layers))
+        lowest = min((0 if n in self._embedding else self._layer_of.get(n, len(self._layers))
                       for n in trained), default=len(self._layers))
         above = len(self._layers) - lowest
         if self.optim_config.gradient_checkpointing == "on":

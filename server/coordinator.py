@@ -59,6 +59,9 @@ Tensors = dict[str, Tensor]
 MAX_CONCURRENT_DECODES = 2  # bounds the memory of finishing uploads (one blob + one delta each)
 RETRY_LATER = frozenset({"not_planned", "incomplete"})  # refusals that a worker's next try gets past
 OUTCOME_WAIT_S = 300.0  # a resumed stream waits this long for the one checking the same upload
+# How long a "late" answer waits for its round's checkpoint (`_closed_for_good`): less than the workers'
+# shortest deadline on those calls (UploadStatus's 30 s), so that they hear "in_progress" and ask again.
+LATE_WAIT_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -1107,8 +1110,8 @@ class Coordinator:
         coordinator died between closing the round and writing its checkpoint, the next one resumes
         before the round, plans it again, and waits forever for that update (the worker trained the
         round already, and kept nothing of it). Refused ("in_progress": ask again) when this coordinator
-        stops first, or the checkpoint takes longer than OUTCOME_WAIT_S."""
-        deadline = time.monotonic() + OUTCOME_WAIT_S
+        stops first, or the checkpoint takes longer than LATE_WAIT_S."""
+        deadline = time.monotonic() + LATE_WAIT_S
         while self.global_model.version < round:
             left = deadline - time.monotonic()
             if self._stop.is_set() or left <= 0:

@@ -37,16 +37,18 @@ def _rank(rank, port, model_dir, out):
         alone, replicated, shared = load_model(model_dir), load_model(model_dir), load_model(model_dir)
         blocks = B.partition(alone, 1)
         by_name = {b.name: b for b in blocks}
+        runs = {"alone": (alone, None), "replicated": (replicated, DataParallel(torch.device("cpu"))),
+                "sharded": (shared, DataParallel(torch.device("cpu")))}
+        # The trainers first: a worker shards the model it built its trainer on.
+        trainers = {run: BlockTrainer(model, blocks, optim, parallel) for run, (model, parallel) in runs.items()}
         _, layers = B.find_decoder_layers(shared)
         sharding.shard_model(shared, layers, torch.device("cpu"))
         mine, total = sharding.held(shared)
         patch = {n: t.detach() + 0.01 for n, t in B.block_params(alone, by_name["layers.2"]).items()}
-        result = {"held": mine / total}
-        runs = {"alone": (alone, None), "replicated": (replicated, DataParallel(torch.device("cpu"))),
-                "sharded": (shared, DataParallel(torch.device("cpu")))}
+        result = {"held": mine / total, "recomputed": {}}
         for run, (model, parallel) in runs.items():
             B.assign_(B.block_params(model, by_name["layers.2"]), patch)  # a frozen block, patched
-            trainer = BlockTrainer(model, blocks, optim, parallel)
+            trainer = trainers[run]
             deltas = {}
             for block in ("layers.1", "embed"):  # a layer, then the tied embeddings and head
                 trainer.begin_round([block])
@@ -56,6 +58,7 @@ def _rank(rank, port, model_dir, out):
                     rows = {k: v[rank::2] for k, v in batch.items()} if parallel else batch
                     trainer.step(rows, LR)
                 deltas[block] = dict(B.to_host_async(B.take_delta_(live, start)))
+                result["recomputed"][f"{run} {block}"] = trainer.checkpointed
             hashes = {b.name: B.canonical_sha256(B.block_params(model, b), b.params).hex() for b in blocks}
             result[run] = (deltas, hashes)
         name = "model.layers.2.mlp.up_proj.weight"
@@ -82,6 +85,9 @@ def test_two_ranks_hold_half_of_a_sharded_model_and_train_it_as_one_process(tmp_
     print(ranks)
     assert all(0.45 <= r["held"] <= 0.55 for r in ranks), ranks
     for r in ranks:  # both ranks gathered the same whole values
+        # "on": every layer from the trained one up (all 4 for the embeddings), sharded or not
+        assert r["recomputed"] == {f"{run} {b}": n for run in ("alone", "replicated", "sharded")
+                                   for b, n in (("layers.1", 3), ("embed", 4))}, r["recomputed"]
         assert r["same_frozen"] and r["patched"]
         # Sharding changes where the values live and the order of the gradient sums, nothing else: the
     # steps of the same ranks unsharded.
