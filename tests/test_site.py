@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import torch
@@ -137,10 +136,9 @@ def test_a_rank_that_dies_takes_the_site_down_and_it_rejoins(federation, data_fi
     runner = threading.Thread(target=lambda: result.setdefault("summary", fed.coordinator.run()), daemon=True)
     runner.start()
     try:
-        deadline = time.monotonic() + 120
-        while not checkpointed(fed) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert checkpointed(fed), "the site never finished a round"
+        c = fed.coordinator
+        with c._cv:  # notified when a round's close is checkpointed (the global model's new version)
+            assert c._cv.wait_for(lambda: c.global_model.version >= 1, timeout=120), "the site never finished a round"
         follower = ranks(proc.pid)[1]
         os.kill(follower, signal.SIGKILL)
         runner.join(180)
@@ -168,11 +166,6 @@ def test_a_site_that_loses_the_coordinator_while_starting_joins_again(federation
         if proc.poll() is None:
             proc.kill()
     assert "joining again" in out and joins(caplog) == 2
-
-
-def checkpointed(fed) -> bool:
-    latest = fed.coordinator.store.latest()
-    return latest is not None and latest.round >= 1
 
 
 def ranks(torchrun_pid: int) -> list[int]:
